@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create ./.venv with the pinned requirements unless it is already there and up to date.
+# Usage: source scripts/setup_env.sh   (sets $PY to the environment's python)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${RVOS_VENV:-$ROOT/.venv}"
+PYTHON_BIN="${PYTHON:-python3.11}"
+command -v "$PYTHON_BIN" >/dev/null 2>&1 || PYTHON_BIN=python3
+STAMP="$VENV/.requirements.sha256"
+WANT="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
+    echo "[setup] creating $VENV with $(command -v "$PYTHON_BIN") and requirements.txt" >&2
+    "$PYTHON_BIN" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ROOT/requirements.txt"
+    echo "$WANT" > "$STAMP"
+fi
+PY="$VENV/bin/python"
+export PY

@@ -1,0 +1,31 @@
+"""Shared test fixtures: where the golden vectors and the sample data live."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SHARED = Path(os.environ.get("RVOS_SHARED", ROOT.parent / "shared"))
+GOLDEN = Path(os.environ.get("RVOS_GOLDEN", SHARED / "golden"))
+DAVIS_SAMPLE = SHARED / "data" / "davis-sample"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    if not GOLDEN.is_dir():
+        pytest.fail(f"golden vectors not found at {GOLDEN} (set RVOS_GOLDEN)")
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def davis_sample() -> Path:
+    if not DAVIS_SAMPLE.is_dir():
+        pytest.fail(f"DAVIS sample not found at {DAVIS_SAMPLE} (set RVOS_SHARED)")
+    return DAVIS_SAMPLE
