@@ -1,0 +1,41 @@
+"""G-FRTM (Reuse-VOS) models. Entry point for users embedding the tracker:
+
+    from models import build_tracker
+    tracker = build_tracker("weights/gfrtm_rn18.pth", device="cuda:0")
+    result = tracker.run_sequence(frames, threshold=0.7)
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from .backbone import Backbone, BackboneWeights
+from .checkpoint import CheckpointSource, build_network, save_checkpoint
+from .network import GFRTM
+from .target_model import TargetModel, TargetModelConfig
+from .tracker import FrameResult, SequenceResult, Tracker
+
+__all__ = ["build_tracker", "Backbone", "GFRTM", "TargetModel", "TargetModelConfig", "Tracker",
+           "FrameResult", "SequenceResult", "save_checkpoint"]
+
+
+def build_tracker(checkpoint: CheckpointSource, device: str | torch.device = "cpu", fast: bool = True,
+                  num_aug: int = 5, backbone_weights: BackboneWeights = "imagenet", ftext: str | None = None,
+                  batch_objects: bool = True, seed: int = 0) -> Tracker:
+    """A tracker for a released G-FRTM / FRTM checkpoint or one of ours.
+
+    checkpoint: path or loaded dict; the backbone (resnet18 / resnet101) follows from it and must
+    agree with `ftext` when given. backbone_weights: "imagenet" (torchvision weights API, cached),
+    a path to a torchvision ResNet state dict, a state dict, or None / "random" (random weights,
+    seeded by `seed`: tests only). fast: upstream's fewer target-model optimizer steps (upstream
+    always evaluated with fast). num_aug: first-frame augmentations for the target model (1 = none).
+    """
+    network, _ = build_network(checkpoint, expected_backbone=ftext)
+    backbone = Backbone(network.backbone_name, backbone_weights, seed=seed)
+    augmenter = None
+    if num_aug > 1:
+        from .augmenter import FirstFrameAugmenter, evaluation_params
+        augmenter = FirstFrameAugmenter(evaluation_params(num_aug))
+    return Tracker(network, backbone, TargetModelConfig.evaluation(fast), augmenter, device,
+                   batch_objects=batch_objects, seed=seed)
