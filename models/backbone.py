@@ -91,7 +91,13 @@ class Backbone(nn.Module):
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self.register_buffer("norm_scale", 1 / 255 / std, persistent=False)
         self.register_buffer("norm_shift", -mean / std, persistent=False)
+        self.channels_last = False  # set by use_channels_last()
         self.eval()
+
+    def use_channels_last(self) -> "Backbone":
+        """Run in channels-last memory format (faster convolutions on CPU and with cuDNN)."""
+        self.channels_last = True
+        return self.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> "Backbone":
         return super().train(False)  # always frozen, batch norm in eval mode
@@ -100,6 +106,8 @@ class Backbone(nn.Module):
         """(B, 3, H, W) 0..255 -> {layer1, layer2, layer3}."""
         r = self.resnet
         x = self.norm_scale * image.float() + self.norm_shift
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         layer1 = r.maxpool(r.relu(r.bn1(r.conv1(x))))
         layer2 = r.layer1(layer1)
         layer3 = r.layer2(layer2)

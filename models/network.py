@@ -39,6 +39,40 @@ def resize(t: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(t, size, mode="bilinear", align_corners=False)
 
 
+# Bicubic (a = -0.75) weights of the four taps for an output half a pixel step past / before
+# an input pixel: what x2 upsampling with align_corners=False needs.
+_CUBIC_ODD = (-0.10546875, 0.87890625, 0.26171875, -0.03515625)  # taps i-1 .. i+2 for output 2i+1
+_CUBIC_EVEN = _CUBIC_ODD[::-1]  # taps i-2 .. i+1 for output 2i
+
+
+def _upsample2x_cubic(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """x2 bicubic along `dim` (-1 or -2) as weighted sums of shifted slices (replicated borders)."""
+    n = x.shape[dim]
+    first, last = x.narrow(dim, 0, 1), x.narrow(dim, n - 1, 1)
+    xp = torch.cat([first, first, x, last, last], dim=dim)
+    even = xp.narrow(dim, 0, n) * _CUBIC_EVEN[0]
+    odd = xp.narrow(dim, 1, n) * _CUBIC_ODD[0]
+    for k in range(1, 4):
+        even.add_(xp.narrow(dim, k, n), alpha=_CUBIC_EVEN[k])
+        odd.add_(xp.narrow(dim, k + 1, n), alpha=_CUBIC_ODD[k])
+    return torch.stack([even, odd], dim=dim).flatten(dim - 1, dim) if dim == -1 \
+        else torch.stack([even, odd], dim=-2).flatten(-3, -2)
+
+
+def upsample2x_bicubic(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, 2H, 2W), equal to F.interpolate(x, scale_factor=2, mode="bicubic",
+    align_corners=False) (FRTM's pyramid-up filter) up to rounding, computed separably (faster on CPU)."""
+    return _upsample2x_cubic(_upsample2x_cubic(x, -1), -2)
+
+
+def same_format(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`t` in the memory format (channels-last or not) of `like`: torch.cat with a one-channel
+    tensor can fall back to NCHW, and a 65-channel conv is much slower that way on CPU."""
+    if like.dim() == 4 and like.shape[1] > 1 and like.is_contiguous(memory_format=torch.channels_last):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
 def conv(ic: int, oc: int, ksize: int, bias: bool = True, groups: int = 1) -> nn.Conv2d:
     """'Same' convolution (stride 1, padding ksize // 2)."""
     return nn.Conv2d(ic, oc, ksize, padding=ksize // 2, bias=bias, groups=groups)
@@ -183,7 +217,7 @@ class Decoder(nn.Module):
         h = tse.reduce(feature)  # computed once per frame when objects share the features
         pooled = F.adaptive_avg_pool2d(h, 1) if x is None else x
         b = score.shape[0]
-        h = torch.cat([h.expand(b, -1, -1, -1), resize(score, h.shape[-2:])], dim=1)
+        h = same_format(torch.cat([h.expand(b, -1, -1, -1), resize(score, h.shape[-2:])], dim=1), feature)
         h = self.RRB1[level](tse.transform(h))
         h = self.CAB[level](pooled, h)
         return self.RRB2[level](h)
@@ -240,13 +274,23 @@ class Upsampler(nn.Module):
         self.conv2 = conv(channels // 2, 1, 3)
 
     def forward(self, x: torch.Tensor, image_size) -> torch.Tensor:
-        """x (B, 64, H4, W4) -> logits (B, 1, H, W)."""
-        # Bicubic x2 (a = -0.75, replicated borders) is FRTM's pyramid-up filter.
-        x = F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
-        x = F.relu(self.conv1(x))
-        x = F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)
-        x = resize(x, image_size[-2:])
-        return self.conv2(x)
+        """x (B, 64, H4, W4) -> logits (B, 1, H, W).
+
+        Computes conv2(resize(bicubic_x2(relu(conv1(bicubic_x2(x)))))). conv2 has one output
+        channel, so its channel mixing is done first, per kernel tap, at half resolution: the
+        resampling acts on 9 tap maps instead of 32 channels, and the full-resolution conv
+        becomes a sum of 9 shifted maps. Mathematically identical; about 4x cheaper at 480p.
+        """
+        x = F.relu(self.conv1(upsample2x_bicubic(x)))
+        w = self.conv2.weight  # (1, C, 3, 3)
+        taps = F.conv2d(x, w[0].permute(1, 2, 0).reshape(9, -1, 1, 1))  # (B, 9, H2, W2), tap k = 3i + j
+        taps = F.pad(resize(upsample2x_bicubic(taps), image_size[-2:]), (1, 1, 1, 1))
+        h, w_ = image_size[-2:]
+        out = taps[:, 0:1, 0:h, 0:w_] + self.conv2.bias.view(1, 1, 1, 1)
+        for k in range(1, 9):
+            i, j = divmod(k, 3)
+            out = out + taps[:, k:k + 1, i:i + h, j:j + w_]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,22 +64,40 @@ class _Object:
     x16: torch.Tensor  # (1, 64, h16, w16) decoder state after the deep stages
 
 
-def merge_probabilities(p: torch.Tensor) -> torch.Tensor:
-    """FRTM's merge. p (1 + N, H, W), row 0 ignored (background), rows 1.. object probabilities.
+def _max_over_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max and argmax (first wins ties) over dim 0 of a short (R, H, W) stack; much faster on
+    CPU than a strided reduction when R is small."""
+    best, index = x[0].clone(), torch.zeros(x.shape[1:], dtype=torch.long, device=x.device)
+    for i in range(1, x.shape[0]):
+        better = x[i] > best
+        index.masked_fill_(better, i)
+        torch.maximum(best, x[i], out=best)
+    return best, index
 
-    Returns the kept soft masks (1 + N, H, W): each row's softmax value where it wins, else 0.
+
+def merge_probabilities(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FRTM's merge. p (1 + N, H, W): row 0 ignored (background), rows 1.. object probabilities.
+
+    Clamp to [1e-7, 1 - 1e-7], background = min over objects of (1 - p), softmax of p / (1 - p)
+    over the rows. Returns the kept soft masks (1 + N, H, W) (each row's softmax value where it
+    wins, else 0) and the winning row per pixel (H, W).
     """
     p = p.clamp(1e-7, 1 - 1e-7)
-    p[0] = (1 - p[1:]).min(dim=0).values
-    segs = torch.softmax(p / (1 - p), dim=0)
-    winner = segs.argmax(dim=0)
-    return segs * F.one_hot(winner, segs.shape[0]).permute(2, 0, 1).to(segs.dtype)
+    p[0] = 1 - _max_over_rows(p[1:])[0]  # = min over objects of (1 - p), exactly
+    odds = p / (1 - p)
+    top, _ = _max_over_rows(odds)
+    e = torch.exp(odds - top)
+    segs = e / e.sum(dim=0)
+    _, winner = _max_over_rows(segs)
+    rows = torch.arange(segs.shape[0], device=segs.device).view(-1, 1, 1)
+    return segs * (winner == rows), winner
 
 
-def labels_from_soft_masks(soft: torch.Tensor) -> torch.Tensor:
-    """Label indices (H, W) from kept soft masks, as upstream: the kept masks are merged once
-    more, so an object wins a pixel only where its kept value exceeds 0.5 against background."""
-    return merge_probabilities(soft.clone()).argmax(dim=0)
+def labels_from_merge(soft: torch.Tensor, winner: torch.Tensor) -> torch.Tensor:
+    """Label rows (H, W) as upstream computes them: it merges the kept soft masks once more,
+    which keeps an object's pixel only where its kept value exceeds 0.5 (else background)."""
+    kept = soft.gather(0, winner[None])[0]
+    return torch.where((winner > 0) & (kept.clamp(max=1 - 1e-7) > 0.5), winner, torch.zeros_like(winner))
 
 
 class Tracker:
@@ -87,12 +105,15 @@ class Tracker:
 
     def __init__(self, network: GFRTM, backbone: Backbone, target_config: TargetModelConfig,
                  augmenter=None, device: torch.device | str = "cpu", batch_objects: bool = True,
-                 seed: int = 0):
+                 seed: int = 0, channels_last: bool = True):
         self.device = torch.device(device)
         self.network = network.to(self.device).eval()
         for p in self.network.parameters():
             p.requires_grad_(False)
         self.backbone = backbone.to(self.device).eval()
+        if channels_last:  # same results, faster convolutions
+            self.network.to(memory_format=torch.channels_last)
+            self.backbone.use_channels_last()
         self.target_config = target_config
         self.augmenter = augmenter
         self.batch_objects = batch_objects
@@ -164,11 +185,11 @@ class Tracker:
                 for new in new_objects:
                     p = p * (1 - new.start_mask)
                 rows.append(p)
-        soft = merge_probabilities(torch.stack(rows))
+        soft, winner = merge_probabilities(torch.stack(rows))
         for obj in computed:
             obj.target_model.update(soft[1 + objects.index(obj)].view(1, 1, *size))
         ids = torch.tensor([0] + [o.id for o in objects], dtype=torch.uint8, device=self.device)
-        result.labels = ids[labels_from_soft_masks(soft)].cpu()
+        result.labels = ids[labels_from_merge(soft, winner)].cpu()
         return result
 
     def _start_object(self, obj_id: int, t: int, image: torch.Tensor, labels: torch.Tensor,

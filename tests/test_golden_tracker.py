@@ -95,7 +95,7 @@ def test_output_labels(case, run):
         # Allowed only where merged probabilities (recomputed from the golden logits) tie within 1e-4.
         for t in torch.nonzero(differ.flatten(1).any(1)).flatten().tolist():
             probs = [torch.sigmoid(case["raw"][t - 1][k]["logits"][0, 0]) for k in sorted(case["raw"][t - 1])]
-            soft = merge_probabilities(torch.stack([torch.zeros_like(probs[0])] + probs))
+            soft, _ = merge_probabilities(torch.stack([torch.zeros_like(probs[0])] + probs))
             top2 = soft.topk(2, dim=0).values
             gap = (top2[0] - top2[1])[differ[t]]
             assert (gap < 1e-4).all(), f"frame {t}: {int(differ[t].sum())} labels differ beyond ties"
