@@ -9,6 +9,7 @@ from typing import Mapping, Union
 import torch
 import torchvision
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 BackboneWeights = Union[str, os.PathLike, Mapping[str, torch.Tensor], None]
 
@@ -93,6 +94,25 @@ class Backbone(nn.Module):
         self.register_buffer("norm_shift", -mean / std, persistent=False)
         self.channels_last = False  # set by use_channels_last()
         self.eval()
+
+    def fuse_batch_norm(self) -> "Backbone":
+        """Fold every (frozen, eval-mode) batch norm into the conv before it: same features up to
+        rounding, about 10% faster. Irreversible; for inference."""
+        r = self.resnet
+        r.conv1, r.bn1 = fuse_conv_bn_eval(r.conv1, r.bn1), nn.Identity()
+        for layer in (r.layer1, r.layer2, r.layer3, r.layer4):
+            for block in layer:
+                for i in (1, 2, 3):
+                    if hasattr(block, f"bn{i}"):
+                        setattr(block, f"conv{i}", fuse_conv_bn_eval(getattr(block, f"conv{i}"), getattr(block, f"bn{i}")))
+                        setattr(block, f"bn{i}", nn.Identity())
+                if block.downsample is not None:
+                    block.downsample = nn.Sequential(fuse_conv_bn_eval(block.downsample[0], block.downsample[1]))
+        for p in self.resnet.parameters():
+            p.requires_grad_(False)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+        return self
 
     def use_channels_last(self) -> "Backbone":
         """Run in channels-last memory format (faster convolutions on CPU and with cuDNN)."""

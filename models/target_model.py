@@ -73,23 +73,93 @@ def pixel_weights(labels: torch.Tensor, method: str = "hinge", target_fraction: 
     return torch.sqrt(weight_fg * y + weight_bg * (1 - y))
 
 
+class UpsamplingMetric:
+    """The data term of the target-model loss, moved to the score resolution.
+
+    Upstream's residual is r = w ⊙ (U s − y): U bilinearly upsamples the stride-16 score s
+    (h, w) to the label size (H, W), w are pixel weights. Gauss-Newton only needs
+        ‖r‖² = sᵀ M s − 2 sᵀ g + const,  M = Uᵀ diag(w²) U,  g = Uᵀ (w² ⊙ y).
+    U is separable (U_h ⊗ U_w) and bilinear, so M couples each score pixel with its 3x3
+    neighbours only: it is stored as 9 maps of size (h, w). The same optimizer then runs on
+    (h, w) maps instead of (H, W) images: identical mathematics, far less work and memory.
+    """
+
+    def __init__(self, score_size, label_size, device):
+        h, w = score_size
+        H, W = label_size
+        self.score_size = (h, w)
+        self.uh = self._upsampling_matrix(h, H, device)  # (H, h)
+        self.uw = self._upsampling_matrix(w, W, device)  # (W, w)
+        # products of neighbouring columns: P[d][Y, a] = U[Y, a] U[Y, a + d - 1] (0 outside)
+        self.ph = torch.stack([self.uh * self._shift_columns(self.uh, d) for d in (-1, 0, 1)])  # (3, H, h)
+        self.pw = torch.stack([self.uw * self._shift_columns(self.uw, d) for d in (-1, 0, 1)])  # (3, W, w)
+
+    @staticmethod
+    def _upsampling_matrix(n: int, size: int, device) -> torch.Tensor:
+        """(size, n): the weights F.interpolate(bilinear, align_corners=False) uses along one axis."""
+        eye = torch.eye(n, device=device).view(1, 1, n, n)
+        return F.interpolate(eye, (size, n), mode="bilinear", align_corners=False)[0, 0]
+
+    @staticmethod
+    def _shift_columns(m: torch.Tensor, d: int) -> torch.Tensor:
+        """out[:, a] = m[:, a + d], zero where a + d is out of range."""
+        out = torch.zeros_like(m)
+        n = m.shape[1]
+        if d >= 0:
+            out[:, :n - d] = m[:, d:]
+        else:
+            out[:, -d:] = m[:, :n + d]
+        return out
+
+    def metric(self, weights: torch.Tensor) -> torch.Tensor:
+        """Squared pixel weights (N, 1, H, W) -> M as 9 neighbour maps (N, 9, h, w)."""
+        d = weights[:, 0]
+        t = torch.matmul(d.unsqueeze(1), self.pw.unsqueeze(0))  # (N, 3 dx, H, w)
+        m = torch.matmul(self.ph.transpose(1, 2).unsqueeze(0).unsqueeze(2), t.unsqueeze(1))  # (N, 3 dy, 3 dx, h, w)
+        return m.flatten(1, 2)
+
+    def adjoint(self, image: torch.Tensor) -> torch.Tensor:
+        """Uᵀ applied to (N, 1, H, W) -> (N, 1, h, w)."""
+        return torch.matmul(torch.matmul(self.uh.t(), image[:, 0]), self.uw).unsqueeze(1)
+
+    @staticmethod
+    def apply(metric: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """M v for v (N, 1, h, w) and M (N, 9, h, w)."""
+        h, w = v.shape[-2:]
+        vp = F.pad(v, (1, 1, 1, 1))
+        out = None
+        for k in range(9):
+            dy, dx = divmod(k, 3)
+            term = metric[:, k:k + 1] * vp[:, :, dy:dy + h, dx:dx + w]
+            out = term if out is None else out + term
+        return out
+
+
 class SampleMemory:
     """Training samples of a target model with FRTM's sample weighting.
 
     The first sample gets weight 2/K, the others 1/K (normalized). A new sample replaces the
-    lowest-weight slot and gets its weight from the learning rate.
+    lowest-weight slot and gets its weight from the learning rate. Labels and pixel weights are
+    kept in the score-resolution form of `UpsamplingMetric`: per sample, the metric M (9, h, w)
+    and g = Uᵀ(w² ⊙ y) (1, h, w).
     """
 
-    def __init__(self, capacity: int, feature_shape: Sequence[int], label_shape: Sequence[int],
+    def __init__(self, capacity: int, feature_shape: Sequence[int], label_size: Sequence[int],
                  device: torch.device | str, learning_rate: float):
-        self.samples = torch.zeros(capacity, *feature_shape, device=device)
+        h, w = feature_shape[-2:]
+        self.upsampling = UpsamplingMetric((h, w), label_size, device)
+        self.samples = torch.zeros(capacity, *feature_shape, device=device).contiguous(memory_format=torch.channels_last)
         self.weights = torch.zeros(capacity, device=device)
-        self.labels = torch.zeros(capacity, *label_shape, device=device)
-        self.pixel_weights = torch.zeros(capacity, *label_shape, device=device)
+        self.metrics = torch.zeros(capacity, 9, h, w, device=device)
+        self.targets = torch.zeros(capacity, 1, h, w, device=device)
         self.capacity = capacity
         self.size = 0
         self.learning_rate = learning_rate
         self._last_slot: int | None = None
+
+    def _encode(self, labels: torch.Tensor, pixel_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        squared = pixel_weights * pixel_weights
+        return self.upsampling.metric(squared), self.upsampling.adjoint(squared * labels.float())
 
     def initialize(self, features: torch.Tensor, labels: torch.Tensor, pixel_weights: torch.Tensor) -> None:
         """features (K, C, h, w), labels and pixel_weights (K, 1, H, W)."""
@@ -98,16 +168,15 @@ class SampleMemory:
         self.weights[:k] = 1.0 / k
         self.weights[0] = 2.0 / k
         self.weights[:k] = self.weights[:k] / self.weights[:k].sum()
-        self.labels[:k] = labels.float()
-        self.pixel_weights[:k] = pixel_weights
+        self.metrics[:k], self.targets[:k] = self._encode(labels, pixel_weights)
         self.size = k
 
     def insert(self, feature: torch.Tensor, label: torch.Tensor, pixel_weight: torch.Tensor) -> None:
         """Insert one sample: feature (1, C, h, w), label and pixel_weight (1, 1, H, W)."""
         slot = self._update_weights()
-        self.samples[slot] = feature.detach()
-        self.labels[slot] = label
-        self.pixel_weights[slot] = pixel_weight
+        self.samples[slot] = feature.detach()[0]
+        metric, target = self._encode(label, pixel_weight)
+        self.metrics[slot], self.targets[slot] = metric[0], target[0]
         self.size = min(self.size + 1, self.capacity)
         self._last_slot = slot
 
@@ -132,8 +201,9 @@ class SampleMemory:
 
 
 class LeastSquaresProblem:
-    """Weighted least squares over the memory's active samples:
-    residuals = [w ⊙ (resize(net(x), label size) − y), reg_i · θ_i ...]."""
+    """Weighted least squares over the memory's active samples (sample weight > 0):
+    ‖sqrt(sample weight) · w ⊙ (resize(net(x), label size) − y)‖² + Σ_i ‖reg_i · θ_i‖²,
+    the data term in the score-resolution form of `UpsamplingMetric`."""
 
     def __init__(self, memory: SampleMemory, net: Callable[[torch.Tensor], torch.Tensor],
                  regs: Sequence[float], precond: Sequence[float]):
@@ -141,20 +211,68 @@ class LeastSquaresProblem:
         self.net = net
         self.regs = list(regs)
         self.precond = list(precond)
-        self.x = self.y = self.w = None
+        self.x = self.metric = self.target = None
 
     def select_samples(self) -> None:
-        """Take the samples with positive weight; sqrt(sample weight) scales their residuals."""
         m = self.memory
-        active = m.weights > 0
+        active = torch.nonzero(m.weights > 0).flatten()
+        n = active.numel()
+        if n > 0 and int(active[-1]) == n - 1:  # the usual case, a prefix: views, no copies
+            active = slice(0, n)
+        sample_weights = m.weights[active].view(-1, 1, 1, 1)
         self.x = m.samples[active]
-        self.y = m.labels[active]
-        self.w = m.pixel_weights[active] * m.weights[active].sqrt().view(-1, 1, 1, 1)
+        self.metric = m.metrics[active] * sample_weights
+        self.target = m.targets[active] * sample_weights
 
-    def residuals(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        s = self.net(self.x)
-        s = F.interpolate(s, self.y.shape[-2:], mode="bilinear", align_corners=False)
-        return [self.w * (s - self.y)] + [r * p for r, p in zip(self.regs, params)]
+    def normal_equations(self, params: list[torch.Tensor]):
+        """Gauss-Newton system at `params`: (b, A) with b = −Jᵀ(M s − g, reg θ) and
+        A(v) = JᵀMJ v + reg² v, J the Jacobian of the scores. Generic version by autograd:
+        Jᵀu as a function of u (built with a graph) gives Jv by differentiating w.r.t. u."""
+        for p in params:
+            p.requires_grad_(True)
+        outputs = [self.net(self.x)] + [r * p for r, p in zip(self.regs, params)]
+        u = [o.detach().requires_grad_(True) for o in outputs]
+        jtu = torch.autograd.grad(outputs, params, u, create_graph=True)
+        direction = [UpsamplingMetric.apply(self.metric, outputs[0].detach()) - self.target] + \
+            [o.detach() for o in outputs[1:]]
+        b = [-t for t in torch.autograd.grad(outputs, params, direction, retain_graph=True)]
+
+        def normal_op(v: list[torch.Tensor]) -> list[torch.Tensor]:
+            jv = list(torch.autograd.grad(jtu, u, v, retain_graph=True))
+            jv[0] = UpsamplingMetric.apply(self.metric, jv[0])
+            return list(torch.autograd.grad(outputs, params, jv, retain_graph=True))
+
+        return b, normal_op
+
+
+class FilterProblem(LeastSquaresProblem):
+    """The update problem: scores linear in the filter weights (net = the ScoreFilter), so J
+    and Jᵀ are written out (a filtering and a correlation, both one GEMM) instead of autograd."""
+
+    def normal_equations(self, params: list[torch.Tensor]):
+        (weight,) = params
+        (reg,) = self.regs
+        x = self.x
+        n, c, h, w = x.shape
+        pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+
+        def jacobian(v: torch.Tensor) -> torch.Tensor:  # filter weights (1, C, 3, 3) -> scores
+            return ScoreFilter.filter(pixels, v, (n, h, w))
+
+        def jacobian_t(s: torch.Tensor) -> torch.Tensor:  # scores (N, 1, h, w) -> weights
+            sp = F.pad(s, (1, 1, 1, 1))
+            shifted = torch.stack([sp[:, 0, 2 - i:2 - i + h, 2 - j:2 - j + w] for i in range(3) for j in range(3)])
+            return (shifted.reshape(9, -1) @ pixels).t().reshape(1, c, 3, 3)
+
+        with torch.no_grad():
+            scores = jacobian(weight)
+            b = [-(jacobian_t(UpsamplingMetric.apply(self.metric, scores) - self.target) + reg * (reg * weight))]
+
+        def normal_op(v: list[torch.Tensor]) -> list[torch.Tensor]:
+            with torch.no_grad():
+                return [jacobian_t(UpsamplingMetric.apply(self.metric, jacobian(v[0]))) + reg * (reg * v[0])]
+
+        return b, normal_op
 
 
 def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
@@ -166,9 +284,10 @@ def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
 
 
 class GaussNewtonCG:
-    """Gauss-Newton steps, each solving J^T J δ = -J^T r by preconditioned conjugate gradient
-    (Polak-Ribière, β ≥ 0). The CG direction and ρ persist across runs; ρ is divided by
-    `forget_factor` at the start of each CG run so old directions fade."""
+    """Gauss-Newton steps, each solving JᵀMJ δ = −Jᵀ(M s − g) (regularization included) by
+    preconditioned conjugate gradient (Polak-Ribière, β ≥ 0), as FRTM's optimizer. The CG
+    direction and ρ persist across runs; ρ is divided by `forget_factor` at the start of each
+    CG run so old directions fade."""
 
     def __init__(self, problem: LeastSquaresProblem, params: list[torch.Tensor], forget_factor: float):
         self.problem = problem
@@ -190,18 +309,7 @@ class GaussNewtonCG:
             p.requires_grad_(False)
 
     def _gauss_newton_step(self, cg_iters: int) -> None:
-        for p in self.params:
-            p.requires_grad_(True)
-        f0 = self.problem.residuals(self.params)
-        # J^T g as a function of g (created with graph) gives J v by differentiating w.r.t. g.
-        g = [f.detach().requires_grad_(True) for f in f0]
-        jtg = torch.autograd.grad(f0, self.params, g, create_graph=True)
-        b = [-t.detach() for t in jtg]
-
-        def normal_op(v: list[torch.Tensor]) -> list[torch.Tensor]:
-            jv = torch.autograd.grad(jtg, g, v, retain_graph=True)
-            return list(torch.autograd.grad(f0, self.params, jv, retain_graph=True))
-
+        b, normal_op = self.problem.normal_equations(self.params)
         step = self._conjugate_gradient(b, normal_op, cg_iters)
         with torch.no_grad():
             for p, d in zip(self.params, step):
@@ -213,20 +321,20 @@ class GaussNewtonCG:
             self.direction, self.rho, self.r_prev = None, None, None
         elif self.direction is not None:
             self.rho = self.rho / self.forget_factor
-        r = [t.clone() for t in b]
+        r = b
         x = None
         for i in range(iters):
             z = [ri / pc for ri, pc in zip(r, self.problem.precond)]
             rho_prev = self.rho
             self.rho = _dot(r, z)
             if self.direction is None:
-                self.direction = [t.clone() for t in z]
+                self.direction = z
             else:
                 beta = ((self.rho - _dot(self.r_prev, z)) / rho_prev).clamp(min=0)
                 self.direction = [zi + di * beta for zi, di in zip(z, self.direction)]
             q = normal_op(self.direction)
             alpha = self.rho / _dot(self.direction, q)
-            self.r_prev = [t.clone() for t in r]
+            self.r_prev = r
             if x is None:
                 x = [d * alpha for d in self.direction]
             else:
@@ -234,6 +342,32 @@ class GaussNewtonCG:
             if i < iters - 1:
                 r = [ri - qi * alpha for ri, qi in zip(r, q)]
         return x if x is not None else [torch.zeros_like(t) for t in b]
+
+
+class ScoreFilter(nn.Conv2d):
+    """3x3 convolution to one output channel, computed as a channel matmul per kernel tap and a
+    sum of 9 shifted maps: the same function as nn.Conv2d (padding 1, no bias), but one-channel
+    convolutions are very slow in oneDNN and the optimizer applies this one to the whole memory."""
+
+    def __init__(self, in_channels: int):
+        super().__init__(in_channels, 1, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        return self.filter(x.permute(0, 2, 3, 1).reshape(n * h * w, c), self.weight, (n, h, w))
+
+    @staticmethod
+    def filter(pixels: torch.Tensor, weight: torch.Tensor, shape) -> torch.Tensor:
+        """pixels (N*h*w, C) (channels-last features, a free view), weight (1, C, 3, 3) -> (N, 1, h, w)."""
+        n, h, w = shape
+        c = pixels.shape[1]
+        taps = (weight[0].reshape(c, 9).t() @ pixels.t()).view(9, n, h, w).permute(1, 0, 2, 3)
+        taps = F.pad(taps, (1, 1, 1, 1))
+        out = taps[:, 0:1, 0:h, 0:w]
+        for k in range(1, 9):
+            i, j = divmod(k, 3)
+            out = out + taps[:, k:k + 1, i:i + h, j:j + w]
+        return out
 
 
 class TargetModel(nn.Module):
@@ -244,7 +378,7 @@ class TargetModel(nn.Module):
         super().__init__()
         self.config = config
         self.project = nn.Conv2d(in_channels, config.channels, 1, bias=False)
-        self.filter = nn.Conv2d(config.channels, 1, 3, padding=1, bias=False)
+        self.filter = ScoreFilter(config.channels)
         # Upstream reseeds the global RNG with 0 for every object, so every target model starts
         # from the same draws; a private generator gives the same weights without reseeding.
         generator = torch.Generator().manual_seed(seed)
@@ -269,7 +403,7 @@ class TargetModel(nn.Module):
         pw = pixel_weights(masks, cfg.pixel_weighting, cfg.target_fraction)
 
         # Project and filter together on the raw features.
-        memory = SampleMemory(masks.shape[0], features.shape[-3:], masks.shape[-3:], device, cfg.learning_rate)
+        memory = SampleMemory(masks.shape[0], features.shape[-3:], masks.shape[-2:], device, cfg.learning_rate)
         memory.initialize(features, masks, pw)
         problem = LeastSquaresProblem(memory, lambda x: self.filter(self.project(x)), cfg.filter_reg, cfg.precond)
         GaussNewtonCG(problem, [self.project.weight, self.filter.weight], self.forget_factor).run(cfg.init_iters)
@@ -277,9 +411,9 @@ class TargetModel(nn.Module):
         # Re-project the samples and keep them; from now on only the filter is optimized.
         with torch.no_grad():
             projected = self.project(features)
-        self.memory = SampleMemory(cfg.memory_size, projected.shape[-3:], masks.shape[-3:], device, cfg.learning_rate)
+        self.memory = SampleMemory(cfg.memory_size, projected.shape[-3:], masks.shape[-2:], device, cfg.learning_rate)
         self.memory.initialize(projected, masks, pw)
-        problem = LeastSquaresProblem(self.memory, self.filter, cfg.filter_reg[1:], cfg.precond[1:])
+        problem = FilterProblem(self.memory, self.filter, cfg.filter_reg[1:], cfg.precond[1:])
         self.update_optimizer = GaussNewtonCG(problem, [self.filter.weight], self.forget_factor)
         self.update_optimizer.run(cfg.update_iters)
 

@@ -114,6 +114,7 @@ class Tracker:
         if channels_last:  # same results, faster convolutions
             self.network.to(memory_format=torch.channels_last)
             self.backbone.use_channels_last()
+        self.backbone.fuse_batch_norm()
         self.target_config = target_config
         self.augmenter = augmenter
         self.batch_objects = batch_objects
