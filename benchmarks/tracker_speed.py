@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> None:
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="480x854", help="frame size HxW (default 480x854, DAVIS 480p)")
-    p.add_argument("--frames", type=int, default=8, help="frames per run, the first one initializes")
+    p.add_argument("--frames", type=int, default=10, help="frames per run, the first one initializes")
     p.add_argument("--dev", default="cpu", help="device, e.g. cpu or cuda:0")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--configs", type=lambda s: [(b, int(n)) for b, n in (c.split(":") for c in s.split(","))],
