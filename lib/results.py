@@ -1,0 +1,421 @@
+"""Evaluation results on disk: where they go, how they are written, what they score.
+
+Layout (SPEC §9):
+
+    <output root>/result/<dset>-<model stem>_<TH>[_fast]/        the results directory
+        <sequence>/<frame>.png                                    DAVIS-palette label PNGs
+        <sequence>/.tracking.json                                 tracking statistics of the sequence
+        results.json, results.csv                                 metrics, FPS, reuse rate
+    <output root>/result/<dset>-<model stem>_<TH>[_fast].zip      YouTube-VOS submission (valid splits)
+
+A sequence is written into a hidden temporary directory next to its final place and renamed
+into place only when every frame is written, together with its `.tracking.json`; so a sequence
+directory that exists is complete, and an interrupted run leaves earlier sequences (and an older
+complete copy of the interrupted one) untouched.
+
+Metrics are computed from the PNGs on disk, so they are exactly what an offline evaluation of
+the written results gives.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence as SequenceType
+
+import numpy as np
+
+from lib.metrics import evaluate_results, evaluate_sequence
+from lib.palette import atomic_write_bytes, read_label_png, write_label_png
+
+RESULT_SUBDIR = "result"
+STATS_FILE = ".tracking.json"  # per-sequence tracking statistics, inside the sequence directory
+_PARTIAL = ".partial"
+_VOID_LABEL = 255
+
+
+# ---------------------------------------------------------------------------------------------
+# Naming
+
+
+def format_threshold(threshold: float) -> str:
+    """The reuse threshold as it appears in directory names: Python's str of the float
+    ("0.7", "1.0"), as upstream (which formatted the --tau value)."""
+    return str(float(threshold))
+
+
+def results_dir_name(dset: str, model: str | os.PathLike, threshold: float, fast: bool) -> str:
+    """`<dset>-<model stem>_<TH>[_fast]`, e.g. dv2017val-gfrtm_rn18_0.7_fast."""
+    return f"{dset}-{Path(model).stem}_{format_threshold(threshold)}{'_fast' if fast else ''}"
+
+
+def results_dir(output_root: str | os.PathLike, dset: str, model: str | os.PathLike, threshold: float,
+                fast: bool) -> Path:
+    """`<output root>/result/<dset>-<model stem>_<TH>[_fast]`."""
+    return Path(output_root).expanduser() / RESULT_SUBDIR / results_dir_name(dset, model, threshold, fast)
+
+
+def submission_zip_path(results_directory: str | os.PathLike) -> Path:
+    """`<results dir>.zip`, next to the results directory."""
+    results_directory = Path(results_directory)
+    return results_directory.with_name(results_directory.name + ".zip")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing one sequence
+
+
+class SequenceWriter:
+    """Writes one sequence's label PNGs into a temporary directory and renames it into place.
+
+        with SequenceWriter(results_dir, "car-shadow", frame_names) as writer:
+            for name, labels in ...:
+                writer.write(name, labels)
+            writer.finish({"frames": ..., ...})
+
+    finish() checks that every frame was written, adds the statistics file and replaces the
+    sequence directory (an older complete copy is removed only after the new one is in place).
+    Leaving the block without finish() (an exception) deletes the temporary directory and
+    leaves any older copy as it was. Temporary directories left by killed runs of the same
+    sequence are removed when the sequence is written again.
+    """
+
+    def __init__(self, results_directory: str | os.PathLike, name: str, frame_names: SequenceType[str]):
+        self.results_dir = Path(results_directory)
+        self.name = name
+        self.frame_names = list(frame_names)
+        self.final_dir = self.results_dir / name
+        self.tmp_dir: Optional[Path] = None
+        self._written: set[str] = set()
+        self._finished = False
+
+    def __enter__(self) -> "SequenceWriter":
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        own = re.compile(rf"\.{re.escape(self.name)}\.(old\.)?[^.]+{re.escape(_PARTIAL)}")
+        for stale in self.results_dir.glob(f".{self.name}.*{_PARTIAL}"):
+            if own.fullmatch(stale.name):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.name}.", suffix=_PARTIAL, dir=self.results_dir))
+        os.chmod(self.tmp_dir, 0o777 & ~_UMASK)
+        return self
+
+    def write(self, frame_name: str, labels) -> Path:
+        """Write one frame's labels (uint8 H x W object ids) as <frame>.png."""
+        if self.tmp_dir is None:
+            raise RuntimeError("SequenceWriter.write outside its with-block")
+        path = self.tmp_dir / f"{frame_name}.png"
+        write_label_png(path, np.asarray(labels, dtype=np.uint8))
+        self._written.add(frame_name)
+        return path
+
+    def finish(self, stats: Optional[Mapping] = None) -> Path:
+        """Check completeness, write the statistics, move the directory into place."""
+        if self.tmp_dir is None:
+            raise RuntimeError("SequenceWriter.finish outside its with-block")
+        missing = [f for f in self.frame_names if f not in self._written]
+        if missing:
+            raise RuntimeError(f"sequence {self.name!r}: {len(missing)} frame(s) not written, e.g. "
+                               f"{missing[0]!r}")
+        atomic_write_bytes(self.tmp_dir / STATS_FILE, _json_bytes(dict(stats or {})))
+        old = None
+        if self.final_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{self.name}.old.", suffix=_PARTIAL, dir=self.results_dir))
+            os.replace(self.final_dir, old / self.name)
+        os.replace(self.tmp_dir, self.final_dir)
+        self.tmp_dir = None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._finished = True
+        return self.final_dir
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.tmp_dir is not None:
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            self.tmp_dir = None
+        return False
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # can only be read by setting it; done once, at import
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def sequence_complete(results_directory: str | os.PathLike, name: str,
+                      frame_names: Optional[SequenceType[str]] = None) -> bool:
+    """Whether `name` was written completely by SequenceWriter (statistics file present and,
+    when frame_names are given, a PNG for each frame)."""
+    seq_dir = Path(results_directory) / name
+    if not (seq_dir / STATS_FILE).is_file():
+        return False
+    return all((seq_dir / f"{f}.png").is_file() for f in (frame_names or []))
+
+
+def read_sequence_stats(results_directory: str | os.PathLike, name: str) -> dict:
+    """The statistics a completed sequence was written with."""
+    path = Path(results_directory) / name / STATS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"tracking statistics not found: {path} (sequence {name!r} was not "
+                                f"completed; run it again with --sequences {name})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"cannot parse {path}: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracking statistics: FPS and reuse rate
+
+
+class TrackingStats:
+    """Accumulates tracker time and reuse decisions over one sequence.
+
+    FPS = frames / tracker time (object initialization included; disk reading and PNG writing
+    excluded; CUDA synchronized per frame). Reuse rate = reused object-frames / tracked
+    object-frames, an object being tracked in every frame after its first.
+    """
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.seconds = 0.0
+        self.objects: dict[int, dict[str, int]] = {}
+
+    def add(self, frame_result) -> None:
+        self.frames += 1
+        self.seconds += float(frame_result.seconds)
+        for obj_id, reused in frame_result.reused.items():
+            entry = self.objects.setdefault(int(obj_id), {"tracked": 0, "reused": 0})
+            entry["tracked"] += 1
+            entry["reused"] += int(bool(reused))
+
+    @property
+    def tracked(self) -> int:
+        return sum(o["tracked"] for o in self.objects.values())
+
+    @property
+    def reused(self) -> int:
+        return sum(o["reused"] for o in self.objects.values())
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else math.nan
+
+    @property
+    def reuse_rate(self) -> float:
+        return self.reused / self.tracked if self.tracked else math.nan
+
+    def as_dict(self) -> dict:
+        return {"frames": self.frames, "seconds": self.seconds, "fps": self.fps,
+                "tracked_object_frames": self.tracked, "reused_object_frames": self.reused,
+                "reuse_rate": self.reuse_rate,
+                "reuse_per_object": {str(k): dict(v) for k, v in sorted(self.objects.items())}}
+
+
+def summarize_tracking(per_sequence: Mapping[str, Mapping]) -> dict:
+    """Overall numbers from per-sequence statistics (TrackingStats.as_dict()):
+    fps = all frames / all tracker time, reuse_rate = all reused / all tracked object-frames
+    (pooled); plus upstream's averages (mean of the sequences' fps; mean of the objects' reuse
+    rates) for comparison with upstream's printout."""
+    frames = sum(int(s["frames"]) for s in per_sequence.values())
+    seconds = sum(float(s["seconds"]) for s in per_sequence.values())
+    tracked = sum(int(s["tracked_object_frames"]) for s in per_sequence.values())
+    reused = sum(int(s["reused_object_frames"]) for s in per_sequence.values())
+    seq_fps = [s["fps"] for s in per_sequence.values() if _finite(s.get("fps"))]
+    obj_rates = [o["reused"] / o["tracked"] for s in per_sequence.values()
+                 for o in s.get("reuse_per_object", {}).values() if o["tracked"]]
+    return {
+        "frames": frames, "seconds": seconds,
+        "fps": frames / seconds if seconds > 0 else math.nan,
+        "tracked_object_frames": tracked, "reused_object_frames": reused,
+        "reuse_rate": reused / tracked if tracked else math.nan,
+        "fps_sequence_mean": float(np.mean(seq_fps)) if seq_fps else math.nan,
+        "reuse_rate_object_mean": float(np.mean(obj_rates)) if obj_rates else math.nan,
+    }
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics on a results directory
+
+
+def annotation_path(sequence, frame: str) -> Path:
+    """The ground-truth PNG of a frame: the known path, else <annotation dir>/<frame>.png (the
+    annotation directory being that of the sequence's first annotated frame)."""
+    known = sequence.annotation_paths.get(frame)
+    if known is not None:
+        return Path(known)
+    anno_dir = Path(next(iter(sequence.annotation_paths.values()))).parent
+    return anno_dir / f"{frame}.png"
+
+
+def check_ground_truth(sequence, frames: Optional[SequenceType[str]] = None) -> None:
+    """FileNotFoundError naming the first missing annotation of the evaluated frames."""
+    for frame in frames if frames is not None else sequence.frame_names:
+        path = annotation_path(sequence, frame)
+        if not path.is_file():
+            raise FileNotFoundError(f"annotation of frame {frame!r} of sequence {sequence.name!r} not found: "
+                                    f"{path} (every evaluated frame needs one to compute J&F)")
+
+
+def read_ground_truth(sequence, frames: Optional[SequenceType[str]] = None) -> np.ndarray:
+    """Ground-truth labels of `frames` (default: all) as T x H x W uint8; objects merged to id 1
+    when the sequence merges objects (DAVIS 2016)."""
+    frames = list(frames if frames is not None else sequence.frame_names)
+    check_ground_truth(sequence, frames)
+    out = []
+    for frame in frames:
+        path = annotation_path(sequence, frame)
+        labels = read_label_png(path)
+        _check_shape(labels, sequence.size, path)
+        if getattr(sequence, "merge_objects", False):
+            labels = ((labels != 0) & (labels != _VOID_LABEL)).astype(np.uint8)
+        out.append(labels)
+    return np.stack(out)
+
+
+def read_predictions(sequence_dir: str | os.PathLike, frames: SequenceType[str],
+                     size: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """Label PNGs <sequence_dir>/<frame>.png as T x H x W uint8."""
+    sequence_dir = Path(sequence_dir)
+    out = []
+    for frame in frames:
+        path = sequence_dir / f"{frame}.png"
+        if not path.is_file():
+            raise FileNotFoundError(f"result PNG not found: {path}")
+        labels = read_label_png(path)
+        if size is not None:
+            _check_shape(labels, size, path)
+        out.append(labels)
+    return np.stack(out)
+
+
+def _check_shape(labels: np.ndarray, size, path: Path) -> None:
+    if tuple(labels.shape) != tuple(size):
+        raise ValueError(f"{path} is {labels.shape[0]}x{labels.shape[1]} (HxW), expected "
+                         f"{size[0]}x{size[1]}")
+
+
+def sequence_volumes(results_directory: str | os.PathLike, sequence,
+                     frames: Optional[SequenceType[str]] = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(ground truth, prediction, first_frames) of a sequence whose PNGs are in
+    results_directory, over `frames` (default: every frame; e.g. only the annotated every-5th
+    frames of YouTube-VOS train_all_frames). first_frames: object id -> index of its first
+    frame within `frames`."""
+    frames = list(frames if frames is not None else sequence.frame_names)
+    first_frames = {}
+    for obj_id, start in sequence.start_frames.items():
+        if start not in frames:
+            raise ValueError(f"sequence {sequence.name!r}: object {obj_id} starts at frame {start!r}, "
+                             f"which is not among the evaluated (annotated) frames")
+        first_frames[obj_id] = frames.index(start)
+    gt = read_ground_truth(sequence, frames)
+    pred = read_predictions(Path(results_directory) / sequence.name, frames, sequence.size)
+    return gt, pred, first_frames
+
+
+def evaluate_sequence_dir(results_directory: str | os.PathLike, sequence,
+                          frames: Optional[SequenceType[str]] = None) -> dict:
+    """lib.metrics.evaluate_sequence of the PNGs written for `sequence` against its ground
+    truth; each object is scored on `frames` strictly after its first and before the last."""
+    gt, pred, first_frames = sequence_volumes(results_directory, sequence, frames)
+    return evaluate_sequence(gt, pred, sequence.obj_ids, first_frames)
+
+
+def evaluate_results_dir(results_directory: str | os.PathLike, sequences: Iterable[tuple]) -> dict:
+    """lib.metrics.evaluate_results over sequences whose PNGs are in results_directory.
+
+    sequences: iterable of (Sequence, frames or None), read one at a time. Returns overall
+    J&F, J, F (means over all objects, each weighted equally), num_objects and per-sequence
+    entries.
+    """
+    def items():
+        for sequence, frames in sequences:
+            gt, pred, first_frames = sequence_volumes(results_directory, sequence, frames)
+            yield sequence.name, gt, pred, sequence.obj_ids, first_frames
+
+    return evaluate_results(items())
+
+
+# ---------------------------------------------------------------------------------------------
+# YouTube-VOS submission
+
+
+def write_submission_zip(results_directory: str | os.PathLike, videos: Mapping[str, SequenceType[str]],
+                         zip_path: Optional[str | os.PathLike] = None) -> dict:
+    """Zip the frames the YouTube-VOS server expects: `Annotations/<video>/<frame>.png` for each
+    video and frame of `videos` (video -> frame names of valid/JPEGImages/<video>), taken from
+    `<results dir>/<video>/<frame>.png` (so all-frames results give just the valid frames).
+
+    Videos without a complete result (not run yet, or a frame missing) are left out and
+    reported. Written atomically to zip_path (default `<results dir>.zip`).
+    Returns {"path", "videos", "frames", "missing": [video, ...]}.
+    """
+    results_directory = Path(results_directory)
+    zip_path = Path(zip_path) if zip_path is not None else submission_zip_path(results_directory)
+    complete, missing = [], []
+    for video in sorted(videos):
+        seq_dir = results_directory / video
+        if (seq_dir / STATS_FILE).is_file() and all((seq_dir / f"{f}.png").is_file() for f in videos[video]):
+            complete.append(video)
+        else:
+            missing.append(video)
+
+    zip_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{zip_path.name}.", suffix=".tmp", dir=zip_path.parent)
+    frames = 0
+    try:
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
+            for video in complete:
+                for frame in sorted(videos[video]):
+                    zf.write(results_directory / video / f"{frame}.png", f"Annotations/{video}/{frame}.png")
+                    frames += 1
+        os.chmod(tmp_name, 0o666 & ~_UMASK)
+        os.replace(tmp_name, zip_path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    return {"path": str(zip_path), "videos": len(complete), "frames": frames, "missing": missing}
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON
+
+
+def json_safe(value):
+    """NaN / inf -> None, dict keys -> str, numpy scalars and paths -> plain values, recursively."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (int, str)) or value is None:
+        return value
+    return str(value)
+
+
+def _json_bytes(data) -> bytes:
+    return (json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    """Strict JSON (NaN as null), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, _json_bytes(data))
