@@ -1,0 +1,176 @@
+"""Overlays (MP4 / GIF) and reuse timelines from any results directory.
+
+    python visualize.py --results result/<name> --frames /path/DAVIS/JPEGImages/480p
+
+A results directory holds <seq>/<frame>.png label PNGs (as evaluate.py and demo.py write them)
+and, optionally, <seq>/timeline.json. For every sequence (or those given with --sequences) it
+writes <out>/<seq>/overlay.mp4, <out>/<seq>/overlay.gif and, where timeline.json exists,
+<out>/<seq>/timeline.png. Frames are read from <frames>/<seq>/<frame>.jpg (or .jpeg / .png);
+masks whose size differs from the frame's (same aspect ratio) are resized (nearest).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+from lib.palette import read_image, read_label_png
+from lib.video_io import natural_key, resize_labels, same_aspect
+from lib.visualize import GIF_MAX_WIDTH, load_timeline, save_timeline_png, write_overlays
+
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
+    return value
+
+
+def _width(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer number of pixels, got {text!r}")
+    if value < 16:
+        raise argparse.ArgumentTypeError(f"must be at least 16 pixels, got {value}")
+    return value
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Overlay result masks on their frames (MP4 / GIF) and draw reuse timelines.")
+    parser.add_argument("--results", type=Path, required=True,
+                        help="results directory: <seq>/<frame>.png label PNGs, optionally <seq>/timeline.json")
+    parser.add_argument("--frames", type=Path, required=True,
+                        help="frame directory with <seq>/<frame>.jpg (or .jpeg/.png), e.g. DAVIS JPEGImages/480p")
+    parser.add_argument("--sequences", nargs="+", default=None, metavar="SEQ",
+                        help="sequences to draw (default: every folder of --results holding PNGs)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default <results>/vis): <seq>/overlay.mp4, "
+                             "<seq>/overlay.gif, <seq>/timeline.png")
+    parser.add_argument("--gif", action=argparse.BooleanOptionalAction, default=True,
+                        help="write <seq>/overlay.gif (default: on)")
+    parser.add_argument("--mp4", action=argparse.BooleanOptionalAction, default=True,
+                        help="write <seq>/overlay.mp4 (default: on)")
+    parser.add_argument("--timeline", action=argparse.BooleanOptionalAction, default=True,
+                        help="write <seq>/timeline.png where <seq>/timeline.json exists (default: on)")
+    parser.add_argument("--fps-out", type=_positive_float, default=10.0,
+                        help="frame rate of the MP4 and GIF (default 10)")
+    parser.add_argument("--alpha", type=_alpha, default=0.5,
+                        help="opacity of the object colours, 0..1 (default 0.5)")
+    parser.add_argument("--gif-width", type=_width, default=GIF_MAX_WIDTH,
+                        help=f"maximum GIF width in pixels, wider frames are scaled down (default {GIF_MAX_WIDTH})")
+    return parser
+
+
+def _mask_files(folder: Path) -> list[Path]:
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png"
+             and not p.name.startswith(".")]
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def list_sequences(results: Path, skip: Optional[Path] = None) -> list[str]:
+    """Folders of `results` that hold label PNGs, sorted (the output folder excluded)."""
+    skip_resolved = skip.resolve() if skip is not None else None
+    names = []
+    for d in results.iterdir():
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        if skip_resolved is not None and d.resolve() == skip_resolved:
+            continue
+        if _mask_files(d):
+            names.append(d.name)
+    return sorted(names, key=natural_key)
+
+
+def _frame_path(frames: Path, seq: str, stem: str) -> Path:
+    for suffix in FRAME_SUFFIXES:
+        path = frames / seq / f"{stem}{suffix}"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"--frames: no frame {frames / seq / stem}.jpg (or .jpeg / .png) for the "
+                            f"result mask {seq}/{stem}.png")
+
+
+def _pairs(results: Path, frames: Path, seq: str):
+    for mask_path in _mask_files(results / seq):
+        image = read_image(_frame_path(frames, seq, mask_path.stem))
+        labels = read_label_png(mask_path)
+        if labels.shape != image.shape[:2]:
+            if not same_aspect(labels.shape, image.shape[:2]):
+                raise ValueError(f"--results: mask {mask_path} is {labels.shape[1]}x{labels.shape[0]} but its "
+                                 f"frame is {image.shape[1]}x{image.shape[0]} (another resolution of the frames?)")
+            labels = resize_labels(labels, image.shape[:2])
+        yield image, labels
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Write the overlays and timelines; return {seq: [written paths]}."""
+    results, frames = Path(args.results), Path(args.frames)
+    if not results.is_dir():
+        raise FileNotFoundError(f"--results: no such directory: {results}")
+    if not frames.is_dir():
+        raise FileNotFoundError(f"--frames: no such directory: {frames}")
+    out = Path(args.out) if args.out is not None else results / "vis"
+    if out.resolve() == results.resolve() or (out.is_dir() and _mask_files(out)):
+        raise ValueError(f"--out {out} must not be the results directory or a folder of label PNGs "
+                         f"(its outputs would be taken for results)")
+    if args.sequences:
+        sequences = list(args.sequences)
+        for seq in sequences:
+            if not (results / seq).is_dir():
+                raise FileNotFoundError(f"--sequences: no results for {seq!r} ({results / seq} does not exist)")
+            if not _mask_files(results / seq):
+                raise ValueError(f"--sequences: {results / seq} holds no label PNGs")
+    else:
+        sequences = list_sequences(results, skip=out)
+        if not sequences:
+            raise ValueError(f"--results: {results} has no <seq>/ folder holding label PNGs")
+    for seq in sequences:
+        if not (frames / seq).is_dir():
+            raise FileNotFoundError(f"--frames: no frame folder {frames / seq} for sequence {seq}")
+
+    written: dict[str, list[str]] = {}
+    for seq in sequences:
+        target = out / seq
+        target.mkdir(parents=True, exist_ok=True)
+        paths = []
+        mp4 = target / "overlay.mp4" if args.mp4 else None
+        gif = target / "overlay.gif" if args.gif else None
+        if mp4 is not None or gif is not None:
+            count = write_overlays(_pairs(results, frames, seq), mp4, gif, args.fps_out, args.alpha,
+                                   args.gif_width)
+            paths += [str(p) for p in (mp4, gif) if p is not None]
+        else:
+            count = len(_mask_files(results / seq))
+        timeline_json = results / seq / "timeline.json"
+        if args.timeline and timeline_json.is_file():
+            save_timeline_png(target / "timeline.png", load_timeline(timeline_json), seq)
+            paths.append(str(target / "timeline.png"))
+        written[seq] = paths
+        print(f"{seq}: {count} frames -> {', '.join(paths) if paths else 'nothing (all outputs off)'}")
+    return written
+
+
+if __name__ == "__main__":
+    try:
+        main(get_parser().parse_args())
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
