@@ -369,9 +369,10 @@ def main(args) -> dict:
                               dynamic_ncols=True) as bar:
                         for t, frame in enumerate(tracker.track(seq, args.TH, keep_probabilities=False)):
                             writer.write(seq.frame_names[t], frame.labels.numpy())
-                            stats.add(frame)
+                            stats.add(frame, seq.frame_names[t])
                             bar.update(1)
                             bar.set_postfix(fps=f"{stats.fps:.1f}", reuse=_pct(stats.reuse_rate), refresh=False)
+                    writer.write_json("timeline.json", {"fps": stats.fps, "frames": stats.timeline})
                     writer.finish({**stats.as_dict(), "settings": settings, "device": str(device),
                                    "torch_version": torch.__version__})
             except (FileNotFoundError, ValueError) as exc:

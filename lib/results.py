@@ -5,6 +5,7 @@ Layout (SPEC §9):
     <output root>/result/<dset>-<model stem>_<TH>[_fast]/        the results directory
         <sequence>/<frame>.png                                    DAVIS-palette label PNGs
         <sequence>/.tracking.json                                 tracking statistics of the sequence
+        <sequence>/timeline.json                                  per-frame reuse decisions (visualize.py)
         results.json, results.csv                                 metrics, FPS, reuse rate
     <output root>/result/<dset>-<model stem>_<TH>[_fast].zip      YouTube-VOS submission (valid splits)
 
@@ -113,6 +114,14 @@ class SequenceWriter:
         self._written.add(frame_name)
         return path
 
+    def write_json(self, file_name: str, data) -> Path:
+        """Write a JSON file (e.g. timeline.json) into the sequence directory."""
+        if self.tmp_dir is None:
+            raise RuntimeError("SequenceWriter.write_json outside its with-block")
+        path = self.tmp_dir / file_name
+        atomic_write_bytes(path, _json_bytes(data))
+        return path
+
     def finish(self, stats: Optional[Mapping] = None) -> Path:
         """Check completeness, write the statistics, move the directory into place."""
         if self.tmp_dir is None:
@@ -187,10 +196,13 @@ class TrackingStats:
         self.frames = 0
         self.seconds = 0.0
         self.objects: dict[int, dict[str, int]] = {}
+        self.timeline: list[dict] = []  # per frame: {"frame": name, "reused": {"id": bool}}
 
-    def add(self, frame_result) -> None:
+    def add(self, frame_result, frame_name: str = "") -> None:
         self.frames += 1
         self.seconds += float(frame_result.seconds)
+        self.timeline.append({"frame": frame_name,
+                              "reused": {str(k): bool(v) for k, v in sorted(frame_result.reused.items())}})
         for obj_id, reused in frame_result.reused.items():
             entry = self.objects.setdefault(int(obj_id), {"tracked": 0, "reused": 0})
             entry["tracked"] += 1

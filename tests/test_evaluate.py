@@ -25,6 +25,7 @@ from evaluate import get_parser, main
 from lib.metrics import evaluate_results
 from lib.palette import DAVIS_PALETTE, read_label_png, write_label_png
 from lib.results import STATS_FILE, SequenceWriter, results_dir_name, sequence_complete
+from lib.visualize import load_timeline
 from models.checkpoint import save_checkpoint
 from models.network import GFRTM
 
@@ -277,6 +278,11 @@ def test_dv2017val_end_to_end(dv2017, davis_root):
         s = results["sequences"][seq]
         assert s["frames"] == DAVIS_FRAMES and s["tracked_object_frames"] == 5 * n_obj
         assert s["fps"] == pytest.approx(DAVIS_FRAMES / s["seconds"])
+        # The per-frame timeline (for visualize.py) agrees with the counts.
+        timeline = load_timeline(results_dir / seq / "timeline.json")
+        assert [f["frame"] for f in timeline["frames"]] == frames
+        assert sum(v for f in timeline["frames"] for v in f["reused"].values()) == s["reused_object_frames"]
+        assert sum(len(f["reused"]) for f in timeline["frames"]) == s["tracked_object_frames"]
     assert results["fps"] == pytest.approx(2 * DAVIS_FRAMES / sum(s["seconds"] for s in results["sequences"].values()))
     assert results["args"]["TH"] == TH and results["args"]["dset"] == "dv2017val"
     assert Path(results["checkpoint"]).name == "rn18.pth" and results["backbone"] == "resnet18"
