@@ -19,12 +19,11 @@ Without --video: the default main job (synthetic data -> training -> evaluation 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-import torch
 
+from lib.cli import int_at_least, positive_float, resolve_device, run, threshold
 from lib.palette import write_label_png
 from lib.video_io import MaskSet, TrackerFeed, open_frames, processing_size, resize_labels
 from lib.visualize import GifWriter, Mp4Writer, overlay, save_timeline_png, write_timeline
@@ -32,29 +31,6 @@ from lib.visualize import GifWriter, Mp4Writer, overlay, save_timeline_png, writ
 
 # ---------------------------------------------------------------------------------------------
 # Argument types
-
-
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
-    return value
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
 
 
 def _max_size(text: str) -> int:
@@ -65,20 +41,6 @@ def _max_size(text: str) -> int:
     if value != 0 and value < 32:
         raise argparse.ArgumentTypeError(f"must be 0 (never resize) or at least 32 pixels, got {value}")
     return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def default_device() -> str:
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -100,13 +62,13 @@ def get_parser() -> argparse.ArgumentParser:
     own.add_argument("--out", type=Path, default=None,
                      help="output folder (default ./demo_out/<video name>): masks/<frame>.png, "
                           "overlay.mp4, overlay.gif, timeline.json, timeline.png")
-    own.add_argument("--TH", type=_threshold, default=0.7,
+    own.add_argument("--TH", type=threshold, default=0.7,
                      help="reuse-gate threshold in [0, 1] (default 0.7, upstream's): an object reuses the "
                           "previous frame's result when its reuse probability exceeds it; 1 = always "
                           "compute (plain FRTM)")
-    own.add_argument("--dev", type=str, default=default_device(),
+    own.add_argument("--dev", type=str, default=None,
                      help="torch device: cpu, cuda, cuda:N (default cuda:0 when available, else cpu)")
-    own.add_argument("--num-aug", type=_int_at_least(1), default=5,
+    own.add_argument("--num-aug", type=int_at_least(1), default=5,
                      help="first-frame augmentations for the target model (default 5, as upstream "
                           "evaluates; 1 = none)")
     own.add_argument("--backbone-weights", type=str, default="imagenet",
@@ -119,26 +81,13 @@ def get_parser() -> argparse.ArgumentParser:
                      help="frames whose shorter side exceeds this many pixels are tracked at that shorter "
                           "side (INTER_AREA), the masks resized back (nearest) to the frame size (default "
                           "480, like DAVIS 480p; 0 = never resize)")
-    own.add_argument("--fps-out", type=_positive_float, default=10.0,
+    own.add_argument("--fps-out", type=positive_float, default=10.0,
                      help="frame rate of overlay.mp4 and overlay.gif (default 10)")
     return parser
 
 
 # ---------------------------------------------------------------------------------------------
 # Own video
-
-
-def _check_device(dev: str) -> torch.device:
-    try:
-        device = torch.device(dev)
-    except RuntimeError as exc:
-        raise ValueError(f"--dev: {dev!r} is not a torch device (cpu, cuda, cuda:0, ...)") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--dev {dev}: CUDA is not available on this machine; use --dev cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--dev {dev}: only {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def run_own_video(args: argparse.Namespace) -> dict:
@@ -152,7 +101,7 @@ def run_own_video(args: argparse.Namespace) -> dict:
     bw = args.backbone_weights
     if bw.lower() not in ("imagenet", "random", "none") and not Path(bw).expanduser().is_file():
         raise FileNotFoundError(f"--backbone-weights: no such file: {bw} (or use 'imagenet' / 'random')")
-    device = _check_device(args.dev)
+    device, _ = resolve_device(args.dev)
 
     frames = open_frames(args.video, flag="--video")
     masks = MaskSet(args.mask, flag="--mask")
@@ -229,8 +178,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run(main, get_parser())

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from dataset.davis import DAVISDataset, list_davis_sequences, resolve_davis_root
 from dataset.ytvos import YouTubeVOSDataset, resolve_ytvos_root, valid_frame_names
 from lib.metrics import format_table, write_results
+from lib.cli import int_at_least, resolve_device, run, threshold
 from lib.results import (SequenceWriter, TrackingStats, check_ground_truth, evaluate_results_dir, json_safe,
                          read_sequence_stats, results_dir, sequence_complete, summarize_tracking, write_json,
                          write_submission_zip)
@@ -51,26 +52,6 @@ CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pth.tar")
 # Command line
 
 
-def _threshold(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
-    if not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise argparse.ArgumentTypeError(f"must be in [0, 1] (reuse iff p_reuse > TH; 1 never reuses), got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="evaluate.py",
@@ -93,12 +74,12 @@ def get_parser() -> argparse.ArgumentParser:
                    help="backbone weights: 'imagenet' (torchvision IMAGENET1K_V1, downloaded once and cached), "
                         "a path to a torchvision ResNet state dict, or 'random' (tests only: meaningless "
                         "results) (default: imagenet)")
-    g.add_argument("--num-aug", type=_positive_int, default=5,
+    g.add_argument("--num-aug", type=int_at_least(1), default=5,
                    help="first-frame augmentations for the target model, the original included; 1 = none "
                         "(default: 5)")
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="fewer target-model optimizer steps, as upstream always evaluated (default: --fast)")
-    g.add_argument("--TH", "--tau", dest="TH", type=_threshold, default=0.7, metavar="TH",
+    g.add_argument("--TH", "--tau", dest="TH", type=threshold, default=0.7, metavar="TH",
                    help="reuse-gate threshold tau in [0, 1]: an object reuses the previous result when its "
                         "reuse probability exceeds TH; 1.0 never reuses (plain FRTM) (default: 0.7)")
     g.add_argument("--seed", type=int, default=0,
@@ -135,35 +116,6 @@ def get_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------
 # Resolution of paths, device and data
-
-
-def resolve_device(dev: Optional[str]) -> tuple[torch.device, str]:
-    """(device, description). Default: cuda:0 if available, else cpu."""
-    if dev is None or dev == "auto":
-        if torch.cuda.is_available():
-            dev, why = "cuda:0", "default: CUDA available"
-        else:
-            dev, why = "cpu", "default: CUDA not available"
-    else:
-        why = "--dev"
-    try:
-        device = torch.device(dev)
-    except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"--dev {dev!r} is not a device ({exc}); use e.g. cuda:0 or cpu") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--dev {dev}: CUDA is not available on this machine (torch {torch.__version__}); "
-                             f"use --dev cpu")
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index >= torch.cuda.device_count():
-            raise ValueError(f"--dev {dev}: only {torch.cuda.device_count()} CUDA device(s) here")
-        device = torch.device("cuda", index)
-        name = torch.cuda.get_device_name(index)
-    elif device.type == "cpu":
-        name = f"CPU, {torch.get_num_threads()} threads"
-    else:
-        name = device.type
-    return device, f"{device} ({name}; {why})"
 
 
 def resolve_model(model: Optional[str], models_dir: Path) -> Path:
@@ -442,11 +394,4 @@ def _nan_for_none(value):
 
 
 if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted (finished sequences are kept; continue with --resume)", file=sys.stderr)
-        sys.exit(130)
+    run(main, get_parser(), interrupted="interrupted (finished sequences are kept; continue with --resume)")

@@ -11,45 +11,15 @@ masks whose size differs from the frame's (same aspect ratio) are resized (neare
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Optional
 
+from lib.cli import int_at_least, number_in, positive_float, run
 from lib.palette import read_image, read_label_png
 from lib.video_io import natural_key, resize_labels, same_aspect
 from lib.visualize import GIF_MAX_WIDTH, load_timeline, save_timeline_png, write_overlays
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def _alpha(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text!r}")
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
-    return value
-
-
-def _width(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer number of pixels, got {text!r}")
-    if value < 16:
-        raise argparse.ArgumentTypeError(f"must be at least 16 pixels, got {value}")
-    return value
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -70,11 +40,11 @@ def get_parser() -> argparse.ArgumentParser:
                         help="write <seq>/overlay.mp4 (default: on)")
     parser.add_argument("--timeline", action=argparse.BooleanOptionalAction, default=True,
                         help="write <seq>/timeline.png where <seq>/timeline.json exists (default: on)")
-    parser.add_argument("--fps-out", type=_positive_float, default=10.0,
+    parser.add_argument("--fps-out", type=positive_float, default=10.0,
                         help="frame rate of the MP4 and GIF (default 10)")
-    parser.add_argument("--alpha", type=_alpha, default=0.5,
+    parser.add_argument("--alpha", type=number_in(0.0, 1.0), default=0.5,
                         help="opacity of the object colours, 0..1 (default 0.5)")
-    parser.add_argument("--gif-width", type=_width, default=GIF_MAX_WIDTH,
+    parser.add_argument("--gif-width", type=int_at_least(16), default=GIF_MAX_WIDTH,
                         help=f"maximum GIF width in pixels, wider frames are scaled down (default {GIF_MAX_WIDTH})")
     return parser
 
@@ -169,8 +139,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(get_parser().parse_args())
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run(main, get_parser())

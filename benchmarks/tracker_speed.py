@@ -11,7 +11,6 @@ the same kind of 2-core CPU machine (issue #2). Random weights: speed does not d
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch

@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+
 
 import torch
 
