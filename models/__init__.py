@@ -6,8 +6,6 @@
 """
 from __future__ import annotations
 
-
-
 import torch
 
 from .backbone import Backbone, BackboneWeights
