@@ -82,10 +82,11 @@ def resolve_device(dev: Optional[str]) -> tuple[torch.device, str]:
 def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
         interrupted: str = "interrupted") -> None:
     """Parse the command line and run main(args): a FileNotFoundError / ValueError becomes one
-    `error: ...` line on stderr and exit status 2 (no traceback); Ctrl-C exits 130."""
+    `error: ...` line on stderr and exit status 2 (no traceback); Ctrl-C exits 130.
+    (FloatingPointError: training stopped on a non-finite loss.)"""
     try:
         main(parser.parse_args())
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -11,6 +11,8 @@ import torchvision
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .network import BACKBONE_CHANNELS
+
 BackboneWeights = Union[str, os.PathLike, Mapping[str, torch.Tensor], None]
 
 _TORCHVISION = {
@@ -76,6 +78,7 @@ class Backbone(nn.Module):
         if name not in _TORCHVISION:
             raise ValueError(f"unknown backbone {name!r}: use resnet18 or resnet101 (--ftext)")
         self.name = name
+        self.channels = BACKBONE_CHANNELS[name]  # per level, layer1 .. layer5
         self.resnet = _TORCHVISION[name][0](weights=None)
         state = load_backbone_state_dict(name, weights, seed)
         if state is not None:
