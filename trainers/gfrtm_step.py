@@ -73,7 +73,23 @@ class GFRTMStep(nn.Module):
         """images: T tensors (B, 3, H, W) 0..255; labels: T tensors (B, 1, H, W) 0/1; frame 0 is
         each sample's reference frame. target_models: B trained target models (frozen).
         Returns the sum over frames 1.. of (segmentation + delta + gate) losses, per-frame
-        averages of each in `stats`, and tensors for logging in `visuals`."""
+        averages of each in `stats`, and tensors of frame 1 for logging in `visuals`.
+        (Upstream called backward once per frame; one backward of the sum gives the same gradients.)"""
+        total, sums, visuals, n = 0.0, {}, {}, 0
+        for loss, stats, frame_visuals in self.frame_losses(images, labels, target_models, epoch):
+            total = total + loss
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            visuals = visuals or frame_visuals
+            n += 1
+        stats = {k: v / n for k, v in sums.items()}
+        stats["loss"] = stats["loss_seg"] + stats["loss_diff"] + stats["loss_gp"]
+        stats["margin"] = self.gate_loss.margin(epoch)
+        return total, stats, visuals
+
+    def frame_losses(self, images: list[torch.Tensor], labels: list[torch.Tensor],
+                     target_models: list[TargetModel], epoch: int):
+        """Yields per frame t >= 1: (loss_t, stats_t, visuals_t); see loss()."""
         net = self.network
         size = images[0].shape[-2:]
         with torch.no_grad():
@@ -89,9 +105,6 @@ class GFRTMStep(nn.Module):
         prev_features = first
         ref_mask = first_mask  # mask of the last frame whose gate computed
 
-        total = 0.0
-        sums = {"loss_seg": 0.0, "loss_diff": 0.0, "loss_gp": 0.0, "accuracy": 0.0, "reuse_rate": 0.0}
-        visuals = {}
         margin = self.gate_loss.margin(epoch)
         for t in range(1, len(images)):
             mask = labels[t].float()
@@ -123,27 +136,16 @@ class GFRTMStep(nn.Module):
             loss_gate = F.mse_loss(F.relu((probs - target).abs() - self.gate_loss.m2), torch.zeros_like(target))
             loss_seg = F.binary_cross_entropy(prob, mask)
             loss_diff = F.mse_loss(delta, _resize(mask, (h16, w16)) - prev_score)
-            total = total + loss_seg + loss_diff + loss_gate
-
-            sums["loss_seg"] += loss_seg.item()
-            sums["loss_diff"] += loss_diff.item()
-            sums["loss_gp"] += loss_gate.item()
-            sums["accuracy"] += mask_iou(prob.detach(), mask).mean().item()
-            sums["reuse_rate"] += reuse.float().mean().item()
+            stats = {"loss_seg": loss_seg.item(), "loss_diff": loss_diff.item(), "loss_gp": loss_gate.item(),
+                     "accuracy": mask_iou(prob.detach(), mask).mean().item(), "reuse_rate": reuse.float().mean().item()}
+            visuals = {"frame": images[t][:1], "mask": mask[:1], "prediction": prob.detach()[:1],
+                       "delta": delta.detach()[:1]}
+            yield loss_seg + loss_diff + loss_gate, stats, visuals
 
             prev_score = deep_score.detach()
             prev_features = mixed
             g = gate.detach().view(-1, 1, 1, 1)
             ref_mask = g * ref_mask + (1 - g) * mask
-            if t == 1:
-                visuals = {"frame": images[t][:1], "mask": mask[:1], "prediction": prob.detach()[:1],
-                           "delta": delta.detach()[:1]}
-
-        n = len(images) - 1
-        stats = {k: v / n for k, v in sums.items()}
-        stats["loss"] = stats["loss_seg"] + stats["loss_diff"] + stats["loss_gp"]
-        stats["margin"] = margin
-        return total, stats, visuals
 
     @staticmethod
     def _target_scores(target_models: list[TargetModel], layer4: torch.Tensor) -> torch.Tensor:
