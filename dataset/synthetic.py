@@ -313,20 +313,32 @@ def _parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def main(argv: Optional[SequenceType[str]] = None) -> None:
+def _objects(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer between 1 and 254, got {text!r}")
+    if not 1 <= value <= 254:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 254, got {value}")
+    return value
+
+
+def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Write a seeded synthetic VOS data set.")
     parser.add_argument("--out", required=True, type=Path, help="output root directory")
-    parser.add_argument("--layout", required=True, choices=("davis", "ytvos"))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", required=True, choices=("davis", "ytvos"),
+                        help="davis: the DAVIS 2017 layout; ytvos: the YouTube-VOS 2018 layout")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the content (default 0)")
     parser.add_argument("--sequences", type=int, default=3, help="number of val sequences")
     parser.add_argument("--train-sequences", type=int, default=2, help="number of train sequences")
     parser.add_argument("--frames", type=int, default=None,
                         help="frames per sequence (default 12 for davis, 26 for ytvos)")
     parser.add_argument("--size", type=_parse_size, default=(120, 216), help="HxW, default 120x216")
-    parser.add_argument("--objects", type=int, default=2, help="objects per sequence")
-    args = parser.parse_args(argv)
-    if args.objects < 1 or args.objects > 254:
-        parser.error("--objects must be between 1 and 254")
+    parser.add_argument("--objects", type=_objects, default=2, help="objects per sequence (1..254)")
+    return parser
+
+
+def main(args: argparse.Namespace) -> None:
     if args.layout == "davis":
         names = make_davis_like(args.out, args.sequences, args.frames or 12, args.size, args.objects,
                                 args.seed, num_train_sequences=args.train_sequences)
@@ -338,4 +350,4 @@ def main(argv: Optional[SequenceType[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(get_parser().parse_args())

@@ -10,7 +10,8 @@ from PIL import Image
 
 from dataset.davis import DAVISDataset, davis_split, list_davis_sequences
 from dataset.sequence import Sequence
-from dataset.synthetic import main as synthetic_main
+from dataset.synthetic import get_parser as synthetic_parser
+from dataset.synthetic import main as run_synthetic
 from dataset.synthetic import make_davis_like, make_ytvos_like, render_sequence
 from dataset.ytvos import YouTubeVOSDataset, valid_frame_names
 from lib.palette import DAVIS_PALETTE, read_image, read_label_png, write_label_png
@@ -310,6 +311,10 @@ def test_ytvos_errors(synth_ytvos, tmp_path, monkeypatch):
         YouTubeVOSDataset(broken, "valid")
 
 
+def synthetic_main(argv):
+    run_synthetic(synthetic_parser().parse_args(argv))
+
+
 def test_synthetic_cli(tmp_path):
     synthetic_main(["--out", str(tmp_path / "d"), "--layout", "davis", "--sequences", "1",
                     "--train-sequences", "0", "--frames", "3", "--size", "32x48", "--seed", "2"])
@@ -321,3 +326,5 @@ def test_synthetic_cli(tmp_path):
     assert seq.obj_ids == [1, 2, 3] and len(seq) == 3
     with pytest.raises(SystemExit):
         synthetic_main(["--out", str(tmp_path / "z"), "--layout", "davis", "--size", "big"])
+    with pytest.raises(SystemExit):
+        synthetic_main(["--out", str(tmp_path / "z"), "--layout", "davis", "--objects", "0"])
