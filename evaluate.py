@@ -24,7 +24,8 @@ from dataset.davis import DAVISDataset, list_davis_sequences, resolve_davis_root
 from dataset.ytvos import YouTubeVOSDataset, resolve_ytvos_root, valid_frame_names
 from lib.metrics import format_table, write_results
 from lib.cli import int_at_least, resolve_device, run, threshold
-from lib.results import (SequenceWriter, TrackingStats, check_ground_truth, evaluate_results_dir, json_safe,
+from lib.metrics import json_safe
+from lib.results import (SequenceWriter, TrackingStats, check_ground_truth, evaluate_results_dir,
                          read_sequence_stats, results_dir, sequence_complete, summarize_tracking, write_json,
                          write_submission_zip)
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
-from dataset.sequence import VOID_LABEL, Sequence
+from dataset.sequence import VOID_LABEL, Sequence, SequenceList
 from lib.palette import read_label_png
 
 ROOT_HINT = "set the DAVIS root with --davis-root or the DAVIS_ROOT environment variable"
@@ -85,7 +85,7 @@ def davis_split(root: Optional[str | os.PathLike], year: str = "2017",
     return [davis_sequence_files(root, name) for name in list_davis_sequences(root, year, split)]
 
 
-class DAVISDataset:
+class DAVISDataset(SequenceList):
     """DAVIS sequences of one split, as Sequence objects (built when accessed).
 
     year "2016": all objects merged into one (id 1); "2017": the objects are the ids present
@@ -115,16 +115,6 @@ class DAVISDataset:
                     f"{self.root / sub / '480p' / missing[0]} (missing: {', '.join(missing[:5])}"
                     f"{', ...' if len(missing) > 5 else ''}; {ROOT_HINT})")
         self.sequence_names = names
-
-    def __len__(self) -> int:
-        return len(self.sequence_names)
-
-    def __iter__(self) -> Iterator[Sequence]:
-        for name in self.sequence_names:
-            yield self.sequence(name)
-
-    def __getitem__(self, index: int) -> Sequence:
-        return self.sequence(self.sequence_names[index])
 
     def sequence(self, name: str) -> Sequence:
         files = davis_sequence_files(self.root, name)

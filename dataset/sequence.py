@@ -144,3 +144,22 @@ class Sequence:
         prefix = f"{self.dataset}: " if self.dataset else ""
         return (f"{prefix}{self.name}: {len(self)} frames, {self.size[0]}x{self.size[1]}, "
                 f"objects {self.obj_ids}")
+
+
+class SequenceList:
+    """Base of the data sets: `sequence_names`, and `sequence(name)` building a Sequence."""
+
+    sequence_names: list[str]
+
+    def sequence(self, name: str) -> Sequence:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.sequence_names)
+
+    def __iter__(self):
+        for name in self.sequence_names:
+            yield self.sequence(name)
+
+    def __getitem__(self, index: int) -> Sequence:
+        return self.sequence(self.sequence_names[index])

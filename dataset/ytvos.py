@@ -23,9 +23,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
-from dataset.sequence import Sequence
+from dataset.sequence import Sequence, SequenceList
 
 ROOT_HINT = "set the YouTube-VOS root with --ytvos-root or the YTVOS_ROOT environment variable"
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
@@ -84,7 +84,7 @@ def valid_frame_names(root: Optional[str | os.PathLike], video: str) -> list[str
     return sorted(p.stem for p in image_dir.glob("*.jpg"))
 
 
-class YouTubeVOSDataset:
+class YouTubeVOSDataset(SequenceList):
     """YouTube-VOS 2018 sequences of one split, as Sequence objects (built when accessed).
 
     split_file overrides the default sequence list of jjval / jjtrain; for valid splits it
@@ -131,16 +131,6 @@ class YouTubeVOSDataset:
                     f"{', ...' if len(missing) > 5 else ''}; {ROOT_HINT}; for a different "
                     f"video list pass split_file)")
         self.sequence_names = names
-
-    def __len__(self) -> int:
-        return len(self.sequence_names)
-
-    def __iter__(self) -> Iterator[Sequence]:
-        for name in self.sequence_names:
-            yield self.sequence(name)
-
-    def __getitem__(self, index: int) -> Sequence:
-        return self.sequence(self.sequence_names[index])
 
     def start_frames(self, name: str) -> dict[int, str]:
         """Object id -> first frame name, from meta.json."""

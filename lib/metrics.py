@@ -275,17 +275,21 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(value):
-    """NaN -> None (null) recursively, dict keys to str, so the JSON file is strict JSON."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+def json_safe(value):
+    """NaN / inf -> None, dict keys -> str, numpy scalars and paths -> plain values, recursively."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
     if isinstance(value, (float, np.floating)):
-        return None if math.isnan(value) else float(value)
+        return float(value) if math.isfinite(value) else None
     if isinstance(value, np.integer):
         return int(value)
-    return value
+    if isinstance(value, (int, str)) or value is None:
+        return value
+    return str(value)
 
 
 def write_results(results: dict, out_dir: str | os.PathLike) -> None:
@@ -296,7 +300,7 @@ def write_results(results: dict, out_dir: str | os.PathLike) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    text = json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n"
+    text = json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n"
     atomic_write_bytes(out_dir / "results.json", text.encode("utf-8"))
 
     buffer = io.StringIO()

@@ -31,7 +31,7 @@ from typing import Iterable, Mapping, Optional, Sequence as SequenceType
 
 import numpy as np
 
-from lib.metrics import evaluate_results, evaluate_sequence
+from lib.metrics import evaluate_results, evaluate_sequence, json_safe
 from lib.palette import atomic_write_bytes, read_label_png, write_label_png
 
 RESULT_SUBDIR = "result"
@@ -403,23 +403,6 @@ def write_submission_zip(results_directory: str | os.PathLike, videos: Mapping[s
 
 # ---------------------------------------------------------------------------------------------
 # JSON
-
-
-def json_safe(value):
-    """NaN / inf -> None, dict keys -> str, numpy scalars and paths -> plain values, recursively."""
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, (int, str)) or value is None:
-        return value
-    return str(value)
 
 
 def _json_bytes(data) -> bytes:
