@@ -194,3 +194,22 @@ def test_target_model_cache_hits_and_retrains_corrupt_entries(tmp_path, caplog):
     path.write_bytes(b"truncated")
     cache.get("seq", 3, 1, image, mask)
     assert cache.misses == 2 and "retraining" in caplog.text
+
+
+def test_youtube_vos_training_source(tmp_path):
+    """jjtrain-style training data in the YouTube-VOS layout (every 5th frame annotated)."""
+    from dataset.synthetic import make_ytvos_like
+
+    make_ytvos_like(tmp_path / "yt", num_sequences=1, num_frames=40, size=(64, 112), num_objects=2, seed=0,
+                    num_train_sequences=2)
+    sources = build_sources("ytvos2018", None, str(tmp_path / "yt"), tmp_path / "cache",
+                            ytvos_split_file=str(tmp_path / "yt" / "ytvos_jjtrain.txt"))
+    assert sources[0].name == "ytvos2018" and len(sources[0].objects) >= 2
+    specs = epoch_samples(sources, 0, 1, 6)
+    images, labels, index = TrainingSamples(sources, specs, (64, 112))[0]
+    assert images.shape == (6, 3, 64, 112) and labels.shape == (6, 1, 64, 112) and index == 0
+    assert labels[0].sum() > 0  # the reference frame shows the object
+    assert set(labels.unique().tolist()) <= {0, 1}
+    # Samples are drawn per epoch from --seed: the same epoch gives the same samples.
+    assert [s.frames for s in epoch_samples(sources, 0, 1, 6)] == [s.frames for s in specs]
+    assert [s.frames for s in epoch_samples(sources, 0, 2, 6)] != [s.frames for s in specs]
