@@ -1,9 +1,20 @@
 """Training samples (SPEC §8): one object of one sequence, the first frame where the object is
-visible and `sample_size - 1` other frames drawn at random (unsorted, as upstream).
+visible (the reference frame) and `sample_size - 1` other frames of the sequence drawn at random
+(unsorted, as upstream).
 
-Sources: DAVIS 2017 train, YouTube-VOS 2018 jjtrain, and the synthetic DAVIS-layout data.
-Per-object visibility comes from label pixel counts, computed once and cached as JSON in a
-writable cache directory (never inside the package).
+Sources: DAVIS 2017 train, YouTube-VOS 2018 jjtrain, and synthetic DAVIS-layout data.
+Per-object visibility comes from label pixel counts, computed once per data set and training
+size and cached as JSON in a writable cache directory (never inside the package):
+
+* YouTube-VOS: visible = at least 100 pixels;
+* DAVIS: at least 100 pixels and, except in a few sequences, at least a fraction (usually 1/4)
+  of the object's largest pixel count in the sequence, with upstream's per-sequence exceptions;
+* in addition a reference frame must keep some of the object after resizing to the training
+  size (otherwise its target model could not be trained).
+
+Problems found when the sources are built (missing sequences, sequences too short for a
+sample, objects never visible) are logged and skipped; a source left with nothing is an error.
+An unreadable frame met during an epoch is logged and the sample replaced by another one.
 """
 from __future__ import annotations
 
@@ -30,15 +41,26 @@ from .ytvos import read_sequence_list, resolve_ytvos_root
 log = logging.getLogger(__name__)
 
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
-MIN_VISIBLE_PIXELS = 100  # hard minimum for an object to count as visible in a frame
+SAMPLE_SIZE = 6  # frames per sample (upstream N_seq): the reference frame and 5 others
+MIN_VISIBLE_PIXELS = 100  # hard minimum (at the label's own resolution) for an object to be visible
+DAVIS_SAMPLES_PER_OBJECT = 8  # DAVIS: samples per object and epoch
+YTVOS_SAMPLES_PER_EPOCH = 4000  # YouTube-VOS: (video, object) pairs drawn per epoch
 
-# Upstream's DAVIS 2017 train visibility rules: an object is occluded in a frame when its pixel
-# count falls under a fraction of its maximum over the sequence (default 0.25), except in these
-# sequences.
-DAVIS_NEVER_OCCLUDED = {"bus", "car-turn", "drift-turn", "kid-football", "koala", "mallard-fly", "motocross-bumps",
-                        "motorbike", "rallye", "snowboard", "train", "upside-down"}
+# Upstream's DAVIS 2017 train visibility rules. An object counts as occluded in a frame where its
+# pixel count falls under a fraction of its largest count in the sequence (default 1/4) ...
 DAVIS_OCCLUSION_FRACTION = {"bmx-bumps": 0.5, "disk-jockey": 0.5, "boxing-fisheye": 0.2, "cat-girl": 0.2,
                             "dog-gooses": 0.2, "tractor-sand": 0.1, "drone": 0.1}
+DEFAULT_OCCLUSION_FRACTION = 0.25
+# ... except in these sequences, where only the hard minimum applies ...
+DAVIS_NEVER_OCCLUDED = {"bus", "car-turn", "drift-turn", "kid-football", "koala", "mallard-fly", "motocross-bumps",
+                        "motorbike", "rallye", "snowboard", "train", "upside-down"}
+# ... and in these frame ranges (start, stop) of these objects (None: every object), where the
+# fraction rule is lifted as well.
+DAVIS_FRACTION_RULE_LIFTED = {
+    "classic-car": [((0, 56), None)],
+    "drone": [((0, 17), 1), ((24, 60), 1)],  # the red quadcopter
+    "night-race": [((0, 29), None), ((0, None), 2)],  # the green car
+}
 
 
 @dataclass
@@ -54,106 +76,176 @@ class SampleSpec:
         return f"{self.sequence}/object {self.object_id}/frames {[frame_names[f] for f in self.frames]}"
 
 
-class TrainingSource:
-    """Sequences of one data set with per-frame object visibility."""
+def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label map (H x W, uint8) to size (h, w), as upstream (torch's
+    'nearest'); the same function is used for visibility and for the samples."""
+    if label.shape == tuple(size):
+        return label
+    t = torch.from_numpy(np.ascontiguousarray(label)).float()[None, None]
+    return F.interpolate(t, size, mode="nearest")[0, 0].to(torch.uint8).numpy()
 
-    def __init__(self, name: str, image_dir: Path, label_dir: Path, sequences: Sequence[str],
-                 cache_dir: Path, min_length: int, samples_per_epoch: int = 0, repeats: int = 1,
-                 relative_occlusion: bool = False):
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an RGB frame to size (h, w). Upstream meant INTER_AREA / INTER_CUBIC but
+    passed them as cv2.resize's `dst` argument, so it resized bilinearly; so do we."""
+    h, w = size
+    if image.shape[:2] == (h, w):
+        return image
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def davis_visibility(sequence: str, counts: np.ndarray) -> np.ndarray:
+    """Upstream's DAVIS visibility (frames x ids, bool) from pixel counts (frames x ids)."""
+    fraction_ok = np.ones(counts.shape, dtype=bool)
+    if sequence not in DAVIS_NEVER_OCCLUDED:
+        fraction = DAVIS_OCCLUSION_FRACTION.get(sequence, DEFAULT_OCCLUSION_FRACTION)
+        peak = counts.max(axis=0)
+        fraction_ok = (counts / (peak + 0.001) >= fraction) & (peak > 0)
+    for (start, stop), obj in DAVIS_FRACTION_RULE_LIFTED.get(sequence, ()):
+        if obj is None:
+            fraction_ok[start:stop, :] = True
+        elif obj < counts.shape[1]:
+            fraction_ok[start:stop, obj] = True
+    return fraction_ok & (counts >= MIN_VISIBLE_PIXELS)
+
+
+def plain_visibility(sequence: str, counts: np.ndarray) -> np.ndarray:
+    """YouTube-VOS (and synthetic) visibility: at least MIN_VISIBLE_PIXELS pixels."""
+    return counts >= MIN_VISIBLE_PIXELS
+
+
+class TrainingSource:
+    """Sequences of one data set with per-frame object visibility.
+
+    `objects` lists the (sequence, object id) pairs that can be sampled; `reference[seq]`
+    (frames x ids, bool) marks the frames that can be an object's reference frame.
+    """
+
+    def __init__(self, name: str, image_dir: Path, label_dir: Path, sequences: Sequence[str], cache_dir: Path,
+                 size: tuple[int, int], min_length: int, visibility=plain_visibility,
+                 samples_per_epoch: int = 0, repeats: int = 1):
         self.name = name
-        self.image_dir = image_dir
-        self.label_dir = label_dir
+        self.image_dir = Path(image_dir)
+        self.label_dir = Path(label_dir)
+        self.size = tuple(size)
         self.samples_per_epoch = samples_per_epoch
         self.repeats = repeats
         self.frame_names: dict[str, list[str]] = {}
-        self.visible: dict[str, np.ndarray] = {}  # (frames, max id + 1) bool
-        counts = self._pixel_counts(sequences, cache_dir)
-        for seq in sequences:
-            names, px = counts[seq]["frames"], np.asarray(counts[seq]["counts"], dtype=np.float64)
+        self.reference: dict[str, np.ndarray] = {}
+
+        missing = [s for s in sequences if not (self.label_dir / s).is_dir() or not (self.image_dir / s).is_dir()]
+        if missing:
+            if len(missing) == len(sequences):
+                raise FileNotFoundError(f"{name}: none of the {len(sequences)} listed sequences has frames and "
+                                        f"annotations under {self.image_dir} and {self.label_dir} "
+                                        f"(e.g. {missing[0]!r}); check the data-set root")
+            log.warning("%s: skipping %d of %d sequences without frames or annotations, e.g. %s",
+                        name, len(missing), len(sequences), missing[:3])
+        present = [s for s in sequences if s not in set(missing)]
+
+        counts = self._pixel_counts(present, Path(cache_dir))
+        short, never = [], 0
+        for seq in present:
+            names = counts[seq]["frames"]
             if len(names) < min_length:
-                log.warning("%s: skipping %s, %d annotated frames < %d", name, seq, len(names), min_length)
+                short.append(seq)
                 continue
+            original = np.asarray(counts[seq]["counts"], dtype=np.float64)
+            resized = np.asarray(counts[seq]["resized"], dtype=np.float64)
+            reference = visibility(seq, original) & (resized > 0)
+            reference[:, 0] = False  # background
             self.frame_names[seq] = names
-            self.visible[seq] = self._visibility(seq, px, relative_occlusion)
-        self.objects = [(seq, int(obj)) for seq, vis in self.visible.items()
-                        for obj in np.nonzero(vis[:, 1:].any(axis=0))[0] + 1]
+            self.reference[seq] = reference
+            never += int((original[:, 1:].max(axis=0) > 0).sum() - reference[:, 1:].any(axis=0).sum())
+        if short:
+            log.warning("%s: skipping %d sequences with fewer than %d annotated frames, e.g. %s",
+                        name, len(short), min_length, short[:3])
+        if never:
+            log.info("%s: skipping %d objects that are never visible enough to be a reference", name, never)
+        self.objects = [(seq, int(obj)) for seq, ref in self.reference.items()
+                        for obj in np.nonzero(ref.any(axis=0))[0]]
         if not self.objects:
             raise ValueError(f"{name}: no sequence with a visible object and >= {min_length} annotated frames "
-                             f"under {label_dir}")
+                             f"under {self.label_dir}")
 
     def _pixel_counts(self, sequences: Sequence[str], cache_dir: Path) -> dict:
-        """{seq: {"frames": [stem...], "counts": [[pixels of id 0, 1, ...] per frame]}}, cached."""
-        key = hashlib.sha1(json.dumps([str(self.label_dir.resolve()), sorted(sequences)]).encode()).hexdigest()[:12]
-        cache = Path(cache_dir) / f"{self.name}_pixel_counts_{key}.json"
+        """{seq: {"frames": [stem...], "counts": [[pixels of id 0, 1, ...] per frame],
+        "resized": the same at the training size}}, cached in cache_dir."""
+        h, w = self.size
+        key = hashlib.sha1(json.dumps([str(self.label_dir.resolve()), sorted(sequences), [h, w]]).encode())
+        cache = cache_dir / f"{self.name}_pixel_counts_{h}x{w}_{key.hexdigest()[:12]}.json"
         if cache.is_file():
             try:
                 data = json.loads(cache.read_text())
                 if set(sequences) <= set(data):
                     return data
-            except (json.JSONDecodeError, OSError) as exc:
+            except (json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
                 log.warning("unreadable visibility cache %s (%s): recomputing", cache, exc)
         data = {}
         for seq in tqdm(sequences, desc=f"{self.name}: object visibility", unit="seq"):
-            seq_dir = self.label_dir / seq
-            paths = sorted(seq_dir.glob("*.png"))
-            if not paths:
-                raise FileNotFoundError(f"{self.name}: no annotations in {seq_dir}")
-            rows = []
+            paths = sorted((self.label_dir / seq).glob("*.png"))
+            original, resized = [], []
             for p in paths:
-                rows.append(np.bincount(read_label_png(p).ravel(), minlength=1).tolist())
-            width = max(len(r) for r in rows)
-            data[seq] = {"frames": [p.stem for p in paths], "counts": [r + [0] * (width - len(r)) for r in rows]}
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(cache, json.dumps(data).encode())
+                label = read_label_png(p)
+                original.append(np.bincount(label.ravel(), minlength=1).tolist())
+                resized.append(np.bincount(resize_label(label, self.size).ravel(), minlength=1).tolist())
+            width = max([len(r) for r in original] or [1])
+            data[seq] = {"frames": [p.stem for p in paths],
+                         "counts": [r + [0] * (width - len(r)) for r in original],
+                         "resized": [r + [0] * (width - len(r)) for r in resized]}
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(cache, json.dumps(data).encode())
+        except OSError as exc:
+            log.warning("could not write the visibility cache %s (%s); it will be recomputed next time", cache, exc)
         return data
 
-    @staticmethod
-    def _visibility(seq: str, px: np.ndarray, relative: bool) -> np.ndarray:
-        visible = px >= MIN_VISIBLE_PIXELS
-        if relative and seq not in DAVIS_NEVER_OCCLUDED:
-            fraction = DAVIS_OCCLUSION_FRACTION.get(seq, 0.25)
-            peak = px.max(axis=0)
-            visible &= (px / (peak + 0.001) >= fraction) & (peak > 0)
-        visible[:, 0] = False
-        return visible
-
     def sample(self, rng: np.random.Generator, sample_size: int, source_index: int) -> list[SampleSpec]:
-        """The samples of one epoch."""
+        """The samples of one epoch: per (sequence, object) pair (all of them, or
+        `samples_per_epoch` drawn without replacement) `repeats` samples."""
         objects = self.objects
-        if self.samples_per_epoch > 0:
-            n = min(self.samples_per_epoch, len(objects))
-            objects = [objects[i] for i in rng.choice(len(objects), size=n, replace=False)]
+        if 0 < self.samples_per_epoch < len(objects):
+            objects = [objects[i] for i in rng.choice(len(objects), size=self.samples_per_epoch, replace=False)]
         specs = []
         for seq, obj in objects:
             length = len(self.frame_names[seq])
             for _ in range(self.repeats):
-                first = int(rng.choice(np.nonzero(self.visible[seq][:, obj])[0]))
+                first = int(rng.choice(np.nonzero(self.reference[seq][:, obj])[0]))
                 others = np.delete(np.arange(length), first)
-                picked = rng.choice(others, size=min(sample_size, len(others)), replace=False).tolist()
-                specs.append(SampleSpec(source_index, seq, obj, [first] + picked[1:]))
+                picked = rng.choice(others, size=sample_size - 1, replace=False)
+                specs.append(SampleSpec(source_index, seq, obj, [first, *(int(f) for f in picked)]))
         return specs
 
 
 def build_sources(dset: str, davis_root: Optional[str], ytvos_root: Optional[str], cache_dir: Path,
-                  sample_size: int = 6, ytvos_split_file: Optional[str] = None) -> list[TrainingSource]:
-    """Sources for --dset: dv2017 | ytvos2018 (alias yt2018) | all (both) | synthetic
-    (a DAVIS-layout root, e.g. written by dataset.synthetic, given as davis_root)."""
+                  size: tuple[int, int] = (480, 854), sample_size: int = SAMPLE_SIZE,
+                  ytvos_split_file: Optional[str] = None) -> list[TrainingSource]:
+    """Sources for --dset: dv2017 | ytvos2018 (alias yt2018) | all (both) | synthetic (a
+    DAVIS-layout root, e.g. written by dataset.synthetic, given as davis_root; visibility by the
+    pixel minimum only)."""
+    if sample_size < 2:
+        raise ValueError(f"a sample needs at least 2 frames, got {sample_size}")
     sources = []
     if dset in ("dv2017", "all", "synthetic"):
         root = resolve_davis_root(davis_root)
         seqs = list_davis_sequences(root, "2017", "train")
-        sources.append(TrainingSource("davis" if dset != "synthetic" else "synthetic", root / "JPEGImages" / "480p",
-                                      root / "Annotations" / "480p", seqs, cache_dir, min_length=4,
-                                      repeats=8, relative_occlusion=dset != "synthetic"))
+        # Upstream: sequences of at least 4 frames; a sample needs sample_size + 1 (see sample()).
+        sources.append(TrainingSource(
+            "davis" if dset != "synthetic" else "synthetic", root / "JPEGImages" / "480p", root / "Annotations" / "480p",
+            seqs, cache_dir, size, min_length=max(4, sample_size + 1),
+            visibility=davis_visibility if dset != "synthetic" else plain_visibility,
+            repeats=DAVIS_SAMPLES_PER_OBJECT))
     if dset in ("ytvos2018", "yt2018", "all"):
         root = resolve_ytvos_root(ytvos_root)
-        seqs = read_sequence_list(ytvos_split_file or SPLITS_DIR / "ytvos_jjtrain.txt")
-        missing = [s for s in seqs if not (root / "train" / "Annotations" / s).is_dir()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} jjtrain videos are missing under {root / 'train' / 'Annotations'}, "
-                                    f"e.g. {missing[0]!r} (--ytvos-root / $YTVOS_ROOT, --ytvos-split-file)")
-        sources.append(TrainingSource("ytvos2018", root / "train" / "JPEGImages", root / "train" / "Annotations",
-                                      seqs, cache_dir, min_length=sample_size + 2, samples_per_epoch=4000))
+        split_file = Path(ytvos_split_file) if ytvos_split_file else SPLITS_DIR / "ytvos_jjtrain.txt"
+        seqs = read_sequence_list(split_file)
+        annotations = root / "train" / "Annotations"
+        if not any((annotations / s).is_dir() for s in seqs):
+            raise FileNotFoundError(f"all {len(seqs)} jjtrain videos are missing under {annotations}, "
+                                    f"e.g. {seqs[0]!r} (--ytvos-root / $YTVOS_ROOT, --ytvos-split-file {split_file})")
+        sources.append(TrainingSource("ytvos2018", root / "train" / "JPEGImages", annotations, seqs, cache_dir, size,
+                                      min_length=sample_size + 2, visibility=plain_visibility,
+                                      samples_per_epoch=YTVOS_SAMPLES_PER_EPOCH))
     if not sources:
         raise ValueError(f"unknown --dset {dset!r}: use dv2017, ytvos2018 (yt2018), all or synthetic")
     return sources
@@ -161,12 +253,14 @@ def build_sources(dset: str, davis_root: Optional[str], ytvos_root: Optional[str
 
 class TrainingSamples(Dataset):
     """Samples of one epoch: each item is (images (T, 3, H, W) uint8, labels (T, 1, H, W) uint8
-    with the object as 1, index of the spec)."""
+    with the object as 1, index of the spec actually returned)."""
+
+    MAX_REPLACEMENTS = 10
 
     def __init__(self, sources: Sequence[TrainingSource], specs: Sequence[SampleSpec], size: tuple[int, int]):
         self.sources = list(sources)
         self.specs = list(specs)
-        self.size = size
+        self.size = tuple(size)
 
     def __len__(self) -> int:
         return len(self.specs)
@@ -176,21 +270,27 @@ class TrainingSamples(Dataset):
         return f"{self.sources[spec.source].name}:" + spec.describe(self.sources[spec.source].frame_names[spec.sequence])
 
     def __getitem__(self, index: int):
+        for attempt in range(self.MAX_REPLACEMENTS + 1):
+            i = (index + attempt) % len(self.specs)
+            try:
+                images, labels = self.load(i)
+                return images, labels, i
+            except (OSError, ValueError) as exc:  # a corrupt or vanished file: log, use the next sample
+                log.warning("skipping sample %s: %s", self.describe(i), exc)
+        raise RuntimeError(f"{self.MAX_REPLACEMENTS + 1} samples in a row could not be read, the last: "
+                           f"{self.describe(i)}; check the data set")
+
+    def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         spec = self.specs[index]
         src = self.sources[spec.source]
-        h, w = self.size
         images, labels = [], []
         for f in spec.frames:
             name = src.frame_names[spec.sequence][f]
-            image = read_image(src.image_dir / spec.sequence / f"{name}.jpg")
-            # Upstream meant INTER_AREA / INTER_CUBIC but passed them as cv2.resize's `dst`
-            # argument, so it resized bilinearly; so do we.
-            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-            label = read_label_png(src.label_dir / spec.sequence / f"{name}.png") == spec.object_id
-            label = F.interpolate(torch.from_numpy(label).float()[None, None], (h, w), mode="nearest")
+            image = resize_image(read_image(src.image_dir / spec.sequence / f"{name}.jpg"), self.size)
+            label = resize_label(read_label_png(src.label_dir / spec.sequence / f"{name}.png"), self.size)
             images.append(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))))
-            labels.append(label[0].to(torch.uint8))
-        return torch.stack(images), torch.stack(labels), index
+            labels.append(torch.from_numpy((label == spec.object_id).astype(np.uint8))[None])
+        return torch.stack(images), torch.stack(labels)
 
 
 def epoch_samples(sources: Sequence[TrainingSource], seed: int, epoch: int, sample_size: int) -> list[SampleSpec]:

@@ -1,8 +1,19 @@
 """One G-FRTM training step (SPEC §8), built from the step methods of `models.GFRTM`.
 
-`GFRTMStep.loss(images, labels, target_models, epoch)` returns `(loss, stats, visuals)`; only
-the trainer calls backward, steps, clips and logs. Shapes: B samples, T frames per sample,
-(H, W) the training image size, (h8, w8) / (h16, w16) the stride-8 / stride-16 sizes.
+`GFRTMStep.loss(images, labels, target_models, epoch)` returns `(loss, stats)`; only the trainer
+calls backward, steps, clips and logs. Shapes: B samples, T frames per sample, (H, W) the
+training image size, (h8, w8) / (h16, w16) the stride-8 / stride-16 sizes.
+
+Per later frame t (upstream `model/training_model.py`, in its order):
+1. template matching of frame t against the reference template, with the previous score S_{t-1}
+   resized to stride 8 -> M_t; gate logits and Δ_t from M_t;
+2. straight-through gate: forward the hard one-hot of the argmax, backward the softmax's gradient;
+3. computed samples (gate 0) take this frame's layer4/5 and the target-model score s_t; reused
+   samples (gate 1) the previous frame's (mixed) layer4/5 and S_{t-1} for the deep stages, and
+   S_{t-1} + Δ_t for the shallow stages; `GFRTM.decode_training` mixes both decoder paths;
+4. losses: BCE of the mask, MSE(Δ_t, mask_t at stride 16 - S_{t-1}), gate MSE against
+   (IoU(mask_t, mask_ref), 1 - IoU) with mask_ref the mask of the last computed frame;
+5. S_t = the deep-stage score of step 3; mask_ref moves to mask_t where the gate computed.
 """
 from __future__ import annotations
 
@@ -17,12 +28,15 @@ from models.backbone import Backbone
 from models.network import GFRTM
 from models.target_model import TargetModel
 
+STAT_KEYS = ("loss_seg", "loss_diff", "loss_gp", "accuracy", "reuse_rate")
+
 
 @dataclass
 class GateLossConfig:
     """Reuse-gate loss settings. m1 / margin_epochs give upstream's margin m1 * min(1, epoch /
     margin_epochs), meant as a floor on the IoU target; upstream discarded it (its clamp result
-    was unused), so by default it is only logged. apply_margin=True applies it."""
+    was unused), so by default it is only logged. apply_margin=True applies it. Gate-loss errors
+    below m2 are ignored."""
 
     m1: float = 1.0
     m2: float = 0.0
@@ -34,8 +48,9 @@ class GateLossConfig:
 
 
 def straight_through_gate(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(gate (B, 1): 1 = reuse, forward value the hard argmax, gradient of the softmax's reuse
-    entry; probabilities (B, 2)). No Gumbel noise, as upstream."""
+    """(gate (B, 1): 1 = reuse, forward value the hard argmax, gradient that of the softmax's
+    reuse entry; probabilities (B, 2)). No Gumbel noise, as upstream. The forward values are
+    exactly 0 or 1 ((1 - p) + p == 1 in floating point for p >= 0.5)."""
     probs = torch.softmax(logits, dim=1)
     hard = F.one_hot(probs.argmax(dim=1), 2).to(probs.dtype)
     gate = (hard - probs.detach() + probs)[:, :1]
@@ -51,45 +66,65 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor, empty: float = 1.0) -> torch.Tens
     return torch.nan_to_num(inter / union, nan=empty, posinf=0.0)
 
 
+def gate_target(same: torch.Tensor, margin: float, apply_margin: bool) -> torch.Tensor:
+    """(B,) IoU of the current and reference masks -> gate target (B, 2): (reuse, compute).
+    With apply_margin the reuse target is at least `margin` (upstream computed this floor but
+    discarded it)."""
+    if apply_margin:
+        same = same.clamp(min=margin)
+    return torch.stack([same, 1 - same], dim=1)
+
+
 def _resize(t: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(t, size, mode="bilinear", align_corners=False)
 
 
 class GFRTMStep(nn.Module):
-    """The learnable network with the frozen backbone, for training."""
+    """The learnable network with the frozen backbone, for training.
+
+    After each loss() call `visuals` holds detached tensors of sample 0 for logging: "frame"
+    (T-1, 3, H, W) 0..255, "mask", "prediction" (T-1, 1, H, W) and "delta" (T-1, 1, h16, w16).
+    """
 
     def __init__(self, network: GFRTM, backbone: Backbone, gate_loss: GateLossConfig):
         super().__init__()
         self.network = network
         self.backbone = backbone
         self.gate_loss = gate_loss
+        self.visuals: dict[str, torch.Tensor] = {}
 
     def forward(self, images, labels, target_models, epoch):
         """Same as loss() (DistributedDataParallel calls forward)."""
         return self.loss(images, labels, target_models, epoch)
 
     def loss(self, images: list[torch.Tensor], labels: list[torch.Tensor], target_models: list[TargetModel],
-             epoch: int) -> tuple[torch.Tensor, dict, dict]:
+             epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         """images: T tensors (B, 3, H, W) 0..255; labels: T tensors (B, 1, H, W) 0/1; frame 0 is
-        each sample's reference frame. target_models: B trained target models (frozen).
-        Returns the sum over frames 1.. of (segmentation + delta + gate) losses, per-frame
-        averages of each in `stats`, and tensors of frame 1 for logging in `visuals`.
-        (Upstream called backward once per frame; one backward of the sum gives the same gradients.)"""
-        total, sums, visuals, n = 0.0, {}, {}, 0
+        each sample's reference frame. target_models: B trained (frozen) target models.
+
+        Returns the SUM over frames 1.. of (segmentation + delta + gate) losses, and stats:
+        per-frame averages of loss_seg, loss_diff, loss_gp, accuracy (IoU at 0.5) and
+        reuse_rate, their loss sum `loss`, and `margin`. Upstream called backward once per
+        frame; one backward of the sum gives the same gradients.
+        """
+        total, per_frame, visuals = 0.0, [], []
         for loss, stats, frame_visuals in self.frame_losses(images, labels, target_models, epoch):
             total = total + loss
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            visuals = visuals or frame_visuals
-            n += 1
-        stats = {k: v / n for k, v in sums.items()}
+            per_frame.append(torch.stack([stats[k] for k in STAT_KEYS]))
+            visuals.append(frame_visuals)
+        means = torch.stack(per_frame).mean(dim=0).tolist()  # one device sync per step
+        stats = dict(zip(STAT_KEYS, means))
         stats["loss"] = stats["loss_seg"] + stats["loss_diff"] + stats["loss_gp"]
         stats["margin"] = self.gate_loss.margin(epoch)
-        return total, stats, visuals
+        self.visuals = {k: torch.cat([v[k] for v in visuals]) for k in visuals[0]}
+        return total, stats
 
     def frame_losses(self, images: list[torch.Tensor], labels: list[torch.Tensor],
                      target_models: list[TargetModel], epoch: int):
-        """Yields per frame t >= 1: (loss_t, stats_t, visuals_t); see loss()."""
+        """Yields per frame t >= 1: (loss_t, stats_t (0-dim tensors, keys STAT_KEYS), visuals_t);
+        see loss(). The losses of later frames depend on the graph of earlier ones."""
+        if len(images) < 2 or len(images) != len(labels):
+            raise ValueError(f"need at least 2 frames with labels, got {len(images)} images, {len(labels)} labels")
         net = self.network
         size = images[0].shape[-2:]
         with torch.no_grad():
@@ -98,10 +133,11 @@ class GFRTMStep(nn.Module):
         h8, w8 = first["layer3"].shape[-2:]
         h16, w16 = math.ceil(h8 / 2), math.ceil(w8 / 2)
 
+        # Upstream's training template takes the mask BILINEARLY resized to stride 8, and the
+        # first previous score is the mask bilinearly resized to ceil(h8 / 2) x ceil(w8 / 2).
         template = net.make_template(first["layer3"], _resize(first_mask, (h8, w8)))
         prev_score = _resize(first_mask, (h16, w16))
-        scores = self._target_scores(target_models, first["layer4"])
-        x16 = net.deep_stages(first, scores)
+        x16 = net.deep_stages(first, self._target_scores(target_models, first["layer4"]))
         prev_features = first
         ref_mask = first_mask  # mask of the last frame whose gate computed
 
@@ -114,12 +150,9 @@ class GFRTMStep(nn.Module):
             gate, probs = straight_through_gate(net.gate_logits(matched))
             delta = net.delta(matched)
 
-            # Computed samples: this frame's layer4/5 and target-model score; reused samples: the
-            # previous frame's layer4/5 and score for the deep stages, previous score + Δ for the
-            # shallow ones.
             reuse = gate.detach()[:, 0] > 0.5
-            computed_scores = self._target_scores(target_models, features["layer4"])
             sel = reuse.view(-1, 1, 1, 1)
+            computed_scores = self._target_scores(target_models, features["layer4"])
             deep_score = torch.where(sel, prev_score, computed_scores)
             score = torch.where(sel, prev_score + delta, computed_scores)
             mixed = dict(features)
@@ -129,16 +162,13 @@ class GFRTMStep(nn.Module):
             prob = torch.sigmoid(logits)
 
             with torch.no_grad():
-                same = mask_iou(mask, ref_mask, empty=0.0)[:, 0]
-                if self.gate_loss.apply_margin:
-                    same = same.clamp(min=margin)
-                target = torch.stack([same, 1 - same], dim=1)
+                target = gate_target(mask_iou(mask, ref_mask, empty=0.0)[:, 0], margin, self.gate_loss.apply_margin)
             loss_gate = F.mse_loss(F.relu((probs - target).abs() - self.gate_loss.m2), torch.zeros_like(target))
             loss_seg = F.binary_cross_entropy(prob, mask)
             loss_diff = F.mse_loss(delta, _resize(mask, (h16, w16)) - prev_score)
-            stats = {"loss_seg": loss_seg.item(), "loss_diff": loss_diff.item(), "loss_gp": loss_gate.item(),
-                     "accuracy": mask_iou(prob.detach(), mask).mean().item(), "reuse_rate": reuse.float().mean().item()}
-            visuals = {"frame": images[t][:1], "mask": mask[:1], "prediction": prob.detach()[:1],
+            stats = {"loss_seg": loss_seg.detach(), "loss_diff": loss_diff.detach(), "loss_gp": loss_gate.detach(),
+                     "accuracy": mask_iou(prob.detach(), mask).mean(), "reuse_rate": reuse.float().mean()}
+            visuals = {"frame": images[t][:1].detach(), "mask": mask[:1], "prediction": prob.detach()[:1],
                        "delta": delta.detach()[:1]}
             yield loss_seg + loss_diff + loss_gate, stats, visuals
 
@@ -150,5 +180,7 @@ class GFRTMStep(nn.Module):
     @staticmethod
     def _target_scores(target_models: list[TargetModel], layer4: torch.Tensor) -> torch.Tensor:
         """Each sample's frozen target model on its own features -> (B, 1, h16, w16)."""
+        if len(target_models) != layer4.shape[0]:
+            raise ValueError(f"{len(target_models)} target models for a batch of {layer4.shape[0]}")
         with torch.no_grad():
             return torch.cat([tm.apply(layer4[i:i + 1]) for i, tm in enumerate(target_models)])

@@ -1,13 +1,16 @@
 """Disk cache of the target models used in training (frozen during training, as upstream).
 
 Keyed as upstream, so upstream's released cache can be used as is:
-`<cache>/<backbone>-c32_gTrue/<sequence>/<first frame index %05d>.<object>.layer4.pth`.
-Missing entries are trained (first-frame augmentation, `TargetModelConfig.training()`) and
-written atomically; unreadable ones are retrained with a warning.
+`<root>/<backbone>-c32_gTrue/<sequence>/<reference frame index %05d>.<object id>.layer4.pth`
+holding the target model's state dict (`project.weight`, `filter.weight`).
+Missing entries are trained (first-frame augmentation with `num_aug` images,
+`TargetModelConfig.training()`) and written atomically, so concurrent processes and kills never
+leave a partial entry; unreadable or mismatching entries are retrained with a warning.
 """
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +31,12 @@ class TargetModelCache:
         self.config = TargetModelConfig.training()
         self.path = Path(root) / f"{backbone.name}-c{self.config.channels}_gTrue"
         self.backbone = backbone
-        self.device = device
+        self.device = torch.device(device)
         self.augmenter = FirstFrameAugmenter(training_params(num_aug)) if num_aug > 1 else None
         self.read_only = read_only
         self.seed = seed
-        self.hits = 0
-        self.misses = 0
+        self.hits = 0  # entries read from disk
+        self.misses = 0  # entries trained (missing or unreadable)
 
     def file(self, sequence: str, first_frame: int, object_id: int) -> Path:
         return self.path / sequence / f"{first_frame:05d}.{object_id}.{LAYER}.pth"
@@ -43,26 +46,35 @@ class TargetModelCache:
         """The target model of an object from its reference frame: image (3, H, W) 0..255,
         mask (1, H, W) 0/1, both on the training device."""
         path = self.file(sequence, first_frame, object_id)
-        model = TargetModel(self.backbone.channels["layer4"], self.config, self.device, seed=self.seed)
+        model = TargetModel(self.backbone.channels[LAYER], self.config, self.device, seed=self.seed)
         if path.is_file():
             try:
                 model.load_trained(torch.load(path, map_location=self.device, weights_only=True))
                 self.hits += 1
                 return model
-            except Exception as exc:  # truncated or foreign file: retrain it
-                log.warning("unreadable target-model cache entry %s (%s): retraining", path, exc)
+            except Exception as exc:  # truncated, foreign or mismatching file: retrain it
+                log.warning("unreadable target-model cache entry %s (%s): retraining it", path, exc)
         self.misses += 1
+        self._train(model, sequence, first_frame, object_id, image, mask)
+        if not self.read_only:
+            try:
+                atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+            except OSError as exc:
+                log.warning("could not write target-model cache entry %s (%s)", path, exc)
+        return model
+
+    def _train(self, model: TargetModel, sequence: str, first_frame: int, object_id: int,
+               image: torch.Tensor, mask: torch.Tensor) -> None:
+        if mask.sum() == 0:
+            raise ValueError(f"{sequence}: object {object_id} is empty in reference frame {first_frame}")
         if self.augmenter is not None:
-            rng = np.random.default_rng([self.seed, first_frame, object_id])
+            rng = np.random.default_rng([self.seed, zlib.crc32(sequence.encode()), first_frame, object_id])
             images, masks = self.augmenter.augment(image, mask, rng)
         else:
             images, masks = image[None].float(), mask[None].float()
         with torch.no_grad():
             features = torch.cat([self.backbone(chunk)[LAYER] for chunk in images.split(4)])
         model.initialize(features, masks)
-        if not self.read_only:
-            atomic_save({k: v.cpu() for k, v in model.state_dict().items()}, path)
-        return model
 
     @property
     def hit_rate(self) -> float:
