@@ -1,10 +1,11 @@
-"""Training throughput (not a test): samples/s of one training step on a fixed batch, ours (one
-backward over the summed per-frame losses) next to upstream's way (backward after every frame,
-each one through the recurrent decoder state of all earlier frames), and their ratio.
+"""Training throughput (a benchmark, not a test): samples/s of one training step (forward,
+backward, optimizer step) on a fixed batch, ours (one backward over the summed per-frame losses)
+next to upstream's way (a backward after every frame, each one back through the recurrent
+decoder state of all earlier frames, with retain_graph), and their ratio. Both give the same
+gradients: the largest difference is printed (tests/test_train_step_golden.py pins them to
+upstream's). Random weights, a synthetic batch, cached-target-model settings (c = 32).
 
     python -m benchmarks.train_speed [--size 240x427] [--batch 2] [--frames 6] [--steps 3] [--dev cpu]
-
-Both compute the same gradients (tests/test_train_step_golden.py pins them); random weights.
 """
 from __future__ import annotations
 
@@ -20,30 +21,37 @@ from trainers.gfrtm_step import GateLossConfig, GFRTMStep
 
 
 def make_batch(batch: int, frames: int, size: tuple[int, int], device):
+    """Random images, and a box per sample drifting from frame to frame."""
     g = torch.Generator().manual_seed(0)
     h, w = size
     images = [torch.randint(0, 255, (batch, 3, h, w), generator=g).float().to(device) for _ in range(frames)]
     labels = []
     for t in range(frames):
         m = torch.zeros(batch, 1, h, w)
-        m[:, :, h // 4 + t:h // 2 + t, w // 4:w // 2 + 2 * t] = 1
+        m[:, :, h // 4 + 2 * t:h // 2 + 2 * t, w // 4:w // 2 + 3 * t] = 1
         labels.append(m.to(device))
     return images, labels
 
 
-def time_steps(step: GFRTMStep, optimizer, images, labels, targets, steps: int, per_frame: bool, device) -> float:
-    """Seconds per training step (forward, backward, optimizer step), after one warm-up step."""
+def train_step(step: GFRTMStep, optimizer, images, labels, targets, per_frame: bool) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if per_frame:  # upstream: loss.backward(retain_graph=True) after each frame
+        for loss, _, _ in step.frame_losses(images, labels, targets, 1):
+            loss.backward(retain_graph=True)
+    else:
+        loss, _ = step.loss(images, labels, targets, 1)
+        loss.backward()
+    optimizer.step()
+
+
+def seconds_per_step(step, optimizer, images, labels, targets, steps: int, per_frame: bool, device) -> float:
+    """Mean seconds per training step, after one warm-up step."""
     times = []
     for i in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
-        optimizer.zero_grad()
-        if per_frame:  # upstream: loss.backward(retain_graph=True) after each frame
-            for loss, _, _ in step.frame_losses(images, labels, targets, 1):
-                loss.backward(retain_graph=True)
-        else:
-            loss, _, _ = step.loss(images, labels, targets, 1)
-            loss.backward()
-        optimizer.step()
+        train_step(step, optimizer, images, labels, targets, per_frame)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i > 0:
@@ -51,37 +59,62 @@ def time_steps(step: GFRTMStep, optimizer, images, labels, targets, steps: int, 
     return sum(times) / len(times)
 
 
+def gradients(step, images, labels, targets, per_frame: bool) -> dict:
+    optimizer = torch.optim.SGD(step.network.parameters(), lr=0.0)
+    train_step(step, optimizer, images, labels, targets, per_frame)
+    return {k: p.grad.clone() for k, p in step.network.named_parameters()}
+
+
 def main(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.dev)
     h, w = (int(v) for v in args.size.lower().split("x"))
     images, labels = make_batch(args.batch, args.frames, (h, w), device)
-    backbone = Backbone("resnet18", "random", seed=0).to(device)
-    torch.manual_seed(0)
-    net = GFRTM("resnet18").to(device).train()
+    backbone = Backbone(args.ftext, "random", seed=0).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = GFRTM(args.ftext)
+    with torch.no_grad():
+        net.reuse_gate.conv2.bias.copy_(torch.tensor([args.reuse_bias, 2.0]))
+    net = net.to(device).train()
     step = GFRTMStep(net, backbone, GateLossConfig())
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-9, amsgrad=True)  # tiny lr: the same batch each step
     targets = []
     for b in range(args.batch):
-        tm = TargetModel(256, TargetModelConfig.training(), device, seed=b)
-        tm.initialize(backbone(images[0][b:b + 1])["layer4"], labels[0][b:b + 1])
+        tm = TargetModel(backbone.channels["layer4"], TargetModelConfig.training(), device, seed=b)
+        with torch.no_grad():
+            tm.initialize(backbone(images[0][b:b + 1])["layer4"], labels[0][b:b + 1])
         targets.append(tm)
-    ours = time_steps(step, optimizer, images, labels, targets, args.steps, False, device)
-    upstream = time_steps(step, optimizer, images, labels, targets, args.steps, True, device)
-    print(f"{h}x{w}, batch {args.batch} x {args.frames} frames, {device}, torch {torch.__version__}")
-    print(f"ours (one backward):            {args.batch / ours:7.2f} samples/s  ({ours:.2f} s/step)")
-    print(f"upstream-style (per-frame):     {args.batch / upstream:7.2f} samples/s  ({upstream:.2f} s/step)")
-    print(f"speed-up: {upstream / ours:.2f}x")
+
+    ours_grads = gradients(step, images, labels, targets, False)
+    upstream_grads = gradients(step, images, labels, targets, True)
+    diff = max(((ours_grads[k] - upstream_grads[k]).abs().max() / (upstream_grads[k].abs().max() + 1e-12)).item()
+               for k in ours_grads)
+
+    with torch.no_grad():
+        reuse_rate = step.loss(images, labels, targets, 1)[1]["reuse_rate"]
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.0, amsgrad=True)  # lr 0: the same batch each step
+    ours = seconds_per_step(step, optimizer, images, labels, targets, args.steps, False, device)
+    upstream = seconds_per_step(step, optimizer, images, labels, targets, args.steps, True, device)
+    print(f"{args.ftext}, {h}x{w}, batch {args.batch} x {args.frames} frames, {device}, "
+          f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}; gate reuse rate {reuse_rate:.2f}")
+    print(f"ours (one backward):        {args.batch / ours:8.3f} samples/s  ({ours:.3f} s/step)")
+    print(f"upstream-style (per frame): {args.batch / upstream:8.3f} samples/s  ({upstream:.3f} s/step)")
+    print(f"speed-up: {upstream / ours:.2f}x; largest gradient difference (relative to each tensor's "
+          f"largest entry): {diff:.1e}")
 
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="240x427", help="training image size HxW (upstream trains at 480x854)")
-    p.add_argument("--batch", type=int, default=2, help="samples per batch")
+    p.add_argument("--ftext", choices=["resnet18", "resnet101"], default="resnet18", help="backbone")
+    p.add_argument("--batch", type=int, default=2, help="samples per batch (upstream: 8)")
     p.add_argument("--frames", type=int, default=6, help="frames per sample (upstream: 6)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    p.add_argument("--reuse-bias", type=float, default=0.1,
+                   help="initial reuse logit bias of the gate (upstream 0.1 vs 2.0 for compute: mostly computing)")
     p.add_argument("--dev", default="cpu", help="device, e.g. cpu or cuda:0")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     return p
 
 

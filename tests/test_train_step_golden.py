@@ -39,7 +39,7 @@ def step_result(request):
     step = GFRTMStep(net, backbone, GateLossConfig(m1=case["m1"], m2=case["m2"], margin_epochs=case["margin_epochs"]))
     images = [im.float() for im in case["images"]]
     labels = [lb.float() for lb in case["labels"]]
-    loss, stats, _ = step.loss(images, labels, targets, case["epoch"])
+    loss, stats = step.loss(images, labels, targets, case["epoch"])
     loss.backward()
     grads = to_upstream({k: p.grad for k, p in net.named_parameters()})
     buffers = to_upstream({k: b for k, b in net.named_buffers()})

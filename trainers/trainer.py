@@ -2,10 +2,13 @@
 
 The step (`trainers.gfrtm_step.GFRTMStep`) computes the loss; only this loop calls backward,
 steps, clips and logs. Checkpoints are complete (model, optimizer, scheduler, epoch, args) and
-written atomically by rank 0 after every epoch; a run resumes from the newest one.
+written atomically by rank 0 after every epoch as `<checkpoint_dir>/<name>_epNNNN.pth`; a run
+resumes from the newest one. Under torchrun (DistributedDataParallel) every process trains on
+its own share of each epoch's samples; only rank 0 writes checkpoints and logs.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
@@ -20,70 +23,99 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from dataset.training import TrainingSamples, epoch_samples
+from dataset.training import SAMPLE_SIZE, TrainingSamples, epoch_samples
 from models.checkpoint import load_network_state, network_state, read_checkpoint, save_checkpoint
 
-from .gfrtm_step import GFRTMStep
+from .gfrtm_step import STAT_KEYS, GFRTMStep
 from .tmcache import TargetModelCache
 
 log = logging.getLogger(__name__)
-SAMPLE_SIZE = 6  # frames per sample: the reference frame and 5 others
 
 
 def checkpoint_files(directory: Path, name: str) -> list[Path]:
     """Complete checkpoints of a run, oldest to newest epoch."""
     pattern = re.compile(rf"{re.escape(name)}_ep(\d+)\.pth")
-    found = [(int(m.group(1)), p) for p in directory.glob(f"{name}_ep*.pth") if (m := pattern.fullmatch(p.name))]
+    found = [(int(m.group(1)), p) for p in Path(directory).glob(f"{name}_ep*.pth") if (m := pattern.fullmatch(p.name))]
     return [p for _, p in sorted(found)]
 
 
 class Trainer:
     def __init__(self, step: GFRTMStep, optimizer: torch.optim.Optimizer, scheduler, sources: list,
-                 cache: TargetModelCache, args, device: torch.device, checkpoint_dir: Path,
+                 cache: Optional[TargetModelCache], args, device: torch.device, checkpoint_dir: Path,
                  tensorboard_dir: Path, rank: int = 0, world_size: int = 1):
         self.step = step
-        self.model = DistributedDataParallel(step) if world_size > 1 else step
+        if world_size > 1:
+            self.model = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
+        else:
+            self.model = step
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.sources = sources
         self.cache = cache
         self.args = args
         self.device = device
-        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_dir = Path(checkpoint_dir)
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self.visuals: dict[str, torch.Tensor] = {}
         self.writer = None
         if rank == 0:
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            for stale in checkpoint_dir.glob(".*.tmp"):  # left by a run killed while saving
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.checkpoint_dir.glob(".*.tmp"):  # left by a run killed while saving
                 stale.unlink()
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(tensorboard_dir))
 
+    @property
+    def sample_size(self) -> int:
+        return getattr(self.args, "frames", SAMPLE_SIZE)
+
     # Checkpoints -------------------------------------------------------------------------------
 
     def resume(self, path: Optional[Path] = None) -> None:
-        """Continue from `path`, or from the newest checkpoint of this run if there is one."""
-        if path is None:
-            found = checkpoint_files(self.checkpoint_dir, self.args.name)
-            if not found:
-                return
-            path = found[-1]
-        ckpt = read_checkpoint(path)
+        """Continue from `path`, or from the newest readable checkpoint of this run if any."""
+        ckpt = None
+        if path is not None:
+            ckpt = read_checkpoint(path)
+        else:
+            for candidate in reversed(checkpoint_files(self.checkpoint_dir, self.args.name)):
+                try:
+                    ckpt, path = read_checkpoint(candidate), candidate
+                    break
+                except (ValueError, OSError) as exc:  # cannot happen with atomic saves; be safe
+                    log.warning("skipping unreadable checkpoint %s (%s)", candidate, exc)
+        if ckpt is not None:
+            self._load(ckpt, path)
+        self._same_epoch_everywhere(path)
+        if ckpt is not None and self.rank == 0:
+            print(f"resumed from {path} (epoch {self.epoch}); continuing with epoch {self.epoch + 1}", flush=True)
+
+    def _load(self, ckpt: dict, path) -> None:
         for key in ("optimizer", "scheduler", "epoch"):
             if key not in ckpt:
                 raise ValueError(f"{path} is not a training checkpoint (no {key!r}); use --initPth to start from it")
-        state, backbone, _ = network_state(ckpt)
+        state, backbone, has_gate = network_state(ckpt)
         if backbone != self.step.network.backbone_name:
             raise ValueError(f"{path} was trained with {backbone}, this run uses "
                              f"{self.step.network.backbone_name} (--ftext)")
+        if not has_gate:
+            raise ValueError(f"{path} is an FRTM checkpoint (no gate): use --initPth to start from it")
         load_network_state(self.step.network, state)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.epoch = int(ckpt["epoch"])
-        if self.rank == 0:
-            print(f"resumed from {path} (epoch {self.epoch}); continuing with epoch {self.epoch + 1}")
+
+    def _same_epoch_everywhere(self, path) -> None:
+        """Every process must have resumed the same epoch (the checkpoint directory must be shared)."""
+        if self.world_size == 1:
+            return
+        epochs = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world_size)]
+        dist.all_gather(epochs, torch.tensor([self.epoch], dtype=torch.int64, device=self.device))
+        epochs = [int(e.item()) for e in epochs]
+        if len(set(epochs)) > 1:
+            raise ValueError(f"processes resumed different epochs {epochs} (rank {self.rank}: {path}); the checkpoint "
+                             f"directory {self.checkpoint_dir} must be shared by all processes, or pass --resume")
 
     def save(self, stats: dict) -> Optional[Path]:
         if self.rank != 0:
@@ -96,31 +128,43 @@ class Trainer:
     # Training ----------------------------------------------------------------------------------
 
     def _loader(self, dataset: TrainingSamples) -> DataLoader:
+        """Shuffled per epoch; the order depends only on --seed and the epoch (and the rank's share)."""
         if self.world_size > 1:
             sampler = DistributedSampler(dataset, self.world_size, self.rank, shuffle=True, seed=self.args.seed)
             sampler.set_epoch(self.epoch)
         else:
             sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.args.seed * 100003 + self.epoch))
         return DataLoader(dataset, batch_size=self.args.batch_size, sampler=sampler, num_workers=self.args.workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+                          pin_memory=self.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(self.args.seed * 100003 + self.epoch + 1))
+
+    def epoch_dataset(self) -> TrainingSamples:
+        """This epoch's samples (the same on every process)."""
+        specs = epoch_samples(self.sources, self.args.seed, self.epoch, self.sample_size)
+        if self.args.samples_per_epoch:
+            order = np.random.default_rng([self.args.seed, self.epoch, 1]).permutation(len(specs))
+            specs = [specs[i] for i in order[:self.args.samples_per_epoch]]
+        return TrainingSamples(self.sources, specs, self.args.size)
 
     def train(self) -> dict:
         args = self.args
         last = {}
+        if self.epoch >= args.epochs and self.rank == 0:
+            print(f"already trained for {self.epoch} epochs (--epochs {args.epochs}): nothing to do", flush=True)
         while self.epoch < args.epochs:
             self.epoch += 1
-            specs = epoch_samples(self.sources, args.seed, self.epoch, SAMPLE_SIZE)
-            if args.samples_per_epoch:
-                order = np.random.default_rng([args.seed, self.epoch, 1]).permutation(len(specs))
-                specs = [specs[i] for i in order[:args.samples_per_epoch]]
-            dataset = TrainingSamples(self.sources, specs, args.size)
-            last = self._epoch(dataset)
+            if self.rank == 0:
+                margin = self.step.gate_loss.margin(self.epoch)
+                applied = "applied" if self.step.gate_loss.apply_margin else "logged only, as upstream"
+                print(f"epoch {self.epoch}/{args.epochs}: lr {self.scheduler.get_last_lr()[0]:.3g}, "
+                      f"gate margin {margin:.4f} ({applied})", flush=True)
+            last = self._epoch(self.epoch_dataset())
             self.scheduler.step()
             if self.rank == 0:
                 path = self.save(last)
                 self._log_epoch(last)
-                print(f"epoch {self.epoch}/{args.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items())
-                      + f" -> {path}")
+                print(f"epoch {self.epoch}/{args.epochs}: "
+                      + ", ".join(f"{k} {v:.4f}" for k, v in last.items()) + f" -> {path}", flush=True)
             if self.world_size > 1:
                 dist.barrier()
         self._check_replicas()
@@ -131,78 +175,105 @@ class Trainer:
     def _epoch(self, dataset: TrainingSamples) -> dict:
         self.step.network.train()
         loader = self._loader(dataset)
-        sums, count = {}, 0
+        sums = torch.zeros(len(STAT_KEYS) + 1, dtype=torch.float64)  # + batch count
         hits0, misses0 = self.cache.hits, self.cache.misses
         bar = tqdm(loader, desc=f"epoch {self.epoch}", unit="batch", disable=self.rank != 0, dynamic_ncols=True)
         for i, (images, labels, indices) in enumerate(bar):
-            images = images.to(self.device).float()
-            labels = labels.to(self.device).float()
+            images = images.to(self.device, non_blocking=True).float()
+            labels = labels.to(self.device, non_blocking=True).float()
             frames = [images[:, t] for t in range(images.shape[1])]
             masks = [labels[:, t] for t in range(labels.shape[1])]
             targets = []
             for b, index in enumerate(indices.tolist()):
                 spec = dataset.specs[index]
                 targets.append(self.cache.get(spec.sequence, spec.frames[0], spec.object_id, frames[0][b], masks[0][b]))
-            loss, stats, visuals = self.model(frames, masks, targets, self.epoch)
-            if not torch.isfinite(loss):
-                batch = "; ".join(dataset.describe(j) for j in indices.tolist())
-                raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {self.epoch}, batch {i}: {batch}. "
-                                         f"The last complete checkpoint is in {self.checkpoint_dir}")
+
+            loss, stats = self.model(frames, masks, targets, self.epoch)
+            self._stop_if_not_finite(loss, dataset, indices, i)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if self.args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(self.step.network.parameters(), self.args.clip_grad)
             self.optimizer.step()
 
-            stats["lr"] = self.optimizer.param_groups[0]["lr"]
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            count += 1
+            sums += torch.tensor([stats[k] for k in STAT_KEYS] + [1.0], dtype=torch.float64)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.3f}",
                             reuse=f"{stats['reuse_rate']:.2f}", refresh=False)
             if self.writer is not None:
                 step = (self.epoch - 1) * len(loader) + i
-                for k in ("loss", "loss_seg", "loss_diff", "loss_gp", "accuracy", "reuse_rate"):
+                for k in ("loss", *STAT_KEYS):
                     self.writer.add_scalar(f"batch/{k}", stats[k], step)
-            self._visuals = visuals
-        averages = {k: v / max(count, 1) for k, v in sums.items()}
-        looked_up = (self.cache.hits - hits0) + (self.cache.misses - misses0)
-        averages["cache_hit_rate"] = (self.cache.hits - hits0) / looked_up if looked_up else math.nan
+            self.visuals = self.step.visuals
+
+        # Averages over all processes' batches, and the cache statistics of all processes.
+        cache_counts = torch.tensor([self.cache.hits - hits0, self.cache.misses - misses0], dtype=torch.float64)
+        if self.world_size > 1:
+            both = torch.cat([sums, cache_counts]).to(self.device)
+            dist.all_reduce(both)
+            sums, cache_counts = both[:-2].cpu(), both[-2:].cpu()
+        count = max(sums[-1].item(), 1.0)
+        averages = {k: sums[j].item() / count for j, k in enumerate(STAT_KEYS)}
+        averages["loss"] = averages["loss_seg"] + averages["loss_diff"] + averages["loss_gp"]
+        averages["lr"] = self.scheduler.get_last_lr()[0]
+        averages["margin"] = self.step.gate_loss.margin(self.epoch)
+        hits, misses = cache_counts.tolist()
+        averages["cache_hits"] = hits
+        averages["cache_hit_rate"] = hits / (hits + misses) if hits + misses else math.nan
+        if self.rank == 0:
+            log.info("target-model cache: %d read, %d trained (hit rate %.1f%%) under %s",
+                     hits, misses, 100 * averages["cache_hit_rate"] if hits + misses else 0.0, self.cache.path)
         return averages
+
+    def _stop_if_not_finite(self, loss: torch.Tensor, dataset: TrainingSamples, indices: torch.Tensor,
+                            batch: int) -> None:
+        """Raise FloatingPointError naming the batch's samples when the loss is NaN or infinite;
+        under DDP every process stops (the flag is all-reduced before backward)."""
+        bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(bad)
+        if bad.item() == 0:
+            return
+        if torch.isfinite(loss).item():
+            raise FloatingPointError(f"non-finite loss on another process at epoch {self.epoch}, batch {batch}")
+        samples = "; ".join(dataset.describe(j) for j in indices.tolist())
+        raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {self.epoch}, batch {batch}: {samples}. "
+                                 f"The last complete checkpoint is in {self.checkpoint_dir}")
 
     def _log_epoch(self, stats: dict) -> None:
         if self.writer is None:
             return
         for k, v in stats.items():
             self.writer.add_scalar(f"epoch/{k}", v, self.epoch)
-        for k, v in getattr(self, "_visuals", {}).items():
-            image = v[0].float()
+        for k, v in self.visuals.items():  # (T-1, C, h, w) of one sample: frames side by side
+            images = v.float().cpu()
             if k == "frame":
-                image = image / 255.0
+                images = images / 255.0
             else:  # masks, predictions, Δ: scaled to [0, 1] for display
-                image = (image - image.min()) / (image.max() - image.min() + 1e-8)
-            self.writer.add_image(f"images/{k}", image.cpu(), self.epoch)
+                images = (images - images.min()) / (images.max() - images.min() + 1e-8)
+            self.writer.add_image(f"images/{k}", torch.cat(list(images), dim=-1), self.epoch)
         self.writer.flush()
 
     def _check_replicas(self) -> None:
-        """All processes must end with the same weights; rank 0 reports it."""
+        """All processes must end with the same weights (parameters and batch-norm statistics):
+        rank 0 compares every process's copy with its own, exactly."""
         if self.world_size == 1:
             return
-        checksum = torch.tensor([sum(p.double().sum().item() for p in self.step.network.parameters())],
-                                dtype=torch.float64, device=self.device)
-        gathered = [torch.zeros_like(checksum) for _ in range(self.world_size)]
-        dist.all_gather(gathered, checksum)
-        values = [g.item() for g in gathered]
+        flat = torch.cat([t.detach().reshape(-1).double() for t in self.step.network.state_dict().values()])
+        flat = flat.to(self.device)  # nccl gathers CUDA tensors
+        gathered = [torch.zeros_like(flat) for _ in range(self.world_size)]
+        dist.all_gather(gathered, flat)
         if self.rank == 0:
-            same = all(v == values[0] for v in values)
-            print(f"weight checksums of {self.world_size} processes: {values} -> "
-                  f"{'identical' if same else 'DIFFERENT'}")
+            diffs = [(g - gathered[0]).abs().max().item() for g in gathered]
+            same = all(d == 0 for d in diffs)
+            print(f"weights of {self.world_size} processes, largest difference to rank 0: {diffs} -> "
+                  f"{'identical' if same else 'DIFFERENT'}", flush=True)
             if not same:
                 raise RuntimeError("processes ended with different weights")
 
 
 def setup_distributed(dev: Optional[str]) -> tuple[int, int, Optional[str]]:
-    """(rank, world size, device) from torchrun's environment; (0, 1, dev) without it."""
+    """(rank, world size, device) from torchrun's environment; (0, 1, dev) without it.
+    Backend: nccl on CUDA (one GPU per process, by LOCAL_RANK), gloo on the CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, dev
@@ -211,6 +282,6 @@ def setup_distributed(dev: Optional[str]) -> tuple[int, int, Optional[str]]:
     use_cuda = torch.cuda.is_available() and (dev is None or dev.startswith("cuda"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    # Long timeout: rank 0 may scan a data set's labels once while the others wait.
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=3))
     return rank, world, f"cuda:{local_rank}" if use_cuda else "cpu"
-
