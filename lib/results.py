@@ -19,6 +19,7 @@ the written results gives.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -383,21 +384,15 @@ def write_submission_zip(results_directory: str | os.PathLike, videos: Mapping[s
         else:
             missing.append(video)
 
-    zip_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{zip_path.name}.", suffix=".tmp", dir=zip_path.parent)
+    buffer = io.BytesIO()  # PNG label maps are small: build in memory, then write atomically
     frames = 0
-    try:
-        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
-            for video in complete:
-                for frame in sorted(videos[video]):
-                    zf.write(results_directory / video / f"{frame}.png", f"Annotations/{video}/{frame}.png")
-                    frames += 1
-        os.chmod(tmp_name, 0o666 & ~_UMASK)
-        os.replace(tmp_name, zip_path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as zf:
+        for video in complete:
+            for frame in sorted(videos[video]):
+                zf.write(results_directory / video / f"{frame}.png", f"Annotations/{video}/{frame}.png")
+                frames += 1
+    zip_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(zip_path, buffer.getvalue())
     return {"path": str(zip_path), "videos": len(complete), "frames": frames, "missing": missing}
 
 
