@@ -199,8 +199,7 @@ def _train(args, rank: int, world: int, dev) -> dict:
         print("training data: " + ", ".join(f"{s.name} ({len(s.objects)} objects in {len(s.reference)} sequences)"
                                             for s in sources), flush=True)
 
-    with torch.random.fork_rng(devices=[]):  # torchvision's constructor draws its (replaced) initial weights
-        backbone = Backbone(args.ftext, args.backbone_weights, seed=args.seed).to(device)
+    backbone = Backbone(args.ftext, args.backbone_weights, seed=args.seed).to(device)
     network = build_network(args).to(device)
     step = GFRTMStep(network, backbone, GateLossConfig(args.m1, args.m2, args.marginEp, args.apply_margin))
     optimizer, scheduler = build_optimizer(network, args)

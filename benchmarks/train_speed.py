@@ -88,8 +88,10 @@ def main(args: argparse.Namespace) -> None:
 
     ours_grads = gradients(step, images, labels, targets, False)
     upstream_grads = gradients(step, images, labels, targets, True)
-    diff = max(((ours_grads[k] - upstream_grads[k]).abs().max() / (upstream_grads[k].abs().max() + 1e-12)).item()
-               for k in ours_grads)
+    # Relative to the largest gradient entry of all parameters (some tensors, e.g. a conv bias
+    # followed by batch norm, have gradients that are only rounding noise).
+    scale = max(g.abs().max().item() for g in upstream_grads.values())
+    diff = max((ours_grads[k] - upstream_grads[k]).abs().max().item() for k in ours_grads) / scale
 
     with torch.no_grad():
         reuse_rate = step.loss(images, labels, targets, 1)[1]["reuse_rate"]
@@ -100,8 +102,7 @@ def main(args: argparse.Namespace) -> None:
           f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}; gate reuse rate {reuse_rate:.2f}")
     print(f"ours (one backward):        {args.batch / ours:8.3f} samples/s  ({ours:.3f} s/step)")
     print(f"upstream-style (per frame): {args.batch / upstream:8.3f} samples/s  ({upstream:.3f} s/step)")
-    print(f"speed-up: {upstream / ours:.2f}x; largest gradient difference (relative to each tensor's "
-          f"largest entry): {diff:.1e}")
+    print(f"speed-up: {upstream / ours:.2f}x; largest gradient difference: {diff:.1e} of the largest gradient")
 
 
 def get_parser() -> argparse.ArgumentParser:

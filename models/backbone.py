@@ -79,7 +79,8 @@ class Backbone(nn.Module):
             raise ValueError(f"unknown backbone {name!r}: use resnet18 or resnet101 (--ftext)")
         self.name = name
         self.channels = BACKBONE_CHANNELS[name]  # per level, layer1 .. layer5
-        self.resnet = _TORCHVISION[name][0](weights=None)
+        with torch.random.fork_rng(devices=[]):  # its random init is replaced: leave the global RNG alone
+            self.resnet = _TORCHVISION[name][0](weights=None)
         state = load_backbone_state_dict(name, weights, seed)
         if state is not None:
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}

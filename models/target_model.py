@@ -377,8 +377,9 @@ class TargetModel(nn.Module):
                  seed: int = 0):
         super().__init__()
         self.config = config
-        self.project = nn.Conv2d(in_channels, config.channels, 1, bias=False)
-        self.filter = ScoreFilter(config.channels)
+        with torch.random.fork_rng(devices=[]):  # the default init is replaced below: leave the global RNG alone
+            self.project = nn.Conv2d(in_channels, config.channels, 1, bias=False)
+            self.filter = ScoreFilter(config.channels)
         # Upstream reseeds the global RNG with 0 for every object, so every target model starts
         # from the same draws; a private generator gives the same weights without reseeding.
         generator = torch.Generator().manual_seed(seed)

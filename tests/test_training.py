@@ -20,7 +20,7 @@ from PIL import Image
 
 import train
 from dataset.synthetic import make_davis_like
-from dataset.training import (TrainingSamples, TrainingSource, build_sources, davis_visibility, epoch_samples,
+from dataset.training import (TrainingSamples, build_sources, davis_visibility, epoch_samples,
                               plain_visibility)
 from lib.palette import write_label_png
 from models import build_tracker
@@ -273,6 +273,25 @@ def test_an_unreadable_frame_is_replaced_by_the_next_sample(synthetic_root, tmp_
     assert "skipping sample synthetic:" in caplog.text
 
 
+def test_youtube_vos_training_source(tmp_path):
+    """jjtrain-style training data in the YouTube-VOS layout (every 5th frame annotated)."""
+    from dataset.synthetic import make_ytvos_like
+
+    make_ytvos_like(tmp_path / "yt", num_sequences=1, num_frames=40, size=SIZE, num_objects=2, seed=0,
+                    num_train_sequences=2)
+    sources = build_sources("ytvos2018", None, str(tmp_path / "yt"), tmp_path / "cache", SIZE, 6,
+                            ytvos_split_file=str(tmp_path / "yt" / "ytvos_jjtrain.txt"))
+    assert sources[0].name == "ytvos2018" and len(sources[0].objects) >= 2
+    specs = epoch_samples(sources, 0, 1, 6)
+    images, labels, index = TrainingSamples(sources, specs, SIZE)[0]
+    assert images.shape == (6, 3, *SIZE) and labels.shape == (6, 1, *SIZE) and index == 0
+    assert labels[0].sum() > 0  # the reference frame shows the object
+    assert set(labels.unique().tolist()) <= {0, 1}
+    # Samples are drawn per epoch from --seed: the same epoch gives the same samples.
+    assert [s.frames for s in epoch_samples(sources, 0, 1, 6)] == [s.frames for s in specs]
+    assert [s.frames for s in epoch_samples(sources, 0, 2, 6)] != [s.frames for s in specs]
+
+
 def test_davis_visibility_rules():
     counts = np.zeros((60, 3))
     counts[:, 0] = 5000
@@ -333,6 +352,11 @@ def test_target_model_cache_hits_and_retrains_corrupt_entries(tmp_path, caplog):
     assert cache.misses == 2 and "retraining" in caplog.text
     assert torch.load(path)["project.weight"].shape == (32, 256, 1, 1)  # rewritten
     assert not list(path.parent.glob(".*.tmp"))
+    # With first-frame augmentation (upstream: 15 images), seeded: the same model twice.
+    augmented = [TargetModelCache(tmp_path / f"aug{i}", backbone, torch.device("cpu"), num_aug=3, seed=1)
+                 .get("seq", 3, 1, image, mask) for i in range(2)]
+    assert torch.equal(augmented[0].filter.weight, augmented[1].filter.weight)
+    assert not torch.equal(augmented[0].filter.weight, a.filter.weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,8 +372,8 @@ def test_straight_through_gate_and_margin():
     torch.softmax(soft, dim=1)[:, 0].sum().backward()
     assert torch.allclose(logits.grad, soft.grad)  # the softmax's gradient
     iou = torch.tensor([0.2, 0.9])
-    assert gate_target(iou, 0.5, False).tolist() == pytest.approx([[0.2, 0.8], [0.9, 0.1]])
-    assert gate_target(iou, 0.5, True).tolist() == pytest.approx([[0.5, 0.5], [0.9, 0.1]])
+    assert torch.allclose(gate_target(iou, 0.5, False), torch.tensor([[0.2, 0.8], [0.9, 0.1]]))
+    assert torch.allclose(gate_target(iou, 0.5, True), torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
     config = GateLossConfig(m1=1.0, margin_epochs=120)
     assert config.margin(30) == 0.25 and config.margin(500) == 1.0
 

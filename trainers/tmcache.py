@@ -67,11 +67,14 @@ class TargetModelCache:
                image: torch.Tensor, mask: torch.Tensor) -> None:
         if mask.sum() == 0:
             raise ValueError(f"{sequence}: object {object_id} is empty in reference frame {first_frame}")
+        images, masks = image[None].float(), (mask[None] > 0).float()
         if self.augmenter is not None:
             rng = np.random.default_rng([self.seed, zlib.crc32(sequence.encode()), first_frame, object_id])
-            images, masks = self.augmenter.augment(image, mask, rng)
-        else:
-            images, masks = image[None].float(), mask[None].float()
+            try:
+                images, masks = self.augmenter.augment(image, mask, rng)
+            except (RuntimeError, ValueError) as exc:  # e.g. an object too small to cut out and paste
+                log.warning("%s: could not augment object %d of frame %d (%s); its target model is trained on "
+                            "the frame alone", sequence, object_id, first_frame, exc)
         with torch.no_grad():
             features = torch.cat([self.backbone(chunk)[LAYER] for chunk in images.split(4)])
         model.initialize(features, masks)

@@ -159,6 +159,7 @@ class Trainer:
                 print(f"epoch {self.epoch}/{args.epochs}: lr {self.scheduler.get_last_lr()[0]:.3g}, "
                       f"gate margin {margin:.4f} ({applied})", flush=True)
             last = self._epoch(self.epoch_dataset())
+            self._average_buffers()
             self.scheduler.step()
             if self.rank == 0:
                 path = self.save(last)
@@ -252,6 +253,18 @@ class Trainer:
                 images = (images - images.min()) / (images.max() - images.min() + 1e-8)
             self.writer.add_image(f"images/{k}", torch.cat(list(images), dim=-1), self.epoch)
         self.writer.flush()
+
+    def _average_buffers(self) -> None:
+        """DDP keeps the parameters equal; the batch-norm running statistics each process
+        collected on its own batches are averaged, so the checkpoint reflects all of them and
+        every process continues from the same state."""
+        if self.world_size == 1:
+            return
+        with torch.no_grad():
+            for buffer in self.step.network.buffers():
+                if buffer.is_floating_point():
+                    dist.all_reduce(buffer)
+                    buffer /= self.world_size
 
     def _check_replicas(self) -> None:
         """All processes must end with the same weights (parameters and batch-norm statistics):
