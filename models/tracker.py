@@ -101,7 +101,12 @@ def labels_from_merge(soft: torch.Tensor, winner: torch.Tensor) -> torch.Tensor:
 
 
 class Tracker:
-    """G-FRTM (or plain FRTM, when the network has no gate) video object segmenter."""
+    """G-FRTM (or plain FRTM, when the network has no gate) video object segmenter.
+
+    Takes ownership of `network` and `backbone`: they are moved to `device`, switched to
+    channels-last, and the backbone's batch norm is folded into its convolutions (same
+    results, faster). Build them with `models.build_tracker` unless you need to share them.
+    """
 
     def __init__(self, network: GFRTM, backbone: Backbone, target_config: TargetModelConfig,
                  augmenter=None, device: torch.device | str = "cpu", batch_objects: bool = True,
