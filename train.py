@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from dataset.synthetic import make_davis_like
 from dataset.training import SAMPLE_SIZE, build_sources
-from lib.cli import int_at_least, positive_float, resolve_device, run
+from lib.cli import image_size, int_at_least, positive_float, resolve_device, run
 from models.backbone import Backbone
 from models.checkpoint import load_network_state, network_state, read_checkpoint
 from models.network import GFRTM
@@ -28,17 +28,6 @@ from trainers.tmcache import TargetModelCache
 from trainers.trainer import Trainer, setup_distributed
 
 GATE_LAST_BIAS = (0.1, 2.0)  # upstream's initial (reuse, compute) bias: the gate starts mostly computing
-
-
-def image_size(text: str) -> tuple[int, int]:
-    """argparse type: HxW, e.g. 480x854."""
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be HxW, e.g. 480x854, got {text!r}")
-    if h < 32 or w < 32:
-        raise argparse.ArgumentTypeError(f"must be at least 32x32, got {text!r}")
-    return h, w
 
 
 def non_negative_float(text: str) -> float:
@@ -97,7 +86,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "its released cache can be used (default ./save_dir or $RVOS_TMCACHE)")
     p.add_argument("--cache-dir", type=Path, default=Path(env("RVOS_CACHE", "./save_dir/cache")),
                    help="writable cache for data-set metadata (object visibility) (default ./save_dir/cache or $RVOS_CACHE)")
-    p.add_argument("--size", type=image_size, default=(480, 854), help="training image size HxW (default 480x854)")
+    p.add_argument("--size", type=image_size(32), default=(480, 854), help="training image size HxW (default 480x854)")
     p.add_argument("--frames", type=int_at_least(2), default=SAMPLE_SIZE,
                    help=f"frames per sample: the reference frame and frames-1 random others (default {SAMPLE_SIZE})")
     p.add_argument("--epochs", type=int_at_least(1), default=260, help="epochs to train in all (default 260)")

@@ -17,6 +17,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset.synthetic import render_sequence
+from lib.cli import image_size
 from models import build_tracker
 from models.network import GFRTM
 
@@ -59,7 +60,7 @@ def measure(backbone: str, num_objects: int, reuse: bool, frames, device: str) -
 
 def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    h, w = (int(v) for v in args.size.lower().split("x"))
+    h, w = args.size
     print(f"{h}x{w}, {args.frames} frames, device {args.dev}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     header = (f"{'backbone':<10}{'obj':>4}{'computed ms':>13}{'reused ms':>11}{'computed GF':>13}{'reused GF':>11}"
               f"{'time ratio':>12}{'FLOP ratio':>12}{'vs upstream (comp/reuse)':>27}")
@@ -76,7 +77,7 @@ def main(args: argparse.Namespace) -> None:
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="480x854", help="frame size HxW (default 480x854, DAVIS 480p)")
+    p.add_argument("--size", type=image_size(32), default=(480, 854), help="frame size HxW (default 480x854, DAVIS 480p)")
     p.add_argument("--frames", type=int, default=10, help="frames per run, the first one initializes")
     p.add_argument("--dev", default="cpu", help="device, e.g. cpu or cuda:0")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")

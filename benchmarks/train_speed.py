@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from lib.cli import image_size
 from models.backbone import Backbone
 from models.network import GFRTM
 from models.target_model import TargetModel, TargetModelConfig
@@ -69,7 +70,7 @@ def main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.dev)
-    h, w = (int(v) for v in args.size.lower().split("x"))
+    h, w = args.size
     images, labels = make_batch(args.batch, args.frames, (h, w), device)
     backbone = Backbone(args.ftext, "random", seed=0).to(device)
     with torch.random.fork_rng(devices=[]):
@@ -107,7 +108,7 @@ def main(args: argparse.Namespace) -> None:
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="240x427", help="training image size HxW (upstream trains at 480x854)")
+    p.add_argument("--size", type=image_size(32), default=(240, 427), help="training image size HxW (upstream trains at 480x854)")
     p.add_argument("--ftext", choices=["resnet18", "resnet101"], default="resnet18", help="backbone")
     p.add_argument("--batch", type=int, default=2, help="samples per batch (upstream: 8)")
     p.add_argument("--frames", type=int, default=6, help="frames per sample (upstream: 6)")

@@ -23,6 +23,7 @@ from typing import Optional, Sequence as SequenceType
 import numpy as np
 from PIL import Image
 
+from lib.cli import image_size
 from lib.palette import atomic_write_bytes, write_label_png
 
 YTVOS_STEP = 5  # YouTube-VOS annotates (and its non-"all_frames" splits hold) every 5th frame
@@ -303,16 +304,6 @@ def _write_ytvos_video(root: Path, part: str, video: str, frames: np.ndarray, la
 # CLI
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must be HxW, e.g. 120x216, got {text!r}")
-    if h < 16 or w < 16:
-        raise argparse.ArgumentTypeError(f"size {text} is too small (at least 16x16)")
-    return h, w
-
-
 def _objects(text: str) -> int:
     try:
         value = int(text)
@@ -333,7 +324,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-sequences", type=int, default=2, help="number of train sequences")
     parser.add_argument("--frames", type=int, default=None,
                         help="frames per sequence (default 12 for davis, 26 for ytvos)")
-    parser.add_argument("--size", type=_parse_size, default=(120, 216), help="HxW, default 120x216")
+    parser.add_argument("--size", type=image_size(16), default=(120, 216), help="HxW, default 120x216")
     parser.add_argument("--objects", type=_objects, default=2, help="objects per sequence (1..254)")
     return parser
 

@@ -41,6 +41,20 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def image_size(minimum: int = 16) -> Callable[[str], tuple[int, int]]:
+    """argparse type: HxW, e.g. 480x854, each side >= minimum -> (H, W)."""
+    def parse(text: str) -> tuple[int, int]:
+        try:
+            h, w = (int(v) for v in text.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be HxW, e.g. 480x854, got {text!r}")
+        if h < minimum or w < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}x{minimum}, got {text!r}")
+        return h, w
+    parse.__name__ = "HxW size"
+    return parse
+
+
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
     try:

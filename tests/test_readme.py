@@ -64,6 +64,16 @@ def test_documented_files_exist():
         assert (ROOT / path).exists(), path
 
 
+def test_every_flag_has_help_and_a_readme_line():
+    for name in SCRIPTS.values():
+        for action in importlib.import_module(name).get_parser()._actions:
+            flags = [o for o in action.option_strings if o.startswith("--")]
+            if action.dest == "help" or not flags:
+                continue
+            assert action.help, f"{name} {flags[0]} has no help text"
+            assert any(f in README for f in flags), f"README.md does not mention {name} {flags[0]}"
+
+
 @pytest.mark.parametrize("flag", ["--help"])
 def test_scripts_have_help(flag, capsys):
     for key, name in SCRIPTS.items():
