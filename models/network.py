@@ -363,10 +363,12 @@ class GFRTM(nn.Module):
         return self.upsample(self.shallow_stages(features, score, x16), image_size), x16
 
     def decode_reused(self, features: Mapping[str, torch.Tensor], score: torch.Tensor, x16_prev: torch.Tensor,
-                      delta: torch.Tensor, image_size) -> torch.Tensor:
-        """Gate 1: translate the previous x16, shallow stages with score = prev score + Δ -> logits."""
+                      delta: torch.Tensor, image_size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate 1: translate the previous x16, shallow stages with score = prev score + Δ ->
+        (logits, next x16). The state carried to the next frame is x16_prev itself: only a
+        computed frame renews it (upstream), the translated state serves this frame alone."""
         x16 = self.translate(x16_prev, delta)
-        return self.upsample(self.shallow_stages(features, score, x16), image_size)
+        return self.upsample(self.shallow_stages(features, score, x16), image_size), x16_prev
 
     def decode_training(self, features: Mapping[str, torch.Tensor], score: torch.Tensor,
                         deep_score: torch.Tensor, gate: torch.Tensor, x16_prev: torch.Tensor,

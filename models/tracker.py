@@ -261,8 +261,9 @@ class Tracker:
                 prev = torch.cat([group[i].prev_score for i in reused])
                 x16_prev = torch.cat([group[i].x16 for i in reused])
                 scores = prev + delta
-                logits = net.decode_reused(features, scores, x16_prev, delta, size)
+                logits, x16 = net.decode_reused(features, scores, x16_prev, delta, size)
                 for j, i in enumerate(reused):
+                    group[i].x16 = x16[j:j + 1]
                     self._record(result, group[i], True, logits[j:j + 1], scores[j:j + 1], keep_raw, probs)
         return probs, computed_all
 

@@ -29,3 +29,18 @@ def davis_sample() -> Path:
     if not DAVIS_SAMPLE.is_dir():
         pytest.fail(f"DAVIS sample not found at {DAVIS_SAMPLE} (set RVOS_SHARED)")
     return DAVIS_SAMPLE
+
+
+def seeded_backbone_state(ftext: str, seed: int, checksum: float) -> dict:
+    """The backbone weights the golden vectors were made with (golden/README.md): seeded
+    torchvision weights, checked against the vector's checksum; skip on mismatch, as the README
+    says (a different torch version builds different weights)."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    state = getattr(torchvision.models, ftext)(weights=None).state_dict()
+    total = sum(v.double().sum().item() for k, v in state.items() if v.is_floating_point() and not k.startswith("fc."))
+    if abs(total - checksum) > 1e-6 * max(1.0, abs(checksum)):
+        pytest.skip(f"torch {torch.__version__} builds different seeded {ftext} weights "
+                    f"(checksum {total} != {checksum}): cannot compare")
+    return state

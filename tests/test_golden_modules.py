@@ -75,9 +75,9 @@ def test_decoder_paths(case):
     close(state, s["computed_prevX"])
     diff = case["gate"]["diff"]
     shallow_only = {k: feats[k] for k in ("layer3", "layer2")}
-    logits = net.decode_reused(shallow_only, s["score16"] + diff, s["init_x"], diff, size)
+    logits, state = net.decode_reused(shallow_only, s["score16"] + diff, s["init_x"], diff, size)
     close(logits, s["reused_y"])
-    close(s["init_x"], s["reused_prevX"])  # the state is returned unchanged when reusing
+    close(state, s["reused_prevX"])  # the state carried on: unchanged when reusing, not the translated one
 
 
 def test_decoder_training_path(case):

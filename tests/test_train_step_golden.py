@@ -13,7 +13,7 @@ from models.target_model import TargetModel, TargetModelConfig
 from trainers.gfrtm_step import GateLossConfig, GFRTMStep
 
 from conftest import GOLDEN
-from test_golden_tracker import seeded_backbone_state
+from conftest import seeded_backbone_state
 
 CASES = sorted(GOLDEN.glob("*_train_step.pt")) if GOLDEN.is_dir() else []
 ATOL, RTOL = 1e-4, 1e-3
