@@ -1,31 +1,49 @@
-"""Tracker speed and FLOPs per frame, all-computed vs all-reused (not a test).
+"""Tracker speed, compared side by side within one run (a benchmark, not a test).
 
-    python -m benchmarks.tracker_speed [--size 480x854] [--frames 8] [--dev cpu] [--threads 2]
+    python -m benchmarks.tracker_speed [--size 480x854] [--frames 10] [--repeats 3]
+        [--configs resnet18:1,resnet101:1] [--model CKPT --TH 0.7] [--dev cpu] [--threads 2]
 
-For each backbone and object count it forces the reuse gate (its last bias set to +-100, so
-template matching and the gate still run) and prints ms/frame (frames after the first, target
-model updates included), GFLOPs per frame (torch.utils.flop_counter), the reused/computed time
-ratio next to the FLOP ratio, and the speed-up over upstream's reference timings measured on
-the same kind of 2-core CPU machine (issue #2). Random weights: speed does not depend on them.
+For each backbone and object count, the same synthetic frames are tracked by
+* FRTM: TH 1.0, so no template matching and no gate (plain FRTM);
+* computed: the gate runs and is forced to compute (its last bias set to -+100);
+* reused: the gate runs and is forced to reuse;
+* with --model: that checkpoint at --TH with its own gate decisions, and at TH 1.0.
+The runs alternate (FRTM, computed, reused, ..., then again for each repeat), so the drift of a
+shared machine hits every variant alike, and each time is the median over the tracked frames
+(after the first) of all repeats. Printed: ms/frame, GFLOPs/frame (torch.utils.flop_counter) and
+ratios between numbers of this run only: reused vs computed (next to the FLOP ratio), reused vs
+FRTM, the gate's overhead (computed vs FRTM), and the checkpoint's speed-up over TH 1.0 with its
+reuse rate. No reference timing is stored anywhere. Random weights unless --model: speed does
+not depend on them.
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset.synthetic import render_sequence
-from lib.cli import image_size
+from lib.cli import image_size, threshold
 from models import build_tracker
 from models.network import GFRTM
-
-# Upstream Reuse_VOS on a 2-core CPU machine, 480x854, ms/frame (computed, reused).
-UPSTREAM_MS = {("resnet18", 1): (403, 338), ("resnet18", 2): (763, 745), ("resnet101", 1): (715, 425)}
+from models.tracker import Tracker
 
 
-def make_frames(num_objects: int, num_frames: int, size: tuple[int, int], seed: int = 1):
+@dataclass
+class Variant:
+    """One way of tracking the frames: a tracker and the threshold it runs at."""
+
+    name: str
+    tracker: Tracker
+    threshold: float
+    forced: bool | None = None  # every gate decision must be this (None: the gate decides)
+
+
+def make_frames(num_objects: int, num_frames: int, size: tuple[int, int], seed: int = 1) -> list[tuple]:
+    """Synthetic frames in the tracker's format: all objects start on frame 0."""
     images, labels = render_sequence([seed], num_frames, size, num_objects)
     ids = list(range(1, num_objects + 1))
     return [(torch.from_numpy(images[t]).permute(2, 0, 1).contiguous(),
@@ -33,57 +51,121 @@ def make_frames(num_objects: int, num_frames: int, size: tuple[int, int], seed: 
             for t in range(num_frames)]
 
 
-def forced_tracker(backbone: str, reuse: bool, device: str):
-    torch.manual_seed(0)
-    net = GFRTM(backbone).eval()
-    with torch.no_grad():
-        net.reuse_gate.conv2.bias.copy_(torch.tensor([100.0, -100.0] if reuse else [-100.0, 100.0]))
+def random_tracker(backbone: str, device: str, reuse: bool | None = None) -> Tracker:
+    """A tracker with seeded random weights; reuse True / False forces every gate decision."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = GFRTM(backbone).eval()
+    if reuse is not None:
+        with torch.no_grad():
+            net.reuse_gate.conv2.bias.copy_(torch.tensor([100.0, -100.0] if reuse else [-100.0, 100.0]))
     return build_tracker({"model": net.state_dict(), "backbone": backbone}, device=device, num_aug=1,
                          backbone_weights="random")
 
 
-def measure(backbone: str, num_objects: int, reuse: bool, frames, device: str) -> tuple[float, float]:
-    """(ms per frame, GFLOPs per frame) over the frames after the first."""
-    tracker = forced_tracker(backbone, reuse, device)
-    results = list(tracker.track(frames, threshold=0.5, keep_probabilities=False))
-    assert all(all(v == reuse for v in r.reused.values()) for r in results[1:])
-    ms = 1000 * float(np.mean([r.seconds for r in results[1:]]))
-    # FLOPs on a second run: count everything after the first frame.
-    tracker = forced_tracker(backbone, reuse, device)
-    stream = tracker.track(frames, threshold=0.5, keep_probabilities=False)
+def variants_for(backbone: str, device: str, model: str | None, th: float, backbone_weights: str) -> list[Variant]:
+    frtm = random_tracker(backbone, device)
+    out = [Variant("FRTM", frtm, 1.0),
+           Variant("computed", random_tracker(backbone, device, reuse=False), 0.5, forced=False),
+           Variant("reused", random_tracker(backbone, device, reuse=True), 0.5, forced=True)]
+    if model is not None:
+        trained = build_tracker(model, device=device, num_aug=1, backbone_weights=backbone_weights, ftext=backbone)
+        out += [Variant("model TH 1.0", trained, 1.0), Variant(f"model TH {th:g}", trained, th)]
+    return out
+
+
+def track_once(variant: Variant, frames: list[tuple]) -> tuple[list[float], int, int]:
+    """(seconds of each frame after the first, reused object-frames, tracked object-frames)."""
+    results = list(variant.tracker.track(frames, threshold=variant.threshold, keep_probabilities=False))
+    decisions = [v for r in results[1:] for v in r.reused.values()]
+    if variant.forced is not None and any(d != variant.forced for d in decisions):
+        raise RuntimeError(f"{variant.name}: the forced gate did not decide {variant.forced} everywhere")
+    return [r.seconds for r in results[1:]], sum(decisions), len(decisions)
+
+
+def gflops_per_frame(variant: Variant, frames: list[tuple]) -> float:
+    """GFLOPs per frame over the frames after the first (an untimed run)."""
+    stream = variant.tracker.track(frames, threshold=variant.threshold, keep_probabilities=False)
     next(stream)
     with FlopCounterMode(display=False) as counter:
         for _ in stream:
             pass
-    return ms, counter.get_total_flops() / 1e9 / (len(frames) - 1)
+    return counter.get_total_flops() / 1e9 / (len(frames) - 1)
 
 
-def main(args: argparse.Namespace) -> None:
+def measure(variants: list[Variant], frames: list[tuple], repeats: int) -> dict[str, dict]:
+    """Alternating runs of all variants; per variant the median ms/frame, GFLOPs/frame and reuse rate."""
+    seconds = {v.name: [] for v in variants}
+    reused = {v.name: [0, 0] for v in variants}
+    for v in variants:  # warm-up: first calls allocate and pick kernels
+        track_once(v, frames[:2])
+    for _ in range(repeats):
+        for v in variants:
+            times, n_reused, n_tracked = track_once(v, frames)
+            seconds[v.name] += times
+            reused[v.name][0] += n_reused
+            reused[v.name][1] += n_tracked
+    return {v.name: {"ms": 1000 * float(np.median(seconds[v.name])), "gflops": gflops_per_frame(v, frames),
+                     "reuse_rate": reused[v.name][0] / max(1, reused[v.name][1])} for v in variants}
+
+
+COLUMNS = ("backbone", "obj", "FRTM ms", "comp ms", "reuse ms", "FRTM GF", "comp GF", "reuse GF",
+           "reuse/comp", "FLOPs", "FRTM/reuse", "gate cost")
+MODEL_COLUMNS = ("TH vs 1.0", "reused")
+
+
+def format_row(cells) -> str:
+    return f"{cells[0]:<10}" + "".join(f"{c:>12}" for c in cells[1:])
+
+
+def report_row(backbone: str, num_objects: int, m: dict[str, dict]) -> str:
+    frtm, comp, reuse = m["FRTM"], m["computed"], m["reused"]
+    cells = ([backbone, num_objects] + [f"{v['ms']:.0f}" for v in (frtm, comp, reuse)]
+             + [f"{v['gflops']:.1f}" for v in (frtm, comp, reuse)])
+    cells += [f"{reuse['ms'] / comp['ms']:.2f}", f"{reuse['gflops'] / comp['gflops']:.2f}",
+              f"{frtm['ms'] / reuse['ms']:.2f}x", f"{comp['ms'] / frtm['ms']:.2f}"]
+    trained = [k for k in m if k.startswith("model TH ") and k != "model TH 1.0"]
+    if trained:
+        base, ours = m["model TH 1.0"], m[trained[0]]
+        cells += [f"{base['ms'] / ours['ms']:.2f}x", f"{100 * ours['reuse_rate']:.0f}%"]
+    return format_row(cells)
+
+
+def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     h, w = args.size
-    print(f"{h}x{w}, {args.frames} frames, device {args.dev}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    header = (f"{'backbone':<10}{'obj':>4}{'computed ms':>13}{'reused ms':>11}{'computed GF':>13}{'reused GF':>11}"
-              f"{'time ratio':>12}{'FLOP ratio':>12}{'vs upstream (comp/reuse)':>27}")
-    print(header)
+    print(f"{h}x{w}, {args.frames} frames x {args.repeats} repeats (alternating, medians), device {args.dev}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(format_row(COLUMNS + (MODEL_COLUMNS if args.model else ())))
+    measured = {}
     for backbone, num_objects in args.configs:
         frames = make_frames(num_objects, args.frames, (h, w))
-        c_ms, c_gf = measure(backbone, num_objects, False, frames, args.dev)
-        r_ms, r_gf = measure(backbone, num_objects, True, frames, args.dev)
-        up = UPSTREAM_MS.get((backbone, num_objects))
-        vs = f"{up[0] / c_ms:.2f}x / {up[1] / r_ms:.2f}x" if up and (h, w) == (480, 854) else "-"
-        print(f"{backbone:<10}{num_objects:>4}{c_ms:>13.0f}{r_ms:>11.0f}{c_gf:>13.1f}{r_gf:>11.1f}"
-              f"{r_ms / c_ms:>12.2f}{r_gf / c_gf:>12.2f}{vs:>27}", flush=True)
+        m = measure(variants_for(backbone, args.dev, args.model, args.TH, args.backbone_weights), frames, args.repeats)
+        measured[(backbone, num_objects)] = m
+        print(report_row(backbone, num_objects, m), flush=True)
+    print("reuse/comp: time of a reused frame over a computed one (FLOPs: the same for FLOPs); FRTM/reuse: speed-up "
+          "of a reused frame over plain FRTM; gate cost: a computed frame (gate runs) over FRTM (no gate)"
+          + (f"; TH vs 1.0: the checkpoint's speed-up at TH {args.TH:g} over TH 1.0, and its reuse rate"
+             if args.model else ""))
+    return measured
 
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=image_size(32), default=(480, 854), help="frame size HxW (default 480x854, DAVIS 480p)")
-    p.add_argument("--frames", type=int, default=10, help="frames per run, the first one initializes")
+    p.add_argument("--frames", type=int, default=10, help="frames per run, the first one initializes (default 10)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="alternating runs of every variant; times are medians over all of them (default 3)")
     p.add_argument("--dev", default="cpu", help="device, e.g. cpu or cuda:0")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--configs", type=lambda s: [(b, int(n)) for b, n in (c.split(":") for c in s.split(","))],
                    default=[("resnet18", 1), ("resnet18", 2), ("resnet18", 3), ("resnet101", 1), ("resnet101", 3)],
                    help="comma-separated backbone:objects, e.g. resnet18:1,resnet101:3")
+    p.add_argument("--model", default=None,
+                   help="also time this checkpoint with its own gate at --TH against TH 1.0 on the same frames")
+    p.add_argument("--TH", type=threshold, default=0.7, help="reuse threshold for --model (default 0.7)")
+    p.add_argument("--backbone-weights", default="imagenet",
+                   help="backbone weights for --model: imagenet, a path, or random (default imagenet)")
     return p
 
 

@@ -3,13 +3,15 @@ backward, optimizer step) on a fixed batch, ours (one backward over the summed p
 next to upstream's way (a backward after every frame, each one back through the recurrent
 decoder state of all earlier frames, with retain_graph), and their ratio. Both give the same
 gradients: the largest difference is printed (tests/test_train_step_golden.py pins them to
-upstream's). Random weights, a synthetic batch, cached-target-model settings (c = 32).
+upstream's). Random weights, a synthetic batch, cached-target-model settings (c = 32). The two
+ways alternate step by step in one run and each time is a median: no timing is stored.
 
     python -m benchmarks.train_speed [--size 240x427] [--batch 2] [--frames 6] [--steps 3] [--dev cpu]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -45,19 +47,21 @@ def train_step(step: GFRTMStep, optimizer, images, labels, targets, per_frame: b
     optimizer.step()
 
 
-def seconds_per_step(step, optimizer, images, labels, targets, steps: int, per_frame: bool, device) -> float:
-    """Mean seconds per training step, after one warm-up step."""
-    times = []
+def step_seconds(step, optimizer, images, labels, targets, steps: int, device) -> dict[str, float]:
+    """Median seconds per training step of each way ("ours", "upstream"), the two alternating step
+    by step (so a shared machine's drift hits both alike), after one warm-up step of each."""
+    times = {"ours": [], "upstream": []}
     for i in range(steps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        train_step(step, optimizer, images, labels, targets, per_frame)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i > 0:
-            times.append(time.perf_counter() - start)
-    return sum(times) / len(times)
+        for name in times:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            train_step(step, optimizer, images, labels, targets, per_frame=name == "upstream")
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i > 0:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def gradients(step, images, labels, targets, per_frame: bool) -> dict:
@@ -97,8 +101,8 @@ def main(args: argparse.Namespace) -> None:
     with torch.no_grad():
         reuse_rate = step.loss(images, labels, targets, 1)[1]["reuse_rate"]
     optimizer = torch.optim.Adam(net.parameters(), lr=0.0, amsgrad=True)  # lr 0: the same batch each step
-    ours = seconds_per_step(step, optimizer, images, labels, targets, args.steps, False, device)
-    upstream = seconds_per_step(step, optimizer, images, labels, targets, args.steps, True, device)
+    seconds = step_seconds(step, optimizer, images, labels, targets, args.steps, device)
+    ours, upstream = seconds["ours"], seconds["upstream"]
     print(f"{args.ftext}, {h}x{w}, batch {args.batch} x {args.frames} frames, {device}, "
           f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}; gate reuse rate {reuse_rate:.2f}")
     print(f"ours (one backward):        {args.batch / ours:8.3f} samples/s  ({ours:.3f} s/step)")
@@ -112,7 +116,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--ftext", choices=["resnet18", "resnet101"], default="resnet18", help="backbone")
     p.add_argument("--batch", type=int, default=2, help="samples per batch (upstream: 8)")
     p.add_argument("--frames", type=int, default=6, help="frames per sample (upstream: 6)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps of each way, alternating (after one warm-up step each); medians")
     p.add_argument("--reuse-bias", type=float, default=0.1,
                    help="initial reuse logit bias of the gate (upstream 0.1 vs 2.0 for compute: mostly computing)")
     p.add_argument("--dev", default="cpu", help="device, e.g. cpu or cuda:0")

@@ -1,0 +1,69 @@
+"""Benchmarks compare numbers measured in the same run, never stored timings (and they run)."""
+from __future__ import annotations
+
+import ast
+import re
+
+import pytest
+
+from benchmarks import tracker_speed, train_speed
+
+from conftest import ROOT
+
+TIMING_NAME = re.compile(r"(^|_)(ms|fps|sec|secs|seconds|time|times|timing|timings|speed|reference|upstream|"
+                         r"baseline)(_|$)", re.IGNORECASE)
+
+
+def stored_timings(source: str) -> list[str]:
+    """Module- or class-level assignments that store numbers under a timing-like name, or tables
+    (dict / list / tuple literals) holding several numbers: where stored reference timings live."""
+    found = []
+
+    def numbers(node) -> int:
+        return sum(isinstance(n, ast.Constant) and type(n.value) in (int, float) for n in ast.walk(node))
+
+    def visit(body):
+        for node in body:
+            if isinstance(node, ast.ClassDef):
+                visit(node.body)
+            if not isinstance(node, (ast.Assign, ast.AnnAssign)) or node.value is None:
+                continue
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+            table = isinstance(node.value, (ast.Dict, ast.List, ast.Tuple, ast.Set)) and numbers(node.value) >= 2
+            if numbers(node.value) and (table or any(TIMING_NAME.search(n) for n in names)):
+                found.append(f"line {node.lineno}: {', '.join(names)}")
+    visit(ast.parse(source).body)
+    return found
+
+
+def test_the_check_finds_stored_timings():
+    assert stored_timings('UPSTREAM_MS = {("resnet18", 1): (403, 338), ("resnet18", 2): (763, 745)}\n')
+    assert stored_timings("REF = [0.41, 0.34]\n")
+    assert stored_timings("class Ref:\n    upstream_ms: float = 690.0\n")
+    assert not stored_timings('COLUMNS = ("backbone", "obj")\nWARMUP = 1\n')
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks").glob("*.py")), ids=lambda p: p.name)
+def test_no_stored_reference_timings(path):
+    assert stored_timings(path.read_text()) == [], f"{path.name} stores numbers a comparison could be made against"
+
+
+def test_tracker_speed_compares_within_one_run(capsys):
+    args = tracker_speed.get_parser().parse_args(["--size", "64x112", "--frames", "3", "--repeats", "1",
+                                                  "--configs", "resnet18:1", "--threads", "1"])
+    m = tracker_speed.main(args)[("resnet18", 1)]
+    assert set(m) == {"FRTM", "computed", "reused"}
+    assert m["reused"]["reuse_rate"] == 1 and m["computed"]["reuse_rate"] == 0 == m["FRTM"]["reuse_rate"]
+    # Reusing skips the high backbone and the deep decoder; plain FRTM skips the gate.
+    assert m["reused"]["gflops"] < m["FRTM"]["gflops"] < m["computed"]["gflops"]
+    out = capsys.readouterr().out
+    assert "reuse/comp" in out and "FRTM/reuse" in out and "vs upstream" not in out
+
+
+def test_train_speed_alternates(capsys):
+    args = train_speed.get_parser().parse_args(["--size", "64x96", "--batch", "1", "--frames", "2", "--steps", "1",
+                                                "--threads", "1"])
+    train_speed.main(args)
+    out = capsys.readouterr().out
+    assert "speed-up:" in out and "samples/s" in out
