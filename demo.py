@@ -23,9 +23,11 @@ import time
 from pathlib import Path
 
 
-from lib.cli import int_at_least, positive_float, resolve_device, run, threshold
-from lib.palette import write_label_png
-from lib.video_io import MaskSet, TrackerFeed, open_frames, processing_size, resize_labels
+from lib.cli import (UsageError, add_backbone_weights_flag, add_device_flag, add_num_aug_flag, add_seed_flag,
+                     add_threshold_flag, int_at_least, positive_float, resolve_device, run)
+from lib.image_io import resize_labels_nearest_exact, write_label_png
+from lib.video_io import MaskSet, TrackerFeed, open_frames, processing_size
+from lib.results import TrackingStats
 from lib.visualize import GifWriter, Mp4Writer, overlay, save_timeline_png, write_timeline
 
 
@@ -62,21 +64,11 @@ def get_parser() -> argparse.ArgumentParser:
     own.add_argument("--out", type=Path, default=None,
                      help="output folder (default ./demo_out/<video name>): masks/<frame>.png, "
                           "overlay.mp4, overlay.gif, timeline.json, timeline.png")
-    own.add_argument("--TH", type=threshold, default=0.7,
-                     help="reuse-gate threshold in [0, 1] (default 0.7, upstream's): an object reuses the "
-                          "previous frame's result when its reuse probability exceeds it; 1 = always "
-                          "compute (plain FRTM)")
-    own.add_argument("--dev", type=str, default=None,
-                     help="torch device: cpu, cuda, cuda:N (default cuda:0 when available, else cpu)")
-    own.add_argument("--num-aug", type=int_at_least(1), default=5,
-                     help="first-frame augmentations for the target model (default 5, as upstream "
-                          "evaluates; 1 = none)")
-    own.add_argument("--backbone-weights", type=str, default="imagenet",
-                     help="ResNet backbone weights: 'imagenet' (default; torchvision, cached, needs "
-                          "internet the first time), a path to a torchvision ResNet state dict, or "
-                          "'random' (tests only)")
-    own.add_argument("--seed", type=int, default=0,
-                     help="seed for the augmentations and the target-model initialization (default 0)")
+    add_threshold_flag(own)
+    add_device_flag(own)
+    add_num_aug_flag(own, default=5)
+    add_backbone_weights_flag(own)
+    add_seed_flag(own)
     own.add_argument("--max-size", type=_max_size, default=480,
                      help="frames whose shorter side exceeds this many pixels are tracked at that shorter "
                           "side (INTER_AREA), the masks resized back (nearest) to the frame size (default "
@@ -98,9 +90,9 @@ def get_parser() -> argparse.ArgumentParser:
 def run_own_video(args: argparse.Namespace) -> dict:
     """Segment args.video from args.mask with args.model; write the outputs; return a summary."""
     if args.mask is None:
-        raise ValueError("--mask is required with --video (the first frame's label PNG or a folder of them)")
+        raise UsageError("--mask is required with --video (the first frame's label PNG or a folder of them)")
     if args.model is None:
-        raise ValueError("--model is required with --video (a G-FRTM checkpoint)")
+        raise UsageError("--model is required with --video (a G-FRTM checkpoint)")
     if not Path(args.model).expanduser().is_file():
         raise FileNotFoundError(f"--model: checkpoint not found: {args.model}")
     bw = args.backbone_weights
@@ -126,39 +118,35 @@ def run_own_video(args: argparse.Namespace) -> dict:
           f"{f', tracked at {size[1]}x{size[0]}' if resized else ''}; objects {masks.object_ids}; "
           f"device {device}; threshold {args.TH}", flush=True)
     feed = TrackerFeed(frames, starts, size)
-    timeline = []
-    seconds = 0.0
+    stats = TrackingStats()
     start = time.perf_counter()
     with Mp4Writer(out / "overlay.mp4", args.fps_out) as mp4, \
             GifWriter(out / "overlay.gif", args.fps_out) as gif:
         for result in tracker.track(feed, args.TH, keep_probabilities=False):
             stem, rgb = feed.pop()
-            labels = resize_labels(result.labels.numpy(), (height, width))
+            labels = resize_labels_nearest_exact(result.labels.numpy(), (height, width))
             write_label_png(mask_dir / f"{stem}.png", labels)
             shown = overlay(rgb, labels)
             mp4.write(shown)
             gif.add(shown)
-            timeline.append({"frame": stem, "reused": dict(result.reused)})
-            seconds += result.seconds
-            if len(timeline) % 50 == 0:
-                print(f"  {len(timeline)} frames", flush=True)
+            stats.add(result, stem)
+            if stats.frames % 50 == 0:
+                print(f"  {stats.frames} frames", flush=True)
     unused = feed.unused()
     if unused:
-        raise ValueError(f"--mask: the masks of frames {sorted(unused)[:5]} were never used: {args.video} "
+        raise UsageError(f"--mask: the masks of frames {sorted(unused)[:5]} were never used: {args.video} "
                          f"has only {feed.count} frames")
 
-    fps = len(timeline) / seconds if seconds > 0 else float("nan")
-    write_timeline(out / "timeline.json", fps, timeline)
-    save_timeline_png(out / "timeline.png", {"fps": fps, "frames": timeline}, frames.name)
-    reused = sum(v for f in timeline for v in f["reused"].values())
-    tracked = sum(len(f["reused"]) for f in timeline)
-    summary = {"video": str(args.video), "out": str(out), "frames": len(timeline), "fps": fps,
-               "reused": int(reused), "tracked": int(tracked),
-               "reuse_rate": reused / tracked if tracked else float("nan"),
+    fps = stats.fps
+    write_timeline(out / "timeline.json", fps, stats.timeline)
+    save_timeline_png(out / "timeline.png", {"fps": fps, "frames": stats.timeline}, frames.name)
+    reused, tracked = stats.reused, stats.tracked
+    summary = {"video": str(args.video), "out": str(out), "frames": stats.frames, "fps": fps,
+               "reused": reused, "tracked": tracked, "reuse_rate": stats.reuse_rate,
                "size": (height, width), "tracking_size": size,
                "wall_seconds": time.perf_counter() - start}
     rate = f"{100.0 * reused / tracked:.1f}%" if tracked else "n/a"
-    print(f"{len(timeline)} frames, tracker {fps:.1f} FPS, reuse {rate} ({reused}/{tracked} object-frames)")
+    print(f"{stats.frames} frames, tracker {fps:.1f} FPS, reuse {rate} ({reused}/{tracked} object-frames)")
     print(f"wrote {mask_dir}/*.png, {out / 'overlay.mp4'}, {out / 'overlay.gif'}, "
           f"{out / 'timeline.json'}, {out / 'timeline.png'}")
     return summary
@@ -213,7 +201,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.video is not None:
         return run_own_video(args)
     if args.mask is not None:
-        raise ValueError("--mask needs --video (the video the mask belongs to)")
+        raise UsageError("--mask needs --video (the video the mask belongs to)")
     return run_main_job(args)
 
 

@@ -23,9 +23,10 @@ from tqdm import tqdm
 from dataset.davis import DAVISDataset, list_davis_sequences, resolve_davis_root
 from dataset.ytvos import YouTubeVOSDataset, resolve_ytvos_root, valid_frame_names
 from lib.metrics import format_table, write_results
-from lib.cli import int_at_least, resolve_device, run, threshold
+from lib.cli import (UsageError, add_backbone_weights_flag, add_device_flag, add_num_aug_flag, add_seed_flag,
+                     add_threshold_flag, resolve_device, run)
 from lib.metrics import json_safe
-from lib.results import (SequenceWriter, TrackingStats, check_ground_truth, evaluate_results_dir,
+from lib.results import (SequenceWriter, TrackingStats, evaluate_results_dir,
                          read_sequence_stats, results_dir, sequence_complete, summarize_tracking, write_json,
                          write_submission_zip)
 
@@ -71,22 +72,13 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--ftext", choices=("resnet18", "resnet101"), default=None,
                    help="feature extractor (backbone); checked against the checkpoint, inferred from it when "
                         "omitted")
-    g.add_argument("--backbone-weights", type=str, default="imagenet",
-                   help="backbone weights: 'imagenet' (torchvision IMAGENET1K_V1, downloaded once and cached), "
-                        "a path to a torchvision ResNet state dict, or 'random' (tests only: meaningless "
-                        "results) (default: imagenet)")
-    g.add_argument("--num-aug", type=int_at_least(1), default=5,
-                   help="first-frame augmentations for the target model, the original included; 1 = none "
-                        "(default: 5)")
+    add_backbone_weights_flag(g)
+    add_num_aug_flag(g, default=5)
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="fewer target-model optimizer steps, as upstream always evaluated (default: --fast)")
-    g.add_argument("--TH", "--tau", dest="TH", type=threshold, default=0.7, metavar="TH",
-                   help="reuse-gate threshold tau in [0, 1]: an object reuses the previous result when its "
-                        "reuse probability exceeds TH; 1.0 never reuses (plain FRTM) (default: 0.7)")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed of the first-frame augmentations and target-model initialization (default: 0)")
-    g.add_argument("--dev", type=str, default=None,
-                   help="device, e.g. cuda:0 or cpu (default: cuda:0 if CUDA is available, else cpu)")
+    add_threshold_flag(g)
+    add_seed_flag(g)
+    add_device_flag(g)
 
     g = parser.add_argument_group("data")
     g.add_argument("--dset", choices=tuple(DATASETS), default="dv2016val",
@@ -134,7 +126,7 @@ def resolve_model(model: Optional[str], models_dir: Path) -> Path:
         if not found:
             raise FileNotFoundError(f"no --model given and no checkpoint (*.pth) in the models directory "
                                     f"{models_dir.absolute()} (--models-dir / $RVOS_MODELS)")
-        raise ValueError(f"no --model given and {len(found)} checkpoints in {models_dir} "
+        raise UsageError(f"no --model given and {len(found)} checkpoints in {models_dir} "
                          f"({', '.join(p.name for p in found)}): pass --model")
     path = Path(model).expanduser()
     tried = [path]
@@ -159,12 +151,12 @@ def _requested(args) -> Optional[list[str]]:
 
 def _check_requested(requested: Optional[list[str]], names: list[str], where: str) -> list[str]:
     if not names:
-        raise ValueError(f"no sequences listed in {where}")
+        raise UsageError(f"no sequences listed in {where}")
     if requested is None:
         return names
     unknown = [n for n in requested if n not in names]
     if unknown:
-        raise ValueError(f"--sequences: {', '.join(unknown)} not in {where} "
+        raise UsageError(f"--sequences: {', '.join(unknown)} not in {where} "
                          f"({len(names)} sequences, e.g. {', '.join(names[:3])})")
     return [n for n in names if n in set(requested)]
 
@@ -211,7 +203,7 @@ class EvalData:
                 self.eval_frames[seq.name] = frames
         if args.dset in WITH_GROUND_TRUTH:
             for seq in self.sequences:
-                check_ground_truth(seq, self.eval_frames.get(seq.name))
+                seq.check_ground_truth(self.eval_frames.get(seq.name))
         for seq in self.sequences:
             expected = self.submission_videos.get(seq.name, [])
             missing = [f for f in expected if f not in seq.frame_names]
@@ -225,16 +217,14 @@ class EvalData:
 
 
 def _load_checkpoint(path: Path, ftext: Optional[str]) -> tuple[dict, str, bool]:
-    from models.checkpoint import network_state, read_checkpoint
+    from models.checkpoint import check_backbone, network_state, read_checkpoint
 
     ckpt = read_checkpoint(path)
     try:
         _, backbone, has_gate = network_state(ckpt)
     except KeyError as exc:
-        raise ValueError(f"checkpoint {path} (--model) is not a G-FRTM/FRTM checkpoint: {exc.args[0]}") from exc
-    if ftext is not None and ftext != backbone:
-        raise ValueError(f"--ftext {ftext} does not match the checkpoint {path} (--model), which was trained with "
-                         f"{backbone}: pass --ftext {backbone} (or leave --ftext out), or another checkpoint")
+        raise UsageError(f"checkpoint {path} (--model) is not a G-FRTM/FRTM checkpoint: {exc.args[0]}") from exc
+    check_backbone(backbone, ftext, f"the checkpoint {path} (--model)")
     return ckpt, backbone, has_gate
 
 
@@ -305,7 +295,7 @@ def main(args) -> dict:
             tracker = build_tracker(ckpt, device=device, fast=args.fast, num_aug=args.num_aug,
                                     backbone_weights=args.backbone_weights, ftext=args.ftext, seed=args.seed)
         except KeyError as exc:
-            raise ValueError(f"checkpoint {checkpoint} (--model): {exc.args[0]}") from exc
+            raise UsageError(f"checkpoint {checkpoint} (--model): {exc.args[0]}") from exc
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # as upstream
             # Untimed warm-up (CUDA context, cuDNN autotuning), like upstream's speedrun.

@@ -19,9 +19,10 @@ import torch.distributed as dist
 
 from dataset.synthetic import make_davis_like
 from dataset.training import SAMPLE_SIZE, build_sources
-from lib.cli import image_size, int_at_least, positive_float, resolve_device, run
+from lib.cli import (UsageError, add_backbone_weights_flag, add_device_flag, add_num_aug_flag, add_seed_flag,
+                     image_size, int_at_least, positive_float, resolve_device, run)
 from models.backbone import Backbone
-from models.checkpoint import load_network_state, network_state, read_checkpoint
+from models.checkpoint import check_backbone, load_network_state, network_state, read_checkpoint
 from models.network import GFRTM
 from trainers.gfrtm_step import GateLossConfig, GFRTMStep
 from trainers.tmcache import TargetModelCache
@@ -50,9 +51,6 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--dset", choices=["all", "dv2017", "ytvos2018", "yt2018", "synthetic"], default="all",
                    help="training data: dv2017 (DAVIS 2017 train), ytvos2018 / yt2018 (YouTube-VOS 2018 jjtrain), "
                         "all (both, default), synthetic (a generated DAVIS-layout set, see --synthetic-root)")
-    p.add_argument("--dev", type=str, default=None,
-                   help="device, e.g. cuda:0 or cpu (default: cuda:0 if available); under torchrun each process "
-                        "uses cuda:LOCAL_RANK, or the CPU with --dev cpu")
     p.add_argument("--m1", type=float, default=1.0,
                    help="gate margin m1 (upstream: 1.0 for DAVIS, 0.5 for YouTube-VOS): margin = m1 * min(1, epoch / "
                         "marginEp), logged; applied as a floor on the gate's IoU target only with --apply-margin")
@@ -100,17 +98,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-epoch", type=int_at_least(1), default=None,
                    help="cap the samples of an epoch, over all processes (default: upstream's, 8 per DAVIS object "
                         "and 4000 YouTube-VOS objects)")
-    p.add_argument("--num-aug", type=int_at_least(1), default=15,
-                   help="augmented first-frame images for training a missing cached target model (default 15)")
     p.add_argument("--clip-grad", type=non_negative_float, default=0.0,
                    help="clip the gradient norm to this (default 0: off, as upstream)")
     p.add_argument("--workers", type=int_at_least(0), default=4, help="data-loader worker processes (default 4)")
-    p.add_argument("--backbone-weights", type=str, default="imagenet",
-                   help="backbone weights: imagenet (torchvision, cached), a path to a ResNet state dict, or random "
-                        "(seeded by --seed; tests only) (default imagenet)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the network's initialization, the samples and their order, and the augmentations "
-                        "(default 0); the global RNGs are left alone")
+    add_device_flag(p)
+    add_num_aug_flag(p, default=15)
+    add_backbone_weights_flag(p)
+    add_seed_flag(p)
     return p
 
 
@@ -124,8 +118,7 @@ def build_network(args) -> GFRTM:
         net.reuse_gate.conv2.bias.copy_(torch.tensor(GATE_LAST_BIAS))
     if args.initPth is not None:
         state, backbone, has_gate = network_state(read_checkpoint(args.initPth))
-        if backbone != args.ftext:
-            raise ValueError(f"--initPth {args.initPth} was trained with {backbone}, not --ftext {args.ftext}")
+        check_backbone(backbone, args.ftext, f"--initPth {args.initPth}")
         if not has_gate:  # FRTM: decoder and upsampler only, the gate parts stay fresh
             state = {**{k: v for k, v in net.state_dict().items() if k not in state}, **state}
         load_network_state(net, state)

@@ -14,9 +14,9 @@ import argparse
 from pathlib import Path
 from typing import Optional
 
-from lib.cli import int_at_least, number_in, positive_float, run
-from lib.palette import read_image, read_label_png
-from lib.video_io import natural_key, resize_labels, same_aspect
+from lib.cli import UsageError, int_at_least, number_in, positive_float, run
+from lib.image_io import read_image, read_label_png, resize_labels_nearest_exact
+from lib.video_io import natural_key, same_aspect
 from lib.visualize import GIF_MAX_WIDTH, load_timeline, save_timeline_png, write_overlays
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -84,9 +84,9 @@ def _pairs(results: Path, frames: Path, seq: str):
         labels = read_label_png(mask_path)
         if labels.shape != image.shape[:2]:
             if not same_aspect(labels.shape, image.shape[:2]):
-                raise ValueError(f"--results: mask {mask_path} is {labels.shape[1]}x{labels.shape[0]} but its "
+                raise UsageError(f"--results: mask {mask_path} is {labels.shape[1]}x{labels.shape[0]} but its "
                                  f"frame is {image.shape[1]}x{image.shape[0]} (another resolution of the frames?)")
-            labels = resize_labels(labels, image.shape[:2])
+            labels = resize_labels_nearest_exact(labels, image.shape[:2])
         yield image, labels
 
 
@@ -99,7 +99,7 @@ def main(args: argparse.Namespace) -> dict:
         raise FileNotFoundError(f"--frames: no such directory: {frames}")
     out = Path(args.out) if args.out is not None else results / "vis"
     if out.resolve() == results.resolve() or (out.is_dir() and _mask_files(out)):
-        raise ValueError(f"--out {out} must not be the results directory or a folder of label PNGs "
+        raise UsageError(f"--out {out} must not be the results directory or a folder of label PNGs "
                          f"(its outputs would be taken for results)")
     if args.sequences:
         sequences = list(args.sequences)
@@ -107,11 +107,11 @@ def main(args: argparse.Namespace) -> dict:
             if not (results / seq).is_dir():
                 raise FileNotFoundError(f"--sequences: no results for {seq!r} ({results / seq} does not exist)")
             if not _mask_files(results / seq):
-                raise ValueError(f"--sequences: {results / seq} holds no label PNGs")
+                raise UsageError(f"--sequences: {results / seq} holds no label PNGs")
     else:
         sequences = list_sequences(results, skip=out)
         if not sequences:
-            raise ValueError(f"--results: {results} has no <seq>/ folder holding label PNGs")
+            raise UsageError(f"--results: {results} has no <seq>/ folder holding label PNGs")
     for seq in sequences:
         if not (frames / seq).is_dir():
             raise FileNotFoundError(f"--frames: no frame folder {frames / seq} for sequence {seq}")

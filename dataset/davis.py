@@ -15,7 +15,8 @@ from typing import Iterable, Optional
 import numpy as np
 
 from dataset.sequence import VOID_LABEL, Sequence, SequenceList
-from lib.palette import read_label_png
+from lib.cli import UsageError
+from lib.image_io import read_label_png
 
 ROOT_HINT = "set the DAVIS root with --davis-root or the DAVIS_ROOT environment variable"
 YEARS = ("2016", "2017")
@@ -103,7 +104,7 @@ class DAVISDataset(SequenceList):
             wanted = list(sequences)
             unknown = [s for s in wanted if s not in names]
             if unknown:
-                raise ValueError(f"sequences {unknown} are not in DAVIS {year} {split} "
+                raise UsageError(f"sequences {unknown} are not in DAVIS {year} {split} "
                                  f"({self.root / 'ImageSets' / year / (split + '.txt')})")
             names = [n for n in names if n in set(wanted)]
         # Fail now rather than hours into a run.
@@ -123,7 +124,7 @@ class DAVISDataset(SequenceList):
         labels = read_label_png(first_annotation)
         obj_ids = [int(i) for i in np.unique(labels) if i != 0 and i != VOID_LABEL]
         if not obj_ids:
-            raise ValueError(f"first-frame annotation {first_annotation} contains no object "
+            raise UsageError(f"first-frame annotation {first_annotation} contains no object "
                              f"(all pixels are background)")
         return Sequence(name, files.image_paths, files.annotation_paths,
                         {obj_id: first for obj_id in obj_ids},

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lib.palette import read_image, read_label_png
+from lib.cli import UsageError
+from lib.image_io import read_image, read_label_png
 
 VOID_LABEL = 255  # DAVIS "void" pixels: never an object
 
@@ -39,19 +40,19 @@ class Sequence:
         self.dataset = dataset
         self.image_paths = [Path(p) for p in image_paths]
         if not self.image_paths:
-            raise ValueError(f"sequence {name!r} has no frames")
+            raise UsageError(f"sequence {name!r} has no frames")
         self.frame_names = [p.stem for p in self.image_paths]
         self.annotation_paths = {k: Path(v) for k, v in annotation_paths.items()}
         self.merge_objects = merge_objects
 
         start_frames = {int(k): str(v) for k, v in start_frames.items()}
         if not start_frames:
-            raise ValueError(f"sequence {name!r} has no objects")
+            raise UsageError(f"sequence {name!r} has no objects")
         for obj_id, frame in start_frames.items():
             if obj_id <= 0 or obj_id >= VOID_LABEL:
-                raise ValueError(f"sequence {name!r}: invalid object id {obj_id}")
+                raise UsageError(f"sequence {name!r}: invalid object id {obj_id}")
             if frame not in self.frame_names:
-                raise ValueError(f"sequence {name!r}: object {obj_id} starts at frame {frame!r}, "
+                raise UsageError(f"sequence {name!r}: object {obj_id} starts at frame {frame!r}, "
                                  f"but there is no such image (expected "
                                  f"{self.image_paths[0].parent / (frame + '.jpg')})")
             annotation = self.annotation_paths.get(frame)
@@ -105,28 +106,49 @@ class Sequence:
         else:
             labels = np.where(np.isin(raw, new_ids), raw, 0).astype(np.uint8)
         if not labels.any():
-            raise ValueError(f"annotation {path} has no pixel of the object(s) {new_ids} that "
+            raise UsageError(f"annotation {path} has no pixel of the object(s) {new_ids} that "
                              f"start in this frame (labels present: {np.unique(raw).tolist()})")
         return labels
 
-    def ground_truth(self) -> Optional[np.ndarray]:
-        """All frames' labels, T x H x W uint8 (merged to 0/1 for DAVIS 2016), or None when
-        some frame has no annotation file (e.g. YouTube-VOS valid)."""
-        if any(f not in self.annotation_paths for f in self.frame_names):
-            return None
-        frames = []
-        for frame in self.frame_names:
-            path = self.annotation_paths[frame]
+    def annotation_path(self, frame: str) -> Path:
+        """The ground-truth PNG of a frame: the known path, else <annotation dir>/<frame>.png (the
+        annotation directory being that of the sequence's first annotated frame)."""
+        known = self.annotation_paths.get(frame)
+        if known is not None:
+            return known
+        return next(iter(self.annotation_paths.values())).parent / f"{frame}.png"
+
+    def check_ground_truth(self, frames: Optional[SequenceType[str]] = None) -> None:
+        """FileNotFoundError naming the first missing annotation of `frames` (default: all)."""
+        for frame in frames if frames is not None else self.frame_names:
+            path = self.annotation_path(frame)
+            if not path.is_file():
+                raise FileNotFoundError(f"annotation of frame {frame!r} of sequence {self.name!r} not found: "
+                                        f"{path} (every evaluated frame needs one to compute J&F)")
+
+    def ground_truth(self, frames: Optional[SequenceType[str]] = None) -> Optional[np.ndarray]:
+        """Labels of `frames` (default: all), T x H x W uint8 (merged to 0/1 for DAVIS 2016).
+
+        Without `frames`: None when some frame has no annotation (e.g. YouTube-VOS valid). With
+        `frames`: each needs an annotation file (FileNotFoundError names the first missing one)."""
+        if frames is None:
+            if any(f not in self.annotation_paths for f in self.frame_names):
+                return None
+            frames = self.frame_names
+        self.check_ground_truth(frames)
+        out = []
+        for frame in frames:
+            path = self.annotation_path(frame)
             labels = read_label_png(path)
             self._check_size(labels.shape, path)
             if self.merge_objects:
                 labels = ((labels != 0) & (labels != VOID_LABEL)).astype(np.uint8)
-            frames.append(labels)
-        return np.stack(frames)
+            out.append(labels)
+        return np.stack(out)
 
     def _check_size(self, shape, path: Path) -> None:
         if tuple(shape) != self.size:
-            raise ValueError(f"{path} is {shape[0]}x{shape[1]} (HxW), but sequence {self.name!r} "
+            raise UsageError(f"{path} is {shape[0]}x{shape[1]} (HxW), but sequence {self.name!r} "
                              f"has frames of {self.size[0]}x{self.size[1]}")
 
     @staticmethod
@@ -137,7 +159,7 @@ class Sequence:
             with Image.open(path) as im:
                 width, height = im.size
         except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"cannot decode image {path}: {exc}") from exc
+            raise UsageError(f"cannot decode image {path}: {exc}") from exc
         return height, width
 
     def __repr__(self) -> str:

@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image
 
 from lib.cli import image_size
-from lib.palette import atomic_write_bytes, write_label_png
+from lib.fileio import atomic_write_bytes
+from lib.image_io import write_label_png
 
 YTVOS_STEP = 5  # YouTube-VOS annotates (and its non-"all_frames" splits hold) every 5th frame
 

@@ -21,19 +21,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from lib.palette import atomic_write_bytes, read_image, read_label_png
+from lib.cli import UsageError
+from lib.fileio import atomic_write_bytes
+from lib.image_io import read_image, read_label_png, resize_image_bilinear, resize_labels_nearest
 
 from .davis import list_davis_sequences, resolve_davis_root
 from .ytvos import read_sequence_list, resolve_ytvos_root
@@ -74,24 +73,6 @@ class SampleSpec:
 
     def describe(self, frame_names: Sequence[str]) -> str:
         return f"{self.sequence}/object {self.object_id}/frames {[frame_names[f] for f in self.frames]}"
-
-
-def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a label map (H x W, uint8) to size (h, w), as upstream (torch's
-    'nearest'); the same function is used for visibility and for the samples."""
-    if label.shape == tuple(size):
-        return label
-    t = torch.from_numpy(np.ascontiguousarray(label)).float()[None, None]
-    return F.interpolate(t, size, mode="nearest")[0, 0].to(torch.uint8).numpy()
-
-
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of an RGB frame to size (h, w). Upstream meant INTER_AREA / INTER_CUBIC but
-    passed them as cv2.resize's `dst` argument, so it resized bilinearly; so do we."""
-    h, w = size
-    if image.shape[:2] == (h, w):
-        return image
-    return cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
 def davis_visibility(sequence: str, counts: np.ndarray) -> np.ndarray:
@@ -165,7 +146,7 @@ class TrainingSource:
         self.objects = [(seq, int(obj)) for seq, ref in self.reference.items()
                         for obj in np.nonzero(ref.any(axis=0))[0]]
         if not self.objects:
-            raise ValueError(f"{name}: no sequence with a visible object and >= {min_length} annotated frames "
+            raise UsageError(f"{name}: no sequence with a visible object and >= {min_length} annotated frames "
                              f"under {self.label_dir}")
 
     def _pixel_counts(self, sequences: Sequence[str], cache_dir: Path) -> dict:
@@ -188,7 +169,7 @@ class TrainingSource:
             for p in paths:
                 label = read_label_png(p)
                 original.append(np.bincount(label.ravel(), minlength=1).tolist())
-                resized.append(np.bincount(resize_label(label, self.size).ravel(), minlength=1).tolist())
+                resized.append(np.bincount(resize_labels_nearest(label, self.size).ravel(), minlength=1).tolist())
             width = max([len(r) for r in original] or [1])
             data[seq] = {"frames": [p.stem for p in paths],
                          "counts": [r + [0] * (width - len(r)) for r in original],
@@ -247,7 +228,7 @@ def build_sources(dset: str, davis_root: Optional[str], ytvos_root: Optional[str
                                       min_length=sample_size + 2, visibility=plain_visibility,
                                       samples_per_epoch=YTVOS_SAMPLES_PER_EPOCH))
     if not sources:
-        raise ValueError(f"unknown --dset {dset!r}: use dv2017, ytvos2018 (yt2018), all or synthetic")
+        raise UsageError(f"unknown --dset {dset!r}: use dv2017, ytvos2018 (yt2018), all or synthetic")
     return sources
 
 
@@ -281,16 +262,45 @@ class TrainingSamples(Dataset):
                            f"{self.describe(i)}; check the data set")
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample `index` without replacement: images (T, 3, H, W), labels (T, 1, H, W), uint8."""
         spec = self.specs[index]
+        frames = [self._frame(spec, f) for f in spec.frames]
+        return torch.stack([image for image, _ in frames]), torch.stack([label for _, label in frames])
+
+    def reference(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference frame of sample `index` as load() gives it: image (3, H, W), mask (1, H, W)."""
+        spec = self.specs[index]
+        return self._frame(spec, spec.frames[0])
+
+    def _frame(self, spec: SampleSpec, frame: int) -> tuple[torch.Tensor, torch.Tensor]:
         src = self.sources[spec.source]
-        images, labels = [], []
-        for f in spec.frames:
-            name = src.frame_names[spec.sequence][f]
-            image = resize_image(read_image(src.image_dir / spec.sequence / f"{name}.jpg"), self.size)
-            label = resize_label(read_label_png(src.label_dir / spec.sequence / f"{name}.png"), self.size)
-            images.append(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))))
-            labels.append(torch.from_numpy((label == spec.object_id).astype(np.uint8))[None])
-        return torch.stack(images), torch.stack(labels)
+        name = src.frame_names[spec.sequence][frame]
+        image = resize_image_bilinear(read_image(src.image_dir / spec.sequence / f"{name}.jpg"), self.size)
+        label = resize_labels_nearest(read_label_png(src.label_dir / spec.sequence / f"{name}.png"), self.size)
+        return (torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                torch.from_numpy((label == spec.object_id).astype(np.uint8))[None])
+
+
+class References(Dataset):
+    """The reference frames of some samples of a TrainingSamples, for filling the target-model
+    cache in DataLoader workers: item i is (sample index, image (3, H, W), mask (1, H, W)), or
+    (sample index, None, None) when the frame cannot be read (logged; the epoch replaces that
+    sample by another, as TrainingSamples does)."""
+
+    def __init__(self, samples: TrainingSamples, indices: Sequence[int]):
+        self.samples = samples
+        self.indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        index = self.indices[i]
+        try:
+            return (index, *self.samples.reference(index))
+        except (OSError, ValueError) as exc:
+            log.warning("cannot read the reference frame of sample %s: %s", self.samples.describe(index), exc)
+            return index, None, None
 
 
 def epoch_samples(sources: Sequence[TrainingSource], seed: int, epoch: int, sample_size: int) -> list[SampleSpec]:
@@ -298,6 +308,3 @@ def epoch_samples(sources: Sequence[TrainingSource], seed: int, epoch: int, samp
     rng = np.random.default_rng([seed, epoch])
     return [spec for i, src in enumerate(sources) for spec in src.sample(rng, sample_size, i)]
 
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("RVOS_CACHE", "./save_dir/cache"))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from dataset.sequence import Sequence, SequenceList
+from lib.cli import UsageError
 
 ROOT_HINT = "set the YouTube-VOS root with --ytvos-root or the YTVOS_ROOT environment variable"
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
@@ -60,10 +61,10 @@ def read_meta(path: Path) -> dict:
     try:
         videos = json.loads(path.read_text())["videos"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is not a YouTube-VOS meta.json "
+        raise UsageError(f"{path} is not a YouTube-VOS meta.json "
                          f"({{\"videos\": {{vid: {{\"objects\": ...}}}}}}): {exc}") from exc
     if not isinstance(videos, dict):
-        raise ValueError(f"{path}: \"videos\" must be a dict of video id -> info")
+        raise UsageError(f"{path}: \"videos\" must be a dict of video id -> info")
     return videos
 
 
@@ -119,7 +120,7 @@ class YouTubeVOSDataset(SequenceList):
             wanted = list(sequences)
             unknown = [s for s in wanted if s not in names]
             if unknown:
-                raise ValueError(f"sequences {unknown} are not in YouTube-VOS split {split}")
+                raise UsageError(f"sequences {unknown} are not in YouTube-VOS split {split}")
             names = [n for n in names if n in set(wanted)]
         # Fail now rather than hours into a run.
         for directory in (self.image_dir, self.annotation_dir):
@@ -135,12 +136,12 @@ class YouTubeVOSDataset(SequenceList):
     def start_frames(self, name: str) -> dict[int, str]:
         """Object id -> first frame name, from meta.json."""
         if name not in self.meta:
-            raise ValueError(f"video {name!r} is not in {self.meta_path}")
+            raise UsageError(f"video {name!r} is not in {self.meta_path}")
         try:
             objects = self.meta[name]["objects"]
             return {int(obj_id): str(info["frames"][0]) for obj_id, info in objects.items()}
         except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise ValueError(f"{self.meta_path}: malformed entry for video {name!r}: {exc}") from exc
+            raise UsageError(f"{self.meta_path}: malformed entry for video {name!r}: {exc}") from exc
 
     def sequence(self, name: str) -> Sequence:
         image_dir = self.image_dir / name

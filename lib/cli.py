@@ -1,4 +1,10 @@
-"""Argument types, device resolution and the error handling shared by the scripts."""
+"""What the scripts share: argument types, the flags several scripts take (declared once here),
+device resolution, and the error handling of `run`.
+
+User mistakes (a wrong flag value, a missing or unusable file) raise `UsageError` (or
+FileNotFoundError): `run` prints them as one `error: ...` line and exits with status 2. Any other
+exception is a bug and keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,6 +13,11 @@ import sys
 from typing import Callable, Optional
 
 import torch
+
+
+class UsageError(ValueError):
+    """A mistake in the user's input (flag, path, data file); the message says which flag or path
+    fixes it. A ValueError, so library callers can catch it as one."""
 
 
 def number_in(low: float, high: float, what: str = "") -> Callable[[str], float]:
@@ -27,18 +38,25 @@ def number_in(low: float, high: float, what: str = "") -> Callable[[str], float]
 threshold = number_in(0.0, 1.0, " (reuse iff p_reuse > TH; 1 never reuses)")
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """argparse type: an integer >= minimum."""
+def int_in(low: int, high: Optional[int] = None, what: str = "") -> Callable[[str], int]:
+    """argparse type: an integer in [low, high] (high None: no upper bound)."""
+    wanted = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
+
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"must be {wanted}{what}, got {text!r}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {wanted}{what}, got {text!r}")
         return value
-    parse.__name__ = f"integer >= {minimum}"
+    parse.__name__ = wanted[3:]
     return parse
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= minimum."""
+    return int_in(minimum)
 
 
 def image_size(minimum: int = 16) -> Callable[[str], tuple[int, int]]:
@@ -76,14 +94,14 @@ def resolve_device(dev: Optional[str]) -> tuple[torch.device, str]:
     try:
         device = torch.device(dev)
     except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"--dev {dev!r} is not a device ({exc}); use e.g. cuda:0 or cpu") from exc
+        raise UsageError(f"--dev {dev!r} is not a device ({exc}); use e.g. cuda:0 or cpu") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--dev {dev}: CUDA is not available on this machine (torch {torch.__version__}); "
+            raise UsageError(f"--dev {dev}: CUDA is not available on this machine (torch {torch.__version__}); "
                              f"use --dev cpu")
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index >= torch.cuda.device_count():
-            raise ValueError(f"--dev {dev}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise UsageError(f"--dev {dev}: only {torch.cuda.device_count()} CUDA device(s) here")
         device = torch.device("cuda", index)
         name = torch.cuda.get_device_name(index)
     elif device.type == "cpu":
@@ -93,14 +111,61 @@ def resolve_device(dev: Optional[str]) -> tuple[torch.device, str]:
     return device, f"{device} ({name}; {why})"
 
 
+# ---------------------------------------------------------------------------------------------
+# Flags several scripts take: each declared here once, with one help text.
+
+
+def add_device_flag(parser) -> None:
+    """--dev (evaluate.py, demo.py, train.py)."""
+    parser.add_argument("--dev", type=str, default=None,
+                        help="torch device, e.g. cuda:0 or cpu (default: cuda:0 if CUDA is available, else cpu); "
+                             "under torchrun each process uses cuda:LOCAL_RANK, or the CPU with --dev cpu")
+
+
+def add_seed_flag(parser) -> None:
+    """--seed (evaluate.py, demo.py, train.py)."""
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of everything random in the run: first-frame augmentations and target-model "
+                             "initialization; in training also the network's initialization and the samples and "
+                             "their order; a random backbone (default 0). The global RNGs are left alone")
+
+
+def add_backbone_weights_flag(parser) -> None:
+    """--backbone-weights (evaluate.py, demo.py, train.py)."""
+    parser.add_argument("--backbone-weights", type=str, default="imagenet",
+                        help="ResNet backbone weights: 'imagenet' (torchvision IMAGENET1K_V1, downloaded once and "
+                             "cached), a path to a torchvision ResNet state dict, or 'random' (seeded by --seed; "
+                             "tests only: meaningless results) (default: imagenet)")
+
+
+def add_num_aug_flag(parser, default: int) -> None:
+    """--num-aug (evaluate.py and demo.py: 5, as upstream evaluates; train.py: 15, as upstream
+    trains its cached target models)."""
+    parser.add_argument("--num-aug", type=int_at_least(1), default=default,
+                        help="first-frame images a target model is trained on: the frame and its augmentations; "
+                             "1 = the frame alone (default %(default)s)")
+
+
+def add_threshold_flag(parser) -> None:
+    """--TH, alias --tau (evaluate.py, demo.py)."""
+    parser.add_argument("--TH", "--tau", dest="TH", type=threshold, default=0.7, metavar="TH",
+                        help="reuse-gate threshold tau in [0, 1]: an object reuses the previous frame's result "
+                             "when its reuse probability exceeds TH; 1.0 never reuses (plain FRTM) "
+                             "(default: 0.7, upstream's)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a script
+
+
 def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
         interrupted: str = "interrupted") -> None:
-    """Parse the command line and run main(args): a FileNotFoundError / ValueError becomes one
-    `error: ...` line on stderr and exit status 2 (no traceback); Ctrl-C exits 130.
-    (FloatingPointError: training stopped on a non-finite loss.)"""
+    """Parse the command line and run main(args). A user mistake (UsageError, FileNotFoundError)
+    or a stopped training (FloatingPointError: non-finite loss) becomes one `error: ...` line on
+    stderr and exit status 2; Ctrl-C exits 130; anything else keeps its traceback."""
     try:
         main(parser.parse_args())
-    except (FileNotFoundError, ValueError, FloatingPointError) as exc:
+    except (UsageError, FileNotFoundError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -27,7 +27,7 @@ from typing import Iterable, Mapping, Sequence
 import cv2
 import numpy as np
 
-from lib.palette import atomic_write_bytes
+from lib.fileio import atomic_write_bytes
 
 BOUNDARY_TOLERANCE = 0.008  # fraction of the image diagonal
 STATISTICS = ("mean", "recall", "decay")

@@ -32,13 +32,14 @@ from typing import Iterable, Mapping, Optional, Sequence as SequenceType
 
 import numpy as np
 
-from lib.metrics import evaluate_results, evaluate_sequence, json_safe
-from lib.palette import atomic_write_bytes, read_label_png, write_label_png
+from lib.cli import UsageError
+from lib.fileio import UMASK, atomic_write_bytes
+from lib.image_io import read_label_png, write_label_png
+from lib.metrics import evaluate_results, json_safe
 
 RESULT_SUBDIR = "result"
 STATS_FILE = ".tracking.json"  # per-sequence tracking statistics, inside the sequence directory
 _PARTIAL = ".partial"
-_VOID_LABEL = 255
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ class SequenceWriter:
             if own.fullmatch(stale.name):
                 shutil.rmtree(stale, ignore_errors=True)
         self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.name}.", suffix=_PARTIAL, dir=self.results_dir))
-        os.chmod(self.tmp_dir, 0o777 & ~_UMASK)
+        os.chmod(self.tmp_dir, 0o777 & ~UMASK)
         return self
 
     def write(self, frame_name: str, labels) -> Path:
@@ -150,15 +151,6 @@ class SequenceWriter:
         return False
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)  # can only be read by setting it; done once, at import
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
 def sequence_complete(results_directory: str | os.PathLike, name: str,
                       frame_names: Optional[SequenceType[str]] = None) -> bool:
     """Whether `name` was written completely by SequenceWriter (statistics file present and,
@@ -178,7 +170,7 @@ def read_sequence_stats(results_directory: str | os.PathLike, name: str) -> dict
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"cannot parse {path}: {exc}") from exc
+        raise UsageError(f"cannot parse {path}: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,12 +191,25 @@ class TrackingStats:
         self.objects: dict[int, dict[str, int]] = {}
         self.timeline: list[dict] = []  # per frame: {"frame": name, "reused": {"id": bool}}
 
+    @classmethod
+    def from_timeline(cls, frames: Iterable[Mapping]) -> "TrackingStats":
+        """The statistics of a timeline ({"frame", "reused": {id: bool}} per frame, as in
+        timeline.json), without tracker time."""
+        stats = cls()
+        for f in frames:
+            stats._record(str(f["frame"]), f["reused"])
+        return stats
+
     def add(self, frame_result, frame_name: str = "") -> None:
-        self.frames += 1
+        """Count one tracker result (models.FrameResult: `seconds`, `reused` {id: bool})."""
         self.seconds += float(frame_result.seconds)
-        self.timeline.append({"frame": frame_name,
-                              "reused": {str(k): bool(v) for k, v in sorted(frame_result.reused.items())}})
-        for obj_id, reused in frame_result.reused.items():
+        self._record(frame_name, frame_result.reused)
+
+    def _record(self, frame_name: str, reused_by_id: Mapping) -> None:
+        self.frames += 1
+        self.timeline.append({"frame": frame_name, "reused": {str(k): bool(v) for k, v in
+                                                              sorted(reused_by_id.items(), key=lambda kv: int(kv[0]))}})
+        for obj_id, reused in reused_by_id.items():
             entry = self.objects.setdefault(int(obj_id), {"tracked": 0, "reused": 0})
             entry["tracked"] += 1
             entry["reused"] += int(bool(reused))
@@ -262,41 +267,6 @@ def _finite(value) -> bool:
 # Metrics on a results directory
 
 
-def annotation_path(sequence, frame: str) -> Path:
-    """The ground-truth PNG of a frame: the known path, else <annotation dir>/<frame>.png (the
-    annotation directory being that of the sequence's first annotated frame)."""
-    known = sequence.annotation_paths.get(frame)
-    if known is not None:
-        return Path(known)
-    anno_dir = Path(next(iter(sequence.annotation_paths.values()))).parent
-    return anno_dir / f"{frame}.png"
-
-
-def check_ground_truth(sequence, frames: Optional[SequenceType[str]] = None) -> None:
-    """FileNotFoundError naming the first missing annotation of the evaluated frames."""
-    for frame in frames if frames is not None else sequence.frame_names:
-        path = annotation_path(sequence, frame)
-        if not path.is_file():
-            raise FileNotFoundError(f"annotation of frame {frame!r} of sequence {sequence.name!r} not found: "
-                                    f"{path} (every evaluated frame needs one to compute J&F)")
-
-
-def read_ground_truth(sequence, frames: Optional[SequenceType[str]] = None) -> np.ndarray:
-    """Ground-truth labels of `frames` (default: all) as T x H x W uint8; objects merged to id 1
-    when the sequence merges objects (DAVIS 2016)."""
-    frames = list(frames if frames is not None else sequence.frame_names)
-    check_ground_truth(sequence, frames)
-    out = []
-    for frame in frames:
-        path = annotation_path(sequence, frame)
-        labels = read_label_png(path)
-        _check_shape(labels, sequence.size, path)
-        if getattr(sequence, "merge_objects", False):
-            labels = ((labels != 0) & (labels != _VOID_LABEL)).astype(np.uint8)
-        out.append(labels)
-    return np.stack(out)
-
-
 def read_predictions(sequence_dir: str | os.PathLike, frames: SequenceType[str],
                      size: Optional[tuple[int, int]] = None) -> np.ndarray:
     """Label PNGs <sequence_dir>/<frame>.png as T x H x W uint8."""
@@ -315,7 +285,7 @@ def read_predictions(sequence_dir: str | os.PathLike, frames: SequenceType[str],
 
 def _check_shape(labels: np.ndarray, size, path: Path) -> None:
     if tuple(labels.shape) != tuple(size):
-        raise ValueError(f"{path} is {labels.shape[0]}x{labels.shape[1]} (HxW), expected "
+        raise UsageError(f"{path} is {labels.shape[0]}x{labels.shape[1]} (HxW), expected "
                          f"{size[0]}x{size[1]}")
 
 
@@ -329,20 +299,12 @@ def sequence_volumes(results_directory: str | os.PathLike, sequence,
     first_frames = {}
     for obj_id, start in sequence.start_frames.items():
         if start not in frames:
-            raise ValueError(f"sequence {sequence.name!r}: object {obj_id} starts at frame {start!r}, "
+            raise UsageError(f"sequence {sequence.name!r}: object {obj_id} starts at frame {start!r}, "
                              f"which is not among the evaluated (annotated) frames")
         first_frames[obj_id] = frames.index(start)
-    gt = read_ground_truth(sequence, frames)
+    gt = sequence.ground_truth(frames)
     pred = read_predictions(Path(results_directory) / sequence.name, frames, sequence.size)
     return gt, pred, first_frames
-
-
-def evaluate_sequence_dir(results_directory: str | os.PathLike, sequence,
-                          frames: Optional[SequenceType[str]] = None) -> dict:
-    """lib.metrics.evaluate_sequence of the PNGs written for `sequence` against its ground
-    truth; each object is scored on `frames` strictly after its first and before the last."""
-    gt, pred, first_frames = sequence_volumes(results_directory, sequence, frames)
-    return evaluate_sequence(gt, pred, sequence.obj_ids, first_frames)
 
 
 def evaluate_results_dir(results_directory: str | os.PathLike, sequences: Iterable[tuple]) -> dict:

@@ -31,7 +31,8 @@ import cv2
 import numpy as np
 import torch
 
-from lib.palette import read_image, read_label_png
+from lib.cli import UsageError
+from lib.image_io import read_image, read_label_png, resize_image_area, resize_labels_nearest_exact
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 MASK_SUFFIXES = (".png",)
@@ -67,21 +68,6 @@ def processing_size(height: int, width: int, max_size: Optional[int]) -> tuple[i
     if height <= width:
         return max_size, max(1, int(round(width * scale)))
     return max(1, int(round(height * scale))), max_size
-
-
-def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """RGB uint8 H x W x 3 to size (H, W): cv2.INTER_AREA (INTER_LINEAR when enlarging)."""
-    if image.shape[:2] == tuple(size):
-        return image
-    shrink = size[0] <= image.shape[0] and size[1] <= image.shape[1]
-    return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
-def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Label map uint8 H x W to size (H, W), nearest neighbour (pixel centres aligned)."""
-    if labels.shape[:2] == tuple(size):
-        return labels
-    return cv2.resize(np.ascontiguousarray(labels), (size[1], size[0]), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 def same_aspect(mask_size: tuple[int, int], frame_size: tuple[int, int]) -> bool:
@@ -121,12 +107,12 @@ class FrameSource:
             self.name = self.path.resolve().name
             self._files = _list_files(self.path, IMAGE_SUFFIXES)
             if not self._files:
-                raise ValueError(f"{p}frame folder {self.path} holds no image files "
+                raise UsageError(f"{p}frame folder {self.path} holds no image files "
                                  f"({', '.join(IMAGE_SUFFIXES)})")
             self.stems: Optional[list[str]] = [f.stem for f in self._files]
             duplicates = sorted({s for s in self.stems if self.stems.count(s) > 1})
             if duplicates:
-                raise ValueError(f"{p}frame folder {self.path} has several images with the same stem: "
+                raise UsageError(f"{p}frame folder {self.path} has several images with the same stem: "
                                  f"{duplicates[:5]} (e.g. both .jpg and .png)")
             self.num_frames: Optional[int] = len(self._files)
             self.size = self._read_file(self._files[0]).shape[:2]
@@ -138,7 +124,7 @@ class FrameSource:
             try:
                 ok, frame = capture.read()
                 if not ok or frame is None:
-                    raise ValueError(f"{p}cannot decode any frame of video {self.path}")
+                    raise UsageError(f"{p}cannot decode any frame of video {self.path}")
                 self.size = frame.shape[:2]
                 fps = capture.get(cv2.CAP_PROP_FPS)
                 self.fps = float(fps) if fps and np.isfinite(fps) and fps > 0 else None
@@ -151,7 +137,7 @@ class FrameSource:
         capture = cv2.VideoCapture(str(self.path))
         if not capture.isOpened():
             capture.release()
-            raise ValueError(f"{_prefix(self.flag)}cannot open {self.path} as a video (not a video file "
+            raise UsageError(f"{_prefix(self.flag)}cannot open {self.path} as a video (not a video file "
                              f"cv2 can decode, and not a folder of frames)")
         return capture
 
@@ -159,14 +145,14 @@ class FrameSource:
         try:
             return read_image(file)
         except ValueError as exc:
-            raise ValueError(f"{_prefix(self.flag)}{exc}") from exc
+            raise UsageError(f"{_prefix(self.flag)}{exc}") from exc
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         if self.kind == "folder":
             for file in self._files:
                 image = self._read_file(file)
                 if image.shape[:2] != tuple(self.size):
-                    raise ValueError(f"{_prefix(self.flag)}frame {file} is {image.shape[1]}x{image.shape[0]}, "
+                    raise UsageError(f"{_prefix(self.flag)}frame {file} is {image.shape[1]}x{image.shape[0]}, "
                                      f"but the first frame is {self.size[1]}x{self.size[0]}: all frames "
                                      f"must have the same size")
                 yield file.stem, image
@@ -179,7 +165,7 @@ class FrameSource:
                 if not ok or frame is None:
                     break
                 if frame.shape[:2] != tuple(self.size):
-                    raise ValueError(f"{_prefix(self.flag)}frame {index} of {self.path} changes size to "
+                    raise UsageError(f"{_prefix(self.flag)}frame {index} of {self.path} changes size to "
                                      f"{frame.shape[1]}x{frame.shape[0]}")
                 yield f"{index:05d}", cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
                 index += 1
@@ -226,7 +212,7 @@ class MaskSet:
         else:
             files = _list_files(self.path, MASK_SUFFIXES)
             if not files:
-                raise ValueError(f"{p}mask folder {self.path} holds no .png files")
+                raise UsageError(f"{p}mask folder {self.path} holds no .png files")
         self.keys = [("" if self.single else f.stem) for f in files]
         self.starts: list[ObjectStart] = []
         seen: set[int] = set()
@@ -234,7 +220,7 @@ class MaskSet:
             try:
                 labels = read_label_png(file)
             except ValueError as exc:
-                raise ValueError(f"{p}{exc}") from exc
+                raise UsageError(f"{p}{exc}") from exc
             ids = [int(i) for i in np.unique(labels) if i != 0]
             new = [i for i in ids if i not in seen]
             if new:
@@ -242,7 +228,7 @@ class MaskSet:
                 self.starts.append(ObjectStart(key, file, labels, new))
         if not seen:
             where = f"mask {self.path}" if self.single else f"every PNG in mask folder {self.path}"
-            raise ValueError(f"{p}{where} holds no object: every pixel is 0 (background); object ids "
+            raise UsageError(f"{p}{where} holds no object: every pixel is 0 (background); object ids "
                              f"are the pixel values (palette indices) of a label PNG")
         self.object_ids = sorted(seen)
 
@@ -256,25 +242,25 @@ class MaskSet:
             stems = set(frames.stems or [])
             unknown = [k for k in self.keys if k not in stems]
             if unknown:
-                raise ValueError(f"{p}mask PNGs in {self.path} name no frame of {frames.path}: "
+                raise UsageError(f"{p}mask PNGs in {self.path} name no frame of {frames.path}: "
                                  f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''} (mask PNGs must have "
                                  f"the stems of the frames, e.g. {frames.stems[0]}.png)")
             matched = {s.key: s for s in self.starts}
         else:  # video file: PNG stems are frame numbers
             bad = [k for k in self.keys if not k.isdigit()]
             if bad:
-                raise ValueError(f"{p}mask PNGs for the video file {frames.path} must be named by frame "
+                raise UsageError(f"{p}mask PNGs for the video file {frames.path} must be named by frame "
                                  f"number (00000.png, 00001.png, ...), got {bad[:5]}")
             late = [k for k in self.keys if frames.num_frames and int(k) >= frames.num_frames]
             if late:
-                raise ValueError(f"{p}mask PNGs {late[:5]} in {self.path} are beyond the last frame of "
+                raise UsageError(f"{p}mask PNGs {late[:5]} in {self.path} are beyond the last frame of "
                                  f"{frames.path} ({frames.num_frames} frames)")
             matched = {f"{int(s.key):05d}": s for s in self.starts}
         for start in matched.values():
             if not same_aspect(start.labels.shape, frames.size):
                 mh, mw = start.labels.shape
                 fh, fw = frames.size
-                raise ValueError(f"{p}mask {start.path} is {mw}x{mh}, which does not fit the {fw}x{fh} "
+                raise UsageError(f"{p}mask {start.path} is {mw}x{mh}, which does not fit the {fw}x{fh} "
                                  f"frames of {frames.path}: masks must have the frame size (or the same "
                                  f"aspect ratio; they are resized to the tracking size)")
         return matched
@@ -305,16 +291,16 @@ class TrackerFeed:
         for index, (stem, rgb) in enumerate(self.frames):
             key = None if index == 0 and None in self.starts else stem
             start = self.starts.get(key)
-            image = torch.from_numpy(np.ascontiguousarray(resize_image(rgb, self.size))).permute(2, 0, 1)
+            image = torch.from_numpy(np.ascontiguousarray(resize_image_area(rgb, self.size))).permute(2, 0, 1)
             labels, new_ids = None, []
             if start is not None:
                 self.used.add(key)
-                labels = torch.from_numpy(np.ascontiguousarray(resize_labels(start.labels, self.size)))
+                labels = torch.from_numpy(np.ascontiguousarray(resize_labels_nearest_exact(start.labels, self.size)))
                 # An object whose mask vanished in the resize would fail in the tracker; say why.
                 present = set(int(i) for i in torch.unique(labels).tolist())
                 lost = [i for i in start.new_ids if i not in present]
                 if lost:
-                    raise ValueError(f"objects {lost} of mask {start.path} vanish when the mask is resized "
+                    raise UsageError(f"objects {lost} of mask {start.path} vanish when the mask is resized "
                                      f"to the tracking size {self.size[1]}x{self.size[0]} (too small); "
                                      f"raise --max-size")
                 new_ids = list(start.new_ids)

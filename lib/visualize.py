@@ -27,7 +27,10 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from lib.palette import DAVIS_PALETTE, atomic_write_bytes
+from lib.cli import UsageError
+from lib.fileio import atomic_write_bytes
+from lib.palette import DAVIS_PALETTE
+from lib.results import TrackingStats
 
 GIF_MAX_WIDTH = 427
 GIF_MAX_FRAMES = 200
@@ -98,7 +101,7 @@ class Mp4Writer:
                                            (padded[1], padded[0]))
             if not self._writer.isOpened():
                 self._writer = None
-                raise ValueError(f"cannot open {self.path} for writing an MP4 (cv2 'mp4v' codec)")
+                raise UsageError(f"cannot open {self.path} for writing an MP4 (cv2 'mp4v' codec)")
         elif (h, w) != self._size:
             raise ValueError(f"frame size {w}x{h} differs from the first frame's "
                              f"{self._size[1]}x{self._size[0]} ({self.path})")
@@ -206,7 +209,7 @@ def load_timeline(path: str | os.PathLike) -> dict:
             str(f["frame"])
             {int(k): bool(v) for k, v in f["reused"].items()}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"{path} is not a timeline.json ({{'fps': ..., 'frames': [{{'frame': ..., "
+        raise UsageError(f"{path} is not a timeline.json ({{'fps': ..., 'frames': [{{'frame': ..., "
                          f"'reused': {{...}}}}]}}): {exc!r}") from exc
     return data
 
@@ -228,12 +231,6 @@ def timeline_states(frames: Sequence[Mapping]) -> tuple[list[int], np.ndarray]:
         if tracked.size and tracked[0] > 0:
             states[r, tracked[0] - 1] = GIVEN
     return ids, states
-
-
-def reuse_rate(frames: Sequence[Mapping]) -> tuple[int, int]:
-    """(reused object-frames, tracked object-frames)."""
-    values = [bool(v) for f in frames for v in f["reused"].values()]
-    return sum(values), len(values)
 
 
 @dataclass
@@ -297,7 +294,8 @@ def draw_timeline(timeline: Mapping, name: str = "") -> Image.Image:
     draw = ImageDraw.Draw(image)
     font, small = _font(13), _font(11)
 
-    reused, tracked = reuse_rate(frames)
+    stats = TrackingStats.from_timeline(frames)
+    reused, tracked = stats.reused, stats.tracked
     fps = timeline.get("fps")
     fps_text = f"{fps:.1f} FPS" if isinstance(fps, (int, float)) and math.isfinite(fps) else "FPS n/a"
     rate_text = f"reuse {100.0 * reused / tracked:.1f}% ({reused}/{tracked} object-frames)" if tracked \

@@ -13,11 +13,13 @@ input channels).
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Union
 
 import torch
+
+from lib.cli import UsageError
+from lib.fileio import atomic_write
 
 from .network import BACKBONE_CHANNELS, GFRTM
 
@@ -97,7 +99,7 @@ def infer_backbone(state: StateDict) -> str:
             for name, ch in BACKBONE_CHANNELS.items():
                 if ch["layer4"] == channels:
                     return name
-            raise ValueError(f"{key} has {channels} input channels: no known backbone (256 = resnet18, "
+            raise UsageError(f"{key} has {channels} input channels: no known backbone (256 = resnet18, "
                              f"1024 = resnet101)")
     raise KeyError("not a G-FRTM/FRTM checkpoint: no decoder.TSE.layer4.reduce.0.weight "
                    "(or refiner.TSE.layer4.reduce.0.weight) key")
@@ -113,9 +115,9 @@ def read_checkpoint(source: CheckpointSource) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} could not be read ({e}); is the download complete?") from e
+        raise UsageError(f"checkpoint {path} could not be read ({e}); is the download complete?") from e
     if not isinstance(ckpt, Mapping) or "model" not in ckpt:
-        raise ValueError(f"checkpoint {path} has no 'model' entry: expected a G-FRTM or FRTM .pth file")
+        raise UsageError(f"checkpoint {path} has no 'model' entry: expected a G-FRTM or FRTM .pth file")
     return dict(ckpt)
 
 
@@ -130,6 +132,14 @@ def network_state(ckpt: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], str
     return state, backbone, has_gate
 
 
+def check_backbone(backbone: str, ftext: str | None, checkpoint: str) -> None:
+    """UsageError when --ftext (`ftext`, None: not given) differs from `backbone`, the backbone
+    the checkpoint (described by `checkpoint`, e.g. "--initPth x.pth") was trained with."""
+    if ftext is not None and ftext != backbone:
+        raise UsageError(f"{checkpoint} was trained with {backbone}, but --ftext is {ftext}: pass --ftext "
+                         f"{backbone}, or another checkpoint")
+
+
 def build_network(source: CheckpointSource, expected_backbone: str | None = None) -> tuple[GFRTM, dict[str, Any]]:
     """Network with the checkpoint's weights (strict), and the checkpoint dict.
 
@@ -138,9 +148,7 @@ def build_network(source: CheckpointSource, expected_backbone: str | None = None
     """
     ckpt = read_checkpoint(source)
     state, backbone, has_gate = network_state(ckpt)
-    if expected_backbone is not None and expected_backbone != backbone:
-        raise ValueError(f"the checkpoint was trained with {backbone} but --ftext is {expected_backbone}: "
-                         f"pass --ftext {backbone} or another checkpoint")
+    check_backbone(backbone, expected_backbone, "the checkpoint")
     net = GFRTM(backbone, with_gate=has_gate)
     load_network_state(net, state)
     return net, ckpt
@@ -157,27 +165,17 @@ def load_network_state(net: GFRTM, state: StateDict) -> None:
                        f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
     bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
     if bad:
-        raise ValueError("checkpoint shapes do not match the network: "
+        raise UsageError("checkpoint shapes do not match the network: "
                          + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in bad[:5]))
     net.load_state_dict(state, strict=True)
 
 
 def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
-    """torch.save to a temporary file in the same directory, then rename over `path`."""
+    """torch.save `obj` to `path` through the atomic writer (lib.fileio), creating the parent
+    directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path: Union[str, os.PathLike], net: GFRTM, **extra: Any) -> Path:

@@ -7,7 +7,7 @@ feature size, (H, W) the label (image) size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -45,9 +45,6 @@ class TargetModelConfig:
         """Settings of the target models cached for training (c = 32)."""
         return cls(channels=32, init_iters=(5, 10, 10, 10, 10), update_iters=(10,), memory_size=20,
                    filter_reg=(1e-5, 1e-4), precond=(1e-5, 1e-4), cg_forgetting_rate=75, pixel_weighting="none")
-
-    def with_(self, **changes) -> "TargetModelConfig":
-        return replace(self, **changes)
 
 
 def pixel_weights(labels: torch.Tensor, method: str = "hinge", target_fraction: float = 0.1) -> torch.Tensor:

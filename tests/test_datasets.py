@@ -14,7 +14,8 @@ from dataset.synthetic import get_parser as synthetic_parser
 from dataset.synthetic import main as run_synthetic
 from dataset.synthetic import make_davis_like, make_ytvos_like, render_sequence
 from dataset.ytvos import YouTubeVOSDataset, valid_frame_names
-from lib.palette import DAVIS_PALETTE, read_image, read_label_png, write_label_png
+from lib.image_io import read_image, read_label_png, write_label_png
+from lib.palette import DAVIS_PALETTE
 
 SIZE = (48, 80)
 

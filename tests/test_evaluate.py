@@ -23,7 +23,8 @@ from PIL import Image
 from dataset.synthetic import make_ytvos_like
 from evaluate import get_parser, main
 from lib.metrics import evaluate_results
-from lib.palette import DAVIS_PALETTE, read_label_png, write_label_png
+from lib.image_io import read_label_png, write_label_png
+from lib.palette import DAVIS_PALETTE
 from lib.results import STATS_FILE, SequenceWriter, results_dir_name, sequence_complete
 from lib.visualize import load_timeline
 from models.checkpoint import save_checkpoint

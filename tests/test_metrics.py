@@ -21,7 +21,7 @@ import pytest
 from lib.metrics import (boundary_f_measure, boundary_map, boundary_tolerance, evaluate_results,
                          evaluate_sequence, format_table, frame_statistics, jaccard_index,
                          write_results)
-from lib.palette import read_label_png
+from lib.image_io import read_label_png
 
 TOL = 1e-6
 

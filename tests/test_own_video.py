@@ -14,7 +14,8 @@ from PIL import Image
 
 import demo
 from dataset.synthetic import render_sequence
-from lib.palette import DAVIS_PALETTE, read_image, read_label_png, write_label_png
+from lib.image_io import read_image, read_label_png, write_label_png
+from lib.palette import DAVIS_PALETTE
 from lib.video_io import MaskSet, natural_key, open_frames, processing_size, same_aspect
 from models.checkpoint import save_checkpoint
 from models.network import GFRTM

@@ -22,7 +22,7 @@ import train
 from dataset.synthetic import make_davis_like
 from dataset.training import (TrainingSamples, build_sources, davis_visibility, epoch_samples,
                               plain_visibility)
-from lib.palette import write_label_png
+from lib.image_io import write_label_png
 from models import build_tracker
 from models.backbone import Backbone
 from models.checkpoint import GATE_MODULES, read_checkpoint, save_checkpoint
@@ -101,8 +101,11 @@ def first_run(synthetic_root, tmp_path_factory):
 def test_epoch_writes_a_complete_checkpoint_logs_and_cache(first_run):
     tmp_path, stats = first_run
     assert {"loss", "loss_seg", "loss_diff", "loss_gp", "accuracy", "reuse_rate", "lr", "margin",
-            "cache_hit_rate", "cache_hits"} <= set(stats)
-    assert stats["cache_hit_rate"] == 0.0  # a fresh cache: every target model trained
+            "cache_hit_rate", "cache_hits", "cache_trained_before_epoch"} <= set(stats)
+    # A fresh cache: every target model of the epoch is trained before the epoch, the batches only read.
+    entries = list((tmp_path / "tm").glob("resnet18-c32_gTrue/*/*.pth"))
+    assert stats["cache_trained_before_epoch"] == len(entries) >= 1
+    assert stats["cache_hit_rate"] == 1.0
     path = tmp_path / "ck" / "t" / "t_ep0001.pth"
     assert checkpoint_files(path.parent, "t") == [path]
     ckpt = read_checkpoint(path)
@@ -113,6 +116,12 @@ def test_epoch_writes_a_complete_checkpoint_logs_and_cache(first_run):
     assert entries and all(e.name.count(".") == 3 for e in entries)  # NNNNN.<object>.layer4.pth
     assert list((tmp_path / "tb" / "t").glob("events.out.tfevents.*"))
     assert not list(path.parent.glob(".*.tmp"))
+    # The memory keeps the last `memory_size` entries used.
+    small = TargetModelCache(tmp_path, backbone, torch.device("cpu"), num_aug=1, memory_size=1)
+    small.get("seq", 3, 1, image, mask)
+    newest = small.get("seq", 4, 1, image, mask)
+    assert small.get("seq", 4, 1, image, mask) is newest
+    assert small.get("seq", 3, 1, image, mask) is not small.get("seq", 4, 1, image, mask)
 
 
 def test_resume_restores_epoch_optimizer_and_scheduler(first_run, synthetic_root, capsys):
@@ -345,11 +354,16 @@ def test_target_model_cache_hits_and_retrains_corrupt_entries(tmp_path, caplog):
     path = cache.file("seq", 3, 1)
     assert path == tmp_path / "resnet18-c32_gTrue" / "seq" / "00003.1.layer4.pth"
     assert path.is_file() and cache.misses == 1 and set(torch.load(path)) == {"project.weight", "filter.weight"}
-    b = cache.get("seq", 3, 1, image, mask)
-    assert cache.hits == 1 and torch.equal(a.filter.weight, b.filter.weight) and cache.hit_rate == 0.5
+    assert cache.get("seq", 3, 1, image, mask) is a  # from memory
+    assert cache.hits == 1 and cache.hit_rate == 0.5
+    # Without memory every lookup reads the file: the same weights; a corrupt file is retrained.
+    disk = TargetModelCache(tmp_path, backbone, torch.device("cpu"), num_aug=1, memory_size=0)
+    b = disk.get("seq", 3, 1, image, mask)
+    assert disk.hits == 1 and disk.misses == 0 and b is not a
+    assert torch.equal(a.filter.weight, b.filter.weight) and torch.equal(a.project.weight, b.project.weight)
     path.write_bytes(b"truncated")
-    cache.get("seq", 3, 1, image, mask)
-    assert cache.misses == 2 and "retraining" in caplog.text
+    disk.get("seq", 3, 1, image, mask)
+    assert disk.misses == 1 and "retraining" in caplog.text
     assert torch.load(path)["project.weight"].shape == (32, 256, 1, 1)  # rewritten
     assert not list(path.parent.glob(".*.tmp"))
     # With first-frame augmentation (upstream: 15 images), seeded: the same model twice.

@@ -11,9 +11,11 @@ import pytest
 from PIL import Image
 
 import visualize as vis_cli
-from lib.palette import DAVIS_PALETTE, write_label_png
+from lib.image_io import write_label_png
+from lib.palette import DAVIS_PALETTE
+from lib.results import TrackingStats
 from lib.visualize import (ABSENT, COMPUTED, GIVEN, REUSED, TIMELINE_COLOURS, GifWriter, Mp4Writer,
-                           draw_timeline, load_timeline, object_boundaries, overlay, reuse_rate,
+                           draw_timeline, load_timeline, object_boundaries, overlay,
                            save_timeline_png, timeline_layout, timeline_states, write_timeline)
 
 from conftest import ROOT
@@ -117,7 +119,8 @@ def test_timeline_states_and_rate():
     ids, states = timeline_states(PATTERN)
     assert ids == [1, 2]
     np.testing.assert_array_equal(states, EXPECTED_STATES)
-    assert reuse_rate(PATTERN) == (3, 6)
+    stats = TrackingStats.from_timeline(PATTERN)
+    assert (stats.reused, stats.tracked) == (3, 6)
 
 
 def test_timeline_image_cells(tmp_path):

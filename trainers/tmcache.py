@@ -6,11 +6,15 @@ holding the target model's state dict (`project.weight`, `filter.weight`).
 Missing entries are trained (first-frame augmentation with `num_aug` images,
 `TargetModelConfig.training()`) and written atomically, so concurrent processes and kills never
 leave a partial entry; unreadable or mismatching entries are retrained with a warning.
+The last `memory_size` entries used stay in memory (LRU), so a sample drawn again soon is not
+read from disk again. The trainer fills the cache for an epoch's samples before the epoch
+(`Trainer.fill_cache`), so the batch loop only reads.
 """
 from __future__ import annotations
 
 import logging
 import zlib
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +31,7 @@ LAYER = "layer4"
 
 class TargetModelCache:
     def __init__(self, root: Path, backbone: Backbone, device: torch.device, num_aug: int = 15,
-                 read_only: bool = False, seed: int = 0):
+                 read_only: bool = False, seed: int = 0, memory_size: int = 128):
         self.config = TargetModelConfig.training()
         self.path = Path(root) / f"{backbone.name}-c{self.config.channels}_gTrue"
         self.backbone = backbone
@@ -35,7 +39,9 @@ class TargetModelCache:
         self.augmenter = FirstFrameAugmenter(training_params(num_aug)) if num_aug > 1 else None
         self.read_only = read_only
         self.seed = seed
-        self.hits = 0  # entries read from disk
+        self.memory_size = memory_size
+        self._memory: OrderedDict[tuple[str, int, int], TargetModel] = OrderedDict()  # LRU, newest last
+        self.hits = 0  # entries found in memory or read from disk
         self.misses = 0  # entries trained (missing or unreadable)
 
     def file(self, sequence: str, first_frame: int, object_id: int) -> Path:
@@ -45,26 +51,59 @@ class TargetModelCache:
             mask: torch.Tensor) -> TargetModel:
         """The target model of an object from its reference frame: image (3, H, W) 0..255,
         mask (1, H, W) 0/1, both on the training device."""
-        path = self.file(sequence, first_frame, object_id)
-        model = TargetModel(self.backbone.channels[LAYER], self.config, self.device, seed=self.seed)
-        if path.is_file():
-            try:
-                model.load_trained(torch.load(path, map_location=self.device, weights_only=True))
-                self.hits += 1
-                return model
-            except Exception as exc:  # truncated, foreign or mismatching file: retrain it
-                log.warning("unreadable target-model cache entry %s (%s): retraining it", path, exc)
-        self.misses += 1
-        self._train(model, sequence, first_frame, object_id, image, mask)
-        if not self.read_only:
-            try:
-                atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
-            except OSError as exc:
-                log.warning("could not write target-model cache entry %s (%s)", path, exc)
+        key = (sequence, first_frame, object_id)
+        model = self._memory.get(key)
+        if model is not None:
+            self._memory.move_to_end(key)
+            self.hits += 1
+            return model
+        model = self._read(key)
+        if model is not None:
+            self.hits += 1
+        else:
+            self.misses += 1
+            model = self._train(key, image, mask)
+            self._write(key, model)
+        self._remember(key, model)
         return model
 
-    def _train(self, model: TargetModel, sequence: str, first_frame: int, object_id: int,
-               image: torch.Tensor, mask: torch.Tensor) -> None:
+    def has(self, sequence: str, first_frame: int, object_id: int) -> bool:
+        """Whether an entry is in memory or on disk (not checked for being readable)."""
+        key = (sequence, first_frame, object_id)
+        return key in self._memory or self.file(*key).is_file()
+
+    def _new_model(self) -> TargetModel:
+        return TargetModel(self.backbone.channels[LAYER], self.config, self.device, seed=self.seed)
+
+    def _read(self, key: tuple[str, int, int]) -> TargetModel | None:
+        path = self.file(*key)
+        if not path.is_file():
+            return None
+        model = self._new_model()
+        try:
+            model.load_trained(torch.load(path, map_location=self.device, weights_only=True))
+            return model
+        except Exception as exc:  # truncated, foreign or mismatching file: retrain it
+            log.warning("unreadable target-model cache entry %s (%s): retraining it", path, exc)
+            return None
+
+    def _write(self, key: tuple[str, int, int], model: TargetModel) -> None:
+        if self.read_only:
+            return
+        path = self.file(*key)
+        try:
+            atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+        except OSError as exc:
+            log.warning("could not write target-model cache entry %s (%s)", path, exc)
+
+    def _remember(self, key: tuple[str, int, int], model: TargetModel) -> None:
+        self._memory[key] = model
+        while len(self._memory) > self.memory_size:
+            self._memory.popitem(last=False)
+
+    def _train(self, key: tuple[str, int, int], image: torch.Tensor, mask: torch.Tensor) -> TargetModel:
+        """A target model trained on the reference frame (3, H, W) and mask (1, H, W) of `key`."""
+        sequence, first_frame, object_id = key
         if mask.sum() == 0:
             raise ValueError(f"{sequence}: object {object_id} is empty in reference frame {first_frame}")
         images, masks = image[None].float(), (mask[None] > 0).float()
@@ -77,7 +116,9 @@ class TargetModelCache:
                             "the frame alone", sequence, object_id, first_frame, exc)
         with torch.no_grad():
             features = torch.cat([self.backbone(chunk)[LAYER] for chunk in images.split(4)])
+        model = self._new_model()
         model.initialize(features, masks)
+        return model
 
     @property
     def hit_rate(self) -> float:

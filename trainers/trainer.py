@@ -23,9 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from dataset.training import SAMPLE_SIZE, TrainingSamples, epoch_samples
-from models.checkpoint import load_network_state, network_state, read_checkpoint, save_checkpoint
+from dataset.training import SAMPLE_SIZE, References, TrainingSamples, epoch_samples
+from models.checkpoint import check_backbone, load_network_state, network_state, read_checkpoint, save_checkpoint
 
+from lib.cli import UsageError
 from .gfrtm_step import STAT_KEYS, GFRTMStep
 from .tmcache import TargetModelCache
 
@@ -94,13 +95,11 @@ class Trainer:
     def _load(self, ckpt: dict, path) -> None:
         for key in ("optimizer", "scheduler", "epoch"):
             if key not in ckpt:
-                raise ValueError(f"{path} is not a training checkpoint (no {key!r}); use --initPth to start from it")
+                raise UsageError(f"{path} is not a training checkpoint (no {key!r}); use --initPth to start from it")
         state, backbone, has_gate = network_state(ckpt)
-        if backbone != self.step.network.backbone_name:
-            raise ValueError(f"{path} was trained with {backbone}, this run uses "
-                             f"{self.step.network.backbone_name} (--ftext)")
+        check_backbone(backbone, self.step.network.backbone_name, f"the checkpoint {path} to resume from")
         if not has_gate:
-            raise ValueError(f"{path} is an FRTM checkpoint (no gate): use --initPth to start from it")
+            raise UsageError(f"{path} is an FRTM checkpoint (no gate): use --initPth to start from it")
         load_network_state(self.step.network, state)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -114,7 +113,7 @@ class Trainer:
         dist.all_gather(epochs, torch.tensor([self.epoch], dtype=torch.int64, device=self.device))
         epochs = [int(e.item()) for e in epochs]
         if len(set(epochs)) > 1:
-            raise ValueError(f"processes resumed different epochs {epochs} (rank {self.rank}: {path}); the checkpoint "
+            raise UsageError(f"processes resumed different epochs {epochs} (rank {self.rank}: {path}); the checkpoint "
                              f"directory {self.checkpoint_dir} must be shared by all processes, or pass --resume")
 
     def save(self, stats: dict) -> Optional[Path]:
@@ -174,29 +173,16 @@ class Trainer:
         return last
 
     def _epoch(self, dataset: TrainingSamples) -> dict:
+        """One epoch: fill the target-model cache for its samples, train on every batch, and
+        return the averaged statistics."""
         self.step.network.train()
+        trained = self.fill_cache(dataset)
         loader = self._loader(dataset)
         sums = torch.zeros(len(STAT_KEYS) + 1, dtype=torch.float64)  # + batch count
         hits0, misses0 = self.cache.hits, self.cache.misses
         bar = tqdm(loader, desc=f"epoch {self.epoch}", unit="batch", disable=self.rank != 0, dynamic_ncols=True)
         for i, (images, labels, indices) in enumerate(bar):
-            images = images.to(self.device, non_blocking=True).float()
-            labels = labels.to(self.device, non_blocking=True).float()
-            frames = [images[:, t] for t in range(images.shape[1])]
-            masks = [labels[:, t] for t in range(labels.shape[1])]
-            targets = []
-            for b, index in enumerate(indices.tolist()):
-                spec = dataset.specs[index]
-                targets.append(self.cache.get(spec.sequence, spec.frames[0], spec.object_id, frames[0][b], masks[0][b]))
-
-            loss, stats = self.model(frames, masks, targets, self.epoch)
-            self._stop_if_not_finite(loss, dataset, indices, i)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if self.args.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_(self.step.network.parameters(), self.args.clip_grad)
-            self.optimizer.step()
-
+            stats = self._train_batch(dataset, images, labels, indices, i)
             sums += torch.tensor([stats[k] for k in STAT_KEYS] + [1.0], dtype=torch.float64)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['accuracy']:.3f}",
                             reuse=f"{stats['reuse_rate']:.2f}", refresh=False)
@@ -204,25 +190,89 @@ class Trainer:
                 step = (self.epoch - 1) * len(loader) + i
                 for k in ("loss", *STAT_KEYS):
                     self.writer.add_scalar(f"batch/{k}", stats[k], step)
-            self.visuals = self.step.visuals
+        counts = [self.cache.hits - hits0, self.cache.misses - misses0, trained]
+        return self._epoch_stats(sums, counts)
 
-        # Averages over all processes' batches, and the cache statistics of all processes.
-        cache_counts = torch.tensor([self.cache.hits - hits0, self.cache.misses - misses0], dtype=torch.float64)
+    def fill_cache(self, dataset: TrainingSamples) -> int:
+        """Train the missing target models of the epoch's samples before the epoch, so the batch
+        loop only reads the cache. The reference frames are read by --workers DataLoader
+        workers; under DDP each process trains its share of the missing entries, then all wait
+        for each other. Returns the number this process trained."""
+        first_sample = {}  # entry -> the first sample using it
+        for index, spec in enumerate(dataset.specs):
+            first_sample.setdefault((spec.sequence, spec.frames[0], spec.object_id), index)
+        missing = [index for key, index in first_sample.items() if not self.cache.has(*key)]
+        mine = missing[self.rank::self.world_size]
+        trained = 0
+        if mine:
+            # Its own generator: creating the iterator must not draw from the global RNG.
+            loader = DataLoader(References(dataset, mine), batch_size=None, num_workers=self.args.workers,
+                                generator=torch.Generator().manual_seed(self.args.seed))
+            for index, image, mask in tqdm(loader, desc=f"epoch {self.epoch}: target models", unit="model",
+                                           disable=self.rank != 0, dynamic_ncols=True):
+                if image is None:  # unreadable: the epoch replaces the sample, its entry trained on demand
+                    continue
+                spec = dataset.specs[index]
+                misses = self.cache.misses
+                self.cache.get(spec.sequence, spec.frames[0], spec.object_id,
+                               image.to(self.device).float(), mask.to(self.device).float())
+                trained += self.cache.misses - misses
         if self.world_size > 1:
-            both = torch.cat([sums, cache_counts]).to(self.device)
+            dist.barrier()  # every process's entries are on disk before any batch needs them
+        return trained
+
+    def _targets(self, dataset: TrainingSamples, indices: torch.Tensor, images: torch.Tensor,
+                 labels: torch.Tensor) -> list:
+        """The target model of each sample of a batch (from the cache; trained only if the fill
+        pass could not, e.g. a replaced sample), from its reference frame images[:, 0]."""
+        targets = []
+        for b, index in enumerate(indices.tolist()):
+            spec = dataset.specs[index]
+            targets.append(self.cache.get(spec.sequence, spec.frames[0], spec.object_id, images[b, 0], labels[b, 0]))
+        return targets
+
+    def _train_batch(self, dataset: TrainingSamples, images: torch.Tensor, labels: torch.Tensor,
+                     indices: torch.Tensor, batch: int) -> dict:
+        """One optimizer step on a batch (images (B, T, 3, H, W), labels (B, T, 1, H, W) uint8);
+        returns the step's statistics."""
+        images = images.to(self.device, non_blocking=True).float()
+        labels = labels.to(self.device, non_blocking=True).float()
+        frames = [images[:, t] for t in range(images.shape[1])]
+        masks = [labels[:, t] for t in range(labels.shape[1])]
+        targets = self._targets(dataset, indices, images, labels)
+
+        loss, stats = self.model(frames, masks, targets, self.epoch)
+        self._stop_if_not_finite(loss, dataset, indices, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.args.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(self.step.network.parameters(), self.args.clip_grad)
+        self.optimizer.step()
+        self.visuals = self.step.visuals
+        return stats
+
+    def _epoch_stats(self, sums: torch.Tensor, cache_counts: list) -> dict:
+        """Averages over all processes' batches (sums: STAT_KEYS sums and the batch count), and
+        the cache statistics of all processes (cache_counts: batch-loop hits and misses,
+        entries trained before the epoch)."""
+        counts = torch.tensor(cache_counts, dtype=torch.float64)
+        if self.world_size > 1:
+            both = torch.cat([sums, counts]).to(self.device)
             dist.all_reduce(both)
-            sums, cache_counts = both[:-2].cpu(), both[-2:].cpu()
+            sums, counts = both[:len(sums)].cpu(), both[len(sums):].cpu()
         count = max(sums[-1].item(), 1.0)
         averages = {k: sums[j].item() / count for j, k in enumerate(STAT_KEYS)}
         averages["loss"] = averages["loss_seg"] + averages["loss_diff"] + averages["loss_gp"]
         averages["lr"] = self.scheduler.get_last_lr()[0]
         averages["margin"] = self.step.gate_loss.margin(self.epoch)
-        hits, misses = cache_counts.tolist()
+        hits, misses, trained = counts.tolist()
         averages["cache_hits"] = hits
         averages["cache_hit_rate"] = hits / (hits + misses) if hits + misses else math.nan
+        averages["cache_trained_before_epoch"] = trained
         if self.rank == 0:
-            log.info("target-model cache: %d read, %d trained (hit rate %.1f%%) under %s",
-                     hits, misses, 100 * averages["cache_hit_rate"] if hits + misses else 0.0, self.cache.path)
+            log.info("target-model cache: %d trained before the epoch; in the epoch %d found, %d trained "
+                     "(hit rate %.1f%%) under %s", trained, hits, misses,
+                     100 * averages["cache_hit_rate"] if hits + misses else 0.0, self.cache.path)
         return averages
 
     def _stop_if_not_finite(self, loss: torch.Tensor, dataset: TrainingSamples, indices: torch.Tensor,
