@@ -23,8 +23,8 @@ from tqdm import tqdm
 from dataset.davis import DAVISDataset, list_davis_sequences, resolve_davis_root
 from dataset.ytvos import YouTubeVOSDataset, resolve_ytvos_root, valid_frame_names
 from lib.metrics import format_table, write_results
-from lib.cli import (UsageError, add_backbone_weights_flag, add_device_flag, add_num_aug_flag, add_seed_flag,
-                     add_threshold_flag, resolve_device, run)
+from lib.cli import (UsageError, add_backbone_weights_flag, add_data_root_flags, add_device_flag,
+                     add_num_aug_flag, add_seed_flag, add_threshold_flag, resolve_device, run)
 from lib.metrics import json_safe
 from lib.results import (SequenceWriter, TrackingStats, evaluate_results_dir,
                          read_sequence_stats, results_dir, sequence_complete, summarize_tracking, write_json,
@@ -86,11 +86,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "videos, every 5th frame); yt2018jjvalAll (the same on all frames, scored on the "
                         "annotated every-5th frames); yt2018val, yt2018valAll (YouTube-VOS valid, every 5th / "
                         "all frames: no ground truth, writes a submission zip) (default: dv2016val)")
-    g.add_argument("--davis-root", type=Path, default=None,
-                   help="DAVIS root with JPEGImages/, Annotations/, ImageSets/ (default: $DAVIS_ROOT)")
-    g.add_argument("--ytvos-root", type=Path, default=None,
-                   help="YouTube-VOS 2018 root with train/, train_all_frames/, valid/, valid_all_frames/ "
-                        "(default: $YTVOS_ROOT)")
+    add_data_root_flags(g)
     g.add_argument("--split-file", type=Path, default=None,
                    help="YouTube-VOS only: file listing the videos to use, one per line (default: "
                         "dataset/splits/ytvos_jjvalid.txt for yt2018jjval*, every valid video for yt2018val*)")

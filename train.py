@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from dataset.synthetic import make_davis_like
 from dataset.training import SAMPLE_SIZE, build_sources
-from lib.cli import (UsageError, add_backbone_weights_flag, add_device_flag, add_num_aug_flag, add_seed_flag,
-                     image_size, int_at_least, positive_float, resolve_device, run)
+from lib.cli import (add_backbone_weights_flag, add_data_root_flags, add_device_flag, add_num_aug_flag,
+                     add_seed_flag, image_size, int_at_least, positive_float, resolve_device, run)
 from models.backbone import Backbone
 from models.checkpoint import check_backbone, load_network_state, network_state, read_checkpoint
 from models.network import GFRTM
@@ -66,10 +66,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "upsampler; the rest fresh); a checkpoint to resume from takes precedence")
     p.add_argument("--resume", type=Path, default=None,
                    help="resume from this training checkpoint (default: the newest in <checkpoints>/<name>/, if any)")
-    p.add_argument("--davis-root", type=str, default=env("DAVIS_ROOT"),
-                   help="DAVIS 2017 root with JPEGImages/480p, Annotations/480p, ImageSets (default $DAVIS_ROOT)")
-    p.add_argument("--ytvos-root", type=str, default=env("YTVOS_ROOT"),
-                   help="YouTube-VOS 2018 root with train/JPEGImages and train/Annotations (default $YTVOS_ROOT)")
+    add_data_root_flags(p)
     p.add_argument("--ytvos-split-file", type=str, default=None,
                    help="YouTube-VOS training video list (default: the bundled dataset/splits/ytvos_jjtrain.txt)")
     p.add_argument("--synthetic-root", type=Path, default=Path("./save_dir/synthetic"),

@@ -14,7 +14,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from dataset.sequence import VOID_LABEL, Sequence, SequenceList
+from dataset.sequence import VOID_LABEL, Sequence, SequenceList, resolve_root, sequence_frames
 from lib.cli import UsageError
 from lib.image_io import read_label_png
 
@@ -36,14 +36,7 @@ class SequenceFiles:
 
 def resolve_davis_root(root: Optional[str | os.PathLike]) -> Path:
     """root, or $DAVIS_ROOT when root is None; FileNotFoundError if it is not a directory."""
-    if root is None:
-        root = os.environ.get("DAVIS_ROOT")
-        if not root:
-            raise FileNotFoundError(f"no DAVIS root given: {ROOT_HINT}")
-    path = Path(root).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"DAVIS root not found: {path} ({ROOT_HINT})")
-    return path
+    return resolve_root(root, "DAVIS", "DAVIS_ROOT", ROOT_HINT)
 
 
 def list_davis_sequences(root: Optional[str | os.PathLike], year: str = "2017",
@@ -65,15 +58,7 @@ def davis_sequence_files(root: Optional[str | os.PathLike], name: str) -> Sequen
     root = resolve_davis_root(root)
     image_dir = root / "JPEGImages" / "480p" / name
     anno_dir = root / "Annotations" / "480p" / name
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"DAVIS frames of sequence {name!r} not found: {image_dir} "
-                                f"({ROOT_HINT})")
-    if not anno_dir.is_dir():
-        raise FileNotFoundError(f"DAVIS annotations of sequence {name!r} not found: {anno_dir} "
-                                f"({ROOT_HINT})")
-    images = sorted(image_dir.glob("*.jpg"))
-    if not images:
-        raise FileNotFoundError(f"no *.jpg frames in {image_dir}")
+    images = sequence_frames(image_dir, anno_dir, "DAVIS", name, ROOT_HINT)
     annotations = {p.stem: p for p in sorted(anno_dir.glob("*.png"))}
     # The first frame's annotation is required; name its full path even when it is missing.
     annotations.setdefault(images[0].stem, anno_dir / f"{images[0].stem}.png")

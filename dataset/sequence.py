@@ -1,6 +1,7 @@
 """A video sequence backed by JPEG frames and label PNGs on disk, read lazily."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence as SequenceType
 
@@ -12,6 +13,32 @@ from lib.cli import UsageError
 from lib.image_io import read_image, read_label_png
 
 VOID_LABEL = 255  # DAVIS "void" pixels: never an object
+
+
+def resolve_root(root: Optional[str | os.PathLike], data_set: str, env_var: str, hint: str) -> Path:
+    """A data-set root: `root`, or ${env_var} when root is None; FileNotFoundError (naming
+    `data_set` and giving `hint`) if it is not a directory."""
+    if root is None:
+        root = os.environ.get(env_var)
+        if not root:
+            raise FileNotFoundError(f"no {data_set} root given: {hint}")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{data_set} root not found: {path} ({hint})")
+    return path
+
+
+def sequence_frames(image_dir: Path, anno_dir: Path, data_set: str, name: str, hint: str) -> list[Path]:
+    """The sorted *.jpg frames of sequence `name` of `data_set`; FileNotFoundError when its frame
+    or annotation folder is missing or it has no frame."""
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"{data_set} frames of sequence {name!r} not found: {image_dir} ({hint})")
+    if not anno_dir.is_dir():
+        raise FileNotFoundError(f"{data_set} annotations of sequence {name!r} not found: {anno_dir} ({hint})")
+    images = sorted(image_dir.glob("*.jpg"))
+    if not images:
+        raise FileNotFoundError(f"no *.jpg frames in {image_dir}")
+    return images
 
 
 class Sequence:

@@ -23,7 +23,7 @@ from typing import Optional, Sequence as SequenceType
 import numpy as np
 from PIL import Image
 
-from lib.cli import image_size
+from lib.cli import image_size, int_in
 from lib.fileio import atomic_write_bytes
 from lib.image_io import write_label_png
 
@@ -305,16 +305,6 @@ def _write_ytvos_video(root: Path, part: str, video: str, frames: np.ndarray, la
 # CLI
 
 
-def _objects(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer between 1 and 254, got {text!r}")
-    if not 1 <= value <= 254:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 254, got {value}")
-    return value
-
-
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Write a seeded synthetic VOS data set.")
     parser.add_argument("--out", required=True, type=Path, help="output root directory")
@@ -326,7 +316,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frames", type=int, default=None,
                         help="frames per sequence (default 12 for davis, 26 for ytvos)")
     parser.add_argument("--size", type=image_size(16), default=(120, 216), help="HxW, default 120x216")
-    parser.add_argument("--objects", type=_objects, default=2, help="objects per sequence (1..254)")
+    parser.add_argument("--objects", type=int_in(1, 254), default=2, help="objects per sequence (1..254)")
     return parser
 
 

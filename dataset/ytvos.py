@@ -25,7 +25,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
-from dataset.sequence import Sequence, SequenceList
+from dataset.sequence import Sequence, SequenceList, resolve_root, sequence_frames
 from lib.cli import UsageError
 
 ROOT_HINT = "set the YouTube-VOS root with --ytvos-root or the YTVOS_ROOT environment variable"
@@ -44,14 +44,7 @@ SPLITS = tuple(_SPLITS)
 
 def resolve_ytvos_root(root: Optional[str | os.PathLike]) -> Path:
     """root, or $YTVOS_ROOT when root is None; FileNotFoundError if it is not a directory."""
-    if root is None:
-        root = os.environ.get("YTVOS_ROOT")
-        if not root:
-            raise FileNotFoundError(f"no YouTube-VOS root given: {ROOT_HINT}")
-    path = Path(root).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"YouTube-VOS root not found: {path} ({ROOT_HINT})")
-    return path
+    return resolve_root(root, "YouTube-VOS", "YTVOS_ROOT", ROOT_HINT)
 
 
 def read_meta(path: Path) -> dict:
@@ -146,15 +139,7 @@ class YouTubeVOSDataset(SequenceList):
     def sequence(self, name: str) -> Sequence:
         image_dir = self.image_dir / name
         anno_dir = self.annotation_dir / name
-        if not image_dir.is_dir():
-            raise FileNotFoundError(f"YouTube-VOS frames of {name!r} not found: {image_dir} "
-                                    f"({ROOT_HINT})")
-        if not anno_dir.is_dir():
-            raise FileNotFoundError(f"YouTube-VOS annotations of {name!r} not found: {anno_dir} "
-                                    f"({ROOT_HINT})")
-        images = sorted(image_dir.glob("*.jpg"))
-        if not images:
-            raise FileNotFoundError(f"no *.jpg frames in {image_dir}")
+        images = sequence_frames(image_dir, anno_dir, "YouTube-VOS", name, ROOT_HINT)
         image_stems = {p.stem for p in images}
         # Annotations of frames not among the images (jjval_all_frames keeps them all; valid has
         # none extra) are irrelevant to this sequence.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -144,6 +145,15 @@ def add_num_aug_flag(parser, default: int) -> None:
     parser.add_argument("--num-aug", type=int_at_least(1), default=default,
                         help="first-frame images a target model is trained on: the frame and its augmentations; "
                              "1 = the frame alone (default %(default)s)")
+
+
+def add_data_root_flags(parser) -> None:
+    """--davis-root and --ytvos-root (evaluate.py, train.py); None: the environment variable."""
+    parser.add_argument("--davis-root", type=Path, default=None,
+                        help="DAVIS root with JPEGImages/480p, Annotations/480p, ImageSets/ (default: $DAVIS_ROOT)")
+    parser.add_argument("--ytvos-root", type=Path, default=None,
+                        help="YouTube-VOS 2018 root with train/, train_all_frames/, valid/, valid_all_frames/ "
+                             "(each split that is used) (default: $YTVOS_ROOT)")
 
 
 def add_threshold_flag(parser) -> None:

@@ -21,21 +21,21 @@ if [ -z "${CKPT:-}" ]; then
     "$PY" -c "import sys, torch; from models.network import GFRTM; from models.checkpoint import save_checkpoint; torch.manual_seed(0); save_checkpoint(sys.argv[1], GFRTM('resnet18').eval())" "$CKPT"
 fi
 
+# segment NAME VIDEO MASK: demo.py's own-video path with the settings of the samples.
+segment() {
+    "$PY" demo.py --video "$2" --mask "$3" --model "$CKPT" --backbone-weights "$BACKBONE" --dev cpu --TH 0.7 \
+        --num-aug 5 --seed 0 --fps-out 8 --out "$WORK/out/$1"
+}
+
 # DAVIS-like: 24 frames 120x216, two objects from the first frame (first-frame PNG as --mask).
 "$PY" -m dataset.synthetic --out "$WORK/davis" --layout davis --seed 0 --sequences 1 --train-sequences 0 \
     --frames 24 --size 120x216 --objects 2
-"$PY" demo.py --video "$WORK/davis/JPEGImages/480p/synth-val-00" \
-    --mask "$WORK/davis/Annotations/480p/synth-val-00/00000.png" \
-    --model "$CKPT" --backbone-weights "$BACKBONE" --dev cpu --TH 0.7 --num-aug 5 --seed 0 --fps-out 8 \
-    --out "$WORK/out/synth-davis"
+segment synth-davis "$WORK/davis/JPEGImages/480p/synth-val-00" "$WORK/davis/Annotations/480p/synth-val-00/00000.png"
 
 # YouTube-VOS-like: 26 frames, object 2 enters later (mask folder: a PNG where each object starts).
 "$PY" -m dataset.synthetic --out "$WORK/ytvos" --layout ytvos --seed 0 --sequences 1 --train-sequences 0 \
     --frames 26 --size 120x216 --objects 2
-"$PY" demo.py --video "$WORK/ytvos/valid_all_frames/JPEGImages/synthva000" \
-    --mask "$WORK/ytvos/valid/Annotations/synthva000" \
-    --model "$CKPT" --backbone-weights "$BACKBONE" --dev cpu --TH 0.7 --num-aug 5 --seed 0 --fps-out 8 \
-    --out "$WORK/out/synth-ytvos"
+segment synth-ytvos "$WORK/ytvos/valid_all_frames/JPEGImages/synthva000" "$WORK/ytvos/valid/Annotations/synthva000"
 
 cp "$WORK/out/synth-davis/overlay.gif" sample/synth_davis.gif
 cp "$WORK/out/synth-davis/timeline.png" sample/synth_davis_timeline.png

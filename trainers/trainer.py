@@ -24,9 +24,9 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from dataset.training import SAMPLE_SIZE, References, TrainingSamples, epoch_samples
+from lib.cli import UsageError
 from models.checkpoint import check_backbone, load_network_state, network_state, read_checkpoint, save_checkpoint
 
-from lib.cli import UsageError
 from .gfrtm_step import STAT_KEYS, GFRTMStep
 from .tmcache import TargetModelCache
 
@@ -198,6 +198,8 @@ class Trainer:
         loop only reads the cache. The reference frames are read by --workers DataLoader
         workers; under DDP each process trains its share of the missing entries, then all wait
         for each other. Returns the number this process trained."""
+        if self.world_size > 1:
+            dist.barrier()  # all processes see the same cache, so they agree on what is missing
         first_sample = {}  # entry -> the first sample using it
         for index, spec in enumerate(dataset.specs):
             first_sample.setdefault((spec.sequence, spec.frames[0], spec.object_id), index)

@@ -1,0 +1,100 @@
+"""lib.cli's error handling and shared flags, the atomic writer (lib.fileio) and the resize
+functions (lib.image_io)."""
+from __future__ import annotations
+
+import argparse
+import os
+import stat
+
+import numpy as np
+import pytest
+
+import demo
+import evaluate
+import train
+from lib import fileio
+from lib.cli import UsageError, run
+from lib.image_io import (read_image, resize_image_area, resize_image_bilinear, resize_labels_nearest,
+                          resize_labels_nearest_exact)
+
+
+@pytest.mark.parametrize("error", [UsageError("--x: bad value"), FileNotFoundError("--y: no such file: z")])
+def test_user_mistakes_print_one_error_line_and_exit_2(error, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["prog"])
+
+    def main(args):
+        raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+        run(main, argparse.ArgumentParser())
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {error}\n"
+
+
+@pytest.mark.parametrize("error", [ValueError("an internal bug"), KeyError("k"), RuntimeError("r")])
+def test_other_exceptions_keep_their_traceback(error, capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["prog"])
+
+    def main(args):
+        raise error
+
+    with pytest.raises(type(error)):
+        run(main, argparse.ArgumentParser())
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_usage_error_is_a_value_error():
+    assert issubclass(UsageError, ValueError)
+
+
+def test_shared_flags_are_declared_once_with_one_help_text():
+    parsers = {"evaluate": evaluate.get_parser(), "demo": demo.get_parser(), "train": train.get_parser()}
+    shared = {"--dev": ("evaluate", "demo", "train"), "--seed": ("evaluate", "demo", "train"),
+              "--backbone-weights": ("evaluate", "demo", "train"), "--num-aug": ("evaluate", "demo", "train"),
+              "--TH": ("evaluate", "demo")}
+    for flag, scripts in shared.items():
+        actions = [next(a for a in parsers[s]._actions if flag in a.option_strings) for s in scripts]
+        assert len({a.help for a in actions}) == 1, flag
+        assert len({getattr(a.type, "__name__", a.type) for a in actions}) == 1, flag
+    defaults = {s: p.parse_args(["--dev", "cpu"]) for s, p in parsers.items()}
+    assert [defaults[s].num_aug for s in ("evaluate", "demo", "train")] == [5, 5, 15]
+    assert defaults["demo"].TH == defaults["evaluate"].TH == 0.7
+
+
+def test_atomic_write_fsyncs_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(fileio.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    path = tmp_path / "f.bin"
+    fileio.atomic_write_bytes(path, b"old")
+    assert path.read_bytes() == b"old" and len(synced) == 1
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~fileio.UMASK
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        fileio.atomic_write(path, fail)
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_resize_functions_keep_their_interpolation():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    small = (12, 16)
+    # Area and bilinear shrinking differ; enlarging with "area" is bilinear.
+    assert not np.array_equal(resize_image_area(image, small), resize_image_bilinear(image, small))
+    np.testing.assert_array_equal(resize_image_area(image, (60, 80)), resize_image_bilinear(image, (60, 80)))
+    assert resize_image_area(image, (30, 40)) is image and resize_image_bilinear(image, (30, 40)) is image
+    # torch 'nearest' takes source index floor(i * 3), centre-aligned nearest round((i + 0.5) * 3 - 0.5).
+    labels = np.arange(9, dtype=np.uint8)[None].repeat(2, axis=0)
+    np.testing.assert_array_equal(resize_labels_nearest(labels, (2, 3))[0], [0, 3, 6])
+    np.testing.assert_array_equal(resize_labels_nearest_exact(labels, (2, 3))[0], [1, 4, 7])
+
+
+def test_corrupt_image_is_a_usage_error(tmp_path):
+    path = tmp_path / "x.jpg"
+    path.write_bytes(b"not a jpeg")
+    with pytest.raises(UsageError, match="cannot decode image"):
+        read_image(path)
