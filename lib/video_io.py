@@ -9,14 +9,15 @@
   Pixel values are object ids (palette indices, 0 = background). An object starts at the first
   frame whose PNG holds its id; later PNGs never re-initialize an object already started.
 * Resizing: frames whose shorter side exceeds `max_size` are tracked at a smaller size
-  (`processing_size`): images with cv2.INTER_AREA, masks with nearest neighbour. Masks of any
+  (`processing_size`): images with `lib.image_io.resize_image_area`, masks with
+  `resize_labels_nearest_exact`. Masks of any
   size with the frame's aspect ratio (within one mask pixel) are accepted: the original frame
   size, the tracking size, or e.g. a 480p annotation of a full-resolution video.
 * `TrackerFeed`: the `(image 3xHxW uint8 tensor, labels HxW uint8 tensor or None, new ids)`
   iterator `Tracker.track` consumes, keeping each frame's stem and original image for the caller.
 
 Errors name the path and, when given, the command-line flag (`flag="--video"`): missing files
-raise FileNotFoundError, unreadable or inconsistent inputs ValueError.
+raise FileNotFoundError, unreadable or inconsistent inputs lib.cli.UsageError.
 """
 from __future__ import annotations
 
