@@ -17,6 +17,15 @@ DAVIS_SAMPLE = SHARED / "data" / "davis-sample"
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def _restore_thread_count():
+    """A test that changes torch's thread count (a benchmark's --threads) must not change the
+    numbers of later tests (e.g. a vector made in process and checked in a subprocess)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     if not GOLDEN.is_dir():
