@@ -26,7 +26,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset.synthetic import render_sequence
-from lib.cli import image_size, threshold
+from lib.cli import (add_backbone_weights_flag, add_device_flag, add_threshold_flag, image_size,
+                     resolve_device)
 from models import build_tracker
 from models.network import GFRTM
 from models.tracker import Tracker
@@ -51,7 +52,7 @@ def make_frames(num_objects: int, num_frames: int, size: tuple[int, int], seed: 
             for t in range(num_frames)]
 
 
-def random_tracker(backbone: str, device: str, reuse: bool | None = None) -> Tracker:
+def random_tracker(backbone: str, device: torch.device | str, reuse: bool | None = None) -> Tracker:
     """A tracker with seeded random weights; reuse True / False forces every gate decision."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -63,7 +64,7 @@ def random_tracker(backbone: str, device: str, reuse: bool | None = None) -> Tra
                          backbone_weights="random")
 
 
-def variants_for(backbone: str, device: str, model: str | None, th: float, backbone_weights: str) -> list[Variant]:
+def variants_for(backbone: str, device: torch.device | str, model: str | None, th: float, backbone_weights: str) -> list[Variant]:
     frtm = random_tracker(backbone, device)
     out = [Variant("FRTM", frtm, 1.0),
            Variant("computed", random_tracker(backbone, device, reuse=False), 0.5, forced=False),
@@ -133,14 +134,15 @@ def report_row(backbone: str, num_objects: int, m: dict[str, dict]) -> str:
 
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
+    device, _ = resolve_device(args.dev)
     h, w = args.size
-    print(f"{h}x{w}, {args.frames} frames x {args.repeats} repeats (alternating, medians), device {args.dev}, "
+    print(f"{h}x{w}, {args.frames} frames x {args.repeats} repeats (alternating, medians), device {device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print(format_row(COLUMNS + (MODEL_COLUMNS if args.model else ())))
     measured = {}
     for backbone, num_objects in args.configs:
         frames = make_frames(num_objects, args.frames, (h, w))
-        m = measure(variants_for(backbone, args.dev, args.model, args.TH, args.backbone_weights), frames, args.repeats)
+        m = measure(variants_for(backbone, device, args.model, args.TH, args.backbone_weights), frames, args.repeats)
         measured[(backbone, num_objects)] = m
         print(report_row(backbone, num_objects, m), flush=True)
     print("reuse/comp: time of a reused frame over a computed one (FLOPs: the same for FLOPs); FRTM/reuse: speed-up "
@@ -156,16 +158,16 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=10, help="frames per run, the first one initializes (default 10)")
     p.add_argument("--repeats", type=int, default=3,
                    help="alternating runs of every variant; times are medians over all of them (default 3)")
-    p.add_argument("--dev", default="cpu", help="device, e.g. cpu or cuda:0")
+    add_device_flag(p)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--configs", type=lambda s: [(b, int(n)) for b, n in (c.split(":") for c in s.split(","))],
                    default=[("resnet18", 1), ("resnet18", 2), ("resnet18", 3), ("resnet101", 1), ("resnet101", 3)],
                    help="comma-separated backbone:objects, e.g. resnet18:1,resnet101:3")
     p.add_argument("--model", default=None,
-                   help="also time this checkpoint with its own gate at --TH against TH 1.0 on the same frames")
-    p.add_argument("--TH", type=threshold, default=0.7, help="reuse threshold for --model (default 0.7)")
-    p.add_argument("--backbone-weights", default="imagenet",
-                   help="backbone weights for --model: imagenet, a path, or random (default imagenet)")
+                   help="also time this checkpoint with its own gate at --TH against TH 1.0 on the same frames "
+                        "(its backbone from --backbone-weights)")
+    add_threshold_flag(p)
+    add_backbone_weights_flag(p)
     return p
 
 

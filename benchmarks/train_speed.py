@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from lib.cli import image_size
+from lib.cli import add_device_flag, image_size, resolve_device
 from models.backbone import Backbone
 from models.network import GFRTM
 from models.target_model import TargetModel, TargetModelConfig
@@ -73,7 +73,7 @@ def gradients(step, images, labels, targets, per_frame: bool) -> dict:
 def main(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.dev)
+    device, _ = resolve_device(args.dev)
     h, w = args.size
     images, labels = make_batch(args.batch, args.frames, (h, w), device)
     backbone = Backbone(args.ftext, "random", seed=0).to(device)
@@ -119,7 +119,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3, help="timed steps of each way, alternating (after one warm-up step each); medians")
     p.add_argument("--reuse-bias", type=float, default=0.1,
                    help="initial reuse logit bias of the gate (upstream 0.1 vs 2.0 for compute: mostly computing)")
-    p.add_argument("--dev", default="cpu", help="device, e.g. cpu or cuda:0")
+    add_device_flag(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     return p
 
