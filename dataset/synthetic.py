@@ -1,14 +1,22 @@
 """Seeded synthetic video data in the DAVIS and YouTube-VOS 2018 layouts.
 
-Each sequence: a textured background panning slowly, and several textured ellipses moving
-smoothly across it. Objects are drawn in id order, so a higher id occludes a lower one where
-they overlap; their paths cross, so occlusions happen mid-sequence. In the YouTube-VOS layout
-the last object of every video enters later (its first frame is a multiple of 5, so that it
-is annotated in the every-5th-frame splits). Output depends only on the arguments: every
-random number comes from numpy Generators seeded from (seed, layout, split, sequence index).
+Each sequence: a textured background and several textured ellipses on it. Objects are drawn in
+id order, so a higher id occludes a lower one where they overlap. Two kinds of motion:
+
+* "smooth" (default): the background pans slowly and the objects move smoothly across it, their
+  paths crossing mid-sequence (occlusions);
+* "stop-and-go": a still camera and a calmer background; each object holds still (drifting by
+  at most DRIFT_MAX pixels per frame) for stretches of several frames (HOLD), then dashes in a
+  few frames to a random place elsewhere, spinning, often across another object (occlusion). The holds are where the last
+  computed mask stays valid (a reuse gate should reuse), the dashes where it must compute.
+
+In the YouTube-VOS layout the last object of every video enters later (its first frame is a
+multiple of 5, so that it is annotated in the every-5th-frame splits). Output depends only on
+the arguments: every random number comes from numpy Generators seeded from (seed, layout, split,
+sequence index).
 
 CLI: python -m dataset.synthetic --out DIR --layout davis|ytvos [--seed N --sequences N
-     --frames N --size HxW --objects N]
+     --frames N --size HxW --objects N --motion smooth|stop-and-go]
 """
 from __future__ import annotations
 
@@ -28,6 +36,10 @@ from lib.fileio import atomic_write_bytes
 from lib.image_io import write_label_png
 
 YTVOS_STEP = 5  # YouTube-VOS annotates (and its non-"all_frames" splits hold) every 5th frame
+MOTIONS = ("smooth", "stop-and-go")
+DRIFT_MAX = 0.25  # stop-and-go: largest drift of a holding object, pixels per frame
+HOLD = (0.3, 0.6)  # stop-and-go: a hold lasts this fraction of the sequence (at least 3 frames)
+CALM = 0.35  # stop-and-go: the background's texture contrast, relative to smooth motion's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,14 +134,48 @@ def _object_pose(obj: _Object, t: int, num_frames: int) -> tuple[np.ndarray, flo
     return centre, obj.angle + obj.spin * t, radii
 
 
+def _stop_and_go_poses(rng: np.random.Generator, obj: _Object, num_frames: int, shape: tuple[int, int],
+                       hold: tuple[float, float] = HOLD) -> list[tuple[np.ndarray, float, np.ndarray]]:
+    """Per frame (centre (y, x), angle, radii) of a stop-and-go object: holds (lasting a fraction
+    in [hold[0], hold[1]] of the sequence, at least 3 frames) drifting slowly, each followed by a dash of 2-4 frames (eased)
+    to a random place at least 0.3 * width away, with a spin."""
+    h, w = shape
+    reach = float(max(obj.radii))
+    lo = np.array([min(reach, h / 2), min(reach, w / 2)])
+    hi = np.array([max(h - reach, h / 2), max(w - reach, w / 2)])
+    poses = []
+    pos, angle = obj.start.copy(), obj.angle
+    while len(poses) < num_frames:
+        drift = rng.uniform(-1.0, 1.0, size=2)
+        drift *= rng.uniform(0.0, DRIFT_MAX) / max(1e-9, float(np.abs(drift).max()))
+        for _ in range(int(rng.integers(max(3, int(hold[0] * num_frames)), max(4, int(hold[1] * num_frames)) + 1))):
+            poses.append((pos.copy(), angle, obj.radii))
+            pos = np.clip(pos + drift, lo, hi)
+        candidates = rng.uniform(lo, hi, size=(8, 2))
+        far = np.abs(candidates[:, 1] - pos[1]) >= 0.3 * w
+        target = candidates[int(np.argmax(far))] if far.any() else \
+            candidates[int(np.argmax(np.abs(candidates[:, 1] - pos[1])))]
+        spin = rng.uniform(-0.6, 0.6)
+        steps = int(rng.integers(2, 5))
+        for i in range(1, steps + 1):
+            s = 0.5 - 0.5 * math.cos(math.pi * i / steps)
+            poses.append((pos + (target - pos) * s, angle + spin * s, obj.radii))
+        pos, angle = target, angle + spin
+    return poses[:num_frames]
+
+
 def render_sequence(seed_sequence: SequenceType[int], num_frames: int, size: tuple[int, int],
-                    num_objects: int, first_frames: Optional[SequenceType[int]] = None
-                    ) -> tuple[np.ndarray, np.ndarray]:
+                    num_objects: int, first_frames: Optional[SequenceType[int]] = None,
+                    motion: str = "smooth", hold: tuple[float, float] = HOLD) -> tuple[np.ndarray, np.ndarray]:
     """Render one sequence: (frames uint8 T x H x W x 3 RGB, labels uint8 T x H x W).
 
     first_frames[k]: frame where object k+1 appears (default all 0); before it the object is
     not drawn. Labels: the id of the topmost object at each pixel, 0 for background.
+    motion: "smooth" or "stop-and-go" (see the module docstring); hold: stop-and-go only, the
+    shortest and longest hold as fractions of the sequence (longer holds: more still frames).
     """
+    if motion not in MOTIONS:
+        raise ValueError(f"unknown motion {motion!r}: use one of {', '.join(MOTIONS)}")
     rng = np.random.default_rng(list(seed_sequence))
     h, w = size
     first_frames = list(first_frames) if first_frames is not None else [0] * num_objects
@@ -137,6 +183,14 @@ def render_sequence(seed_sequence: SequenceType[int], num_frames: int, size: tup
     background = _background(rng, (h + 2 * pad, w + 2 * pad))
     pan = rng.uniform(-1.0, 1.0, size=2) * pad / max(1, num_frames - 1)
     objects = _make_objects(rng, size, num_objects, first_frames)
+    if motion == "stop-and-go":
+        pan = np.zeros(2)
+        mean = background.mean(axis=(0, 1))
+        background = mean + CALM * (background - mean)
+        path_rng = np.random.default_rng(list(seed_sequence) + [11])
+        poses = [_stop_and_go_poses(path_rng, obj, num_frames, size, hold) for obj in objects]
+    else:
+        poses = [[_object_pose(obj, t, num_frames) for t in range(num_frames)] for obj in objects]
 
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     frames = np.zeros((num_frames, h, w, 3), dtype=np.uint8)
@@ -149,7 +203,7 @@ def render_sequence(seed_sequence: SequenceType[int], num_frames: int, size: tup
         for obj_id, obj in enumerate(objects, start=1):
             if t < obj.first_frame:
                 continue
-            centre, angle, radii = _object_pose(obj, t, num_frames)
+            centre, angle, radii = poses[obj_id - 1][t]
             dy, dx = yy - centre[0], xx - centre[1]
             # Object coordinates: u along the first axis, v along the second.
             u = dx * math.cos(angle) + dy * math.sin(angle)
@@ -192,19 +246,22 @@ def _write_json(path: Path, data: dict) -> None:
 
 def make_davis_like(root: str | Path, num_sequences: int = 3, num_frames: int = 12,
                     size: tuple[int, int] = (120, 216), num_objects: int = 2, seed: int = 0,
-                    num_train_sequences: int = 2) -> list[str]:
+                    num_train_sequences: int = 2, motion: str = "smooth", hold: tuple[float, float] = HOLD
+                    ) -> list[str]:
     """Write a DAVIS-layout data set under root and return the names of its val sequences.
 
     Writes JPEGImages/480p/<seq>/%05d.jpg, Annotations/480p/<seq>/%05d.png (every frame),
     ImageSets/2017/{train,val}.txt and ImageSets/2016/{train,val}.txt. All objects are in
     the first frame. Val sequences are synth-val-NN, train sequences synth-train-NN.
+    motion, hold: as render_sequence.
     """
     root = Path(root)
     splits = {"val": [f"synth-val-{i:02d}" for i in range(num_sequences)],
               "train": [f"synth-train-{i:02d}" for i in range(num_train_sequences)]}
     for split_code, (split, names) in enumerate(splits.items()):
         for index, name in enumerate(names):
-            frames, labels = render_sequence((seed, 1, split_code, index), num_frames, size, num_objects)
+            frames, labels = render_sequence((seed, 1, split_code, index), num_frames, size, num_objects,
+                                             motion=motion, hold=hold)
             image_dir = root / "JPEGImages" / "480p" / name
             anno_dir = root / "Annotations" / "480p" / name
             image_dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +287,7 @@ def _late_start(rng: np.random.Generator, num_frames: int) -> int:
 
 def make_ytvos_like(root: str | Path, num_sequences: int = 3, num_frames: int = 26,
                     size: tuple[int, int] = (120, 216), num_objects: int = 2, seed: int = 0,
-                    num_train_sequences: int = 2) -> dict[str, list[str]]:
+                    num_train_sequences: int = 2, motion: str = "smooth") -> dict[str, list[str]]:
     """Write a YouTube-VOS-2018-layout data set under root; return video ids per list.
 
     * train_all_frames/JPEGImages: every frame; train/JPEGImages, train/Annotations: every
@@ -240,7 +297,8 @@ def make_ytvos_like(root: str | Path, num_sequences: int = 3, num_frames: int = 
     * valid_all_frames/JPEGImages: every frame; valid/JPEGImages: every 5th frame;
       valid/Annotations: only each object's first frame, holding the objects starting there;
       valid/meta.json.
-    The last object of every video enters at a later annotated frame.
+    The last object of every video enters at a later annotated frame. motion: "smooth" or
+    "stop-and-go" (module docstring).
     Returns {"jjval": [...], "jjtrain": [...], "valid": [...]}.
     """
     root = Path(root)
@@ -257,7 +315,7 @@ def make_ytvos_like(root: str | Path, num_sequences: int = 3, num_frames: int = 
             first_frames = [0] * num_objects
             if num_objects > 1:
                 first_frames[-1] = _late_start(np.random.default_rng(list(seeds) + [7]), num_frames)
-            frames, labels = render_sequence(seeds, num_frames, size, num_objects, first_frames)
+            frames, labels = render_sequence(seeds, num_frames, size, num_objects, first_frames, motion=motion)
             objects = _write_ytvos_video(root, part, video, frames, labels, first_frames)
             metas[part][video] = {"objects": objects}
     for part, videos in metas.items():
@@ -317,17 +375,20 @@ def get_parser() -> argparse.ArgumentParser:
                         help="frames per sequence (default 12 for davis, 26 for ytvos)")
     parser.add_argument("--size", type=image_size(16), default=(120, 216), help="HxW, default 120x216")
     parser.add_argument("--objects", type=int_in(1, 254), default=2, help="objects per sequence (1..254)")
+    parser.add_argument("--motion", choices=MOTIONS, default="smooth",
+                        help="smooth (default): panning camera, objects moving smoothly; stop-and-go: still "
+                             "camera, objects holding still (slow drift) between fast dashes")
     return parser
 
 
 def main(args: argparse.Namespace) -> None:
     if args.layout == "davis":
         names = make_davis_like(args.out, args.sequences, args.frames or 12, args.size, args.objects,
-                                args.seed, num_train_sequences=args.train_sequences)
+                                args.seed, num_train_sequences=args.train_sequences, motion=args.motion)
         print(f"wrote DAVIS-layout data to {args.out}: val sequences {names}")
     else:
         lists = make_ytvos_like(args.out, args.sequences, args.frames or 26, args.size, args.objects,
-                                args.seed, num_train_sequences=args.train_sequences)
+                                args.seed, num_train_sequences=args.train_sequences, motion=args.motion)
         print(f"wrote YouTube-VOS-layout data to {args.out}: {lists}")
 
 

@@ -214,6 +214,50 @@ def test_synthetic_objects_move_and_occlude():
     assert occluded  # bounding boxes of the two objects meet in some frame
 
 
+def _consecutive_iou(labels: np.ndarray, obj: int) -> np.ndarray:
+    m = labels == obj
+    inter = (m[1:] & m[:-1]).sum(axis=(1, 2))
+    union = (m[1:] | m[:-1]).sum(axis=(1, 2))
+    return inter / np.maximum(union, 1)
+
+
+def test_synthetic_stop_and_go_holds_and_dashes():
+    """Stop-and-go: still camera, objects holding (consecutive masks nearly equal) for most
+    frames and dashing (consecutive masks far apart) in between; longer holds, more still frames;
+    seeded; an unknown motion is an error."""
+    still, dashes, occluded = [], 0, False
+    for index in range(3):
+        frames, labels = render_sequence((0, 9, index), 40, (60, 100), 2, motion="stop-and-go")
+        assert set(np.unique(labels[0])) == {0, 1, 2}
+        background = (labels[0] == 0) & (labels[-1] == 0)
+        np.testing.assert_array_equal(frames[0][background], frames[-1][background])  # still camera
+        for obj in (1, 2):
+            iou = _consecutive_iou(labels, obj)
+            still.append((iou > 0.9).mean())
+            dashes += int((iou < 0.5).any())
+        counts = [(labels == 1).sum(axis=(1, 2)), (labels == 2).sum(axis=(1, 2))]
+        occluded |= bool((counts[0] < 0.8 * counts[0].max()).any() or (counts[1] < 0.8 * counts[1].max()).any())
+    assert np.mean(still) > 0.6 and dashes == 6 and occluded
+    long_holds = [(_consecutive_iou(render_sequence((0, 9, i), 40, (60, 100), 2, motion="stop-and-go",
+                                                    hold=(0.6, 1.0))[1], 1) > 0.9).mean() for i in range(3)]
+    assert np.mean(long_holds) > np.mean(still[::2])
+    a = render_sequence((1,), 12, (48, 80), 2, motion="stop-and-go")
+    b = render_sequence((1,), 12, (48, 80), 2, motion="stop-and-go")
+    np.testing.assert_array_equal(a[0], b[0])
+    with pytest.raises(ValueError, match="motion"):
+        render_sequence((1,), 4, (48, 80), 2, motion="jerky")
+
+
+def test_synthetic_stop_and_go_ytvos_late_object(tmp_path):
+    lists = make_ytvos_like(tmp_path, num_sequences=1, num_frames=16, size=SIZE, num_objects=2, seed=1,
+                            num_train_sequences=0, motion="stop-and-go")
+    video = lists["jjval"][0]
+    seq = YouTubeVOSDataset(tmp_path, "jjval_all_frames", split_file=tmp_path / "ytvos_jjvalid.txt")[0]
+    assert seq.name == video and len(seq) == 16
+    starts = seq.first_frame_indices
+    assert starts[1] == 0 and starts[2] in (5, 10)
+
+
 def test_synthetic_davis_reads_back(synth_davis):
     dset = DAVISDataset(synth_davis, year="2017", split="val")
     assert dset.sequence_names == ["synth-val-00", "synth-val-01"]

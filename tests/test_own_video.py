@@ -51,7 +51,7 @@ def dog(davis_sample, tmp_path_factory):
 def run_demo(video, mask, checkpoint, out, *extra):
     args = demo.get_parser().parse_args(
         ["--video", str(video), "--mask", str(mask), "--model", str(checkpoint), "--out", str(out),
-         "--dev", "cpu", "--num-aug", "1", "--backbone-weights", "random", "--fps-out", "5", *extra])
+         "--dev", "cpu", "--num-aug", "1", "--backbone-weights", "random", *extra])
     return demo.main(args)
 
 
@@ -65,6 +65,11 @@ def decode_mp4(path):
         frames.append(frame)
     capture.release()
     return frames
+
+
+def gif_frame_ms(path):
+    with Image.open(path) as im:
+        return im.info["duration"]
 
 
 def check_outputs(out, stems, size):
@@ -100,6 +105,9 @@ def test_frame_folder_resized_and_back(dog, checkpoint, tmp_path):
     out = tmp_path / "out"
     summary = run_demo(dog / "frames", dog / "mask.png", checkpoint, out, "--max-size", "64")
     assert summary["size"] == DOG_SIZE and summary["tracking_size"] == (64, 114)
+    # A frame folder has no frame rate: the overlays get the default.
+    assert summary["fps_out"] == demo.DEFAULT_FPS_OUT == 10
+    assert gif_frame_ms(out / "overlay.gif") == 100
     stems = [f"{t:05d}" for t in range(4)]
     timeline = check_outputs(out, stems, DOG_SIZE)
     assert timeline["frames"][0]["reused"] == {}
@@ -137,6 +145,19 @@ def test_mp4_video_and_half_size_mask(dog, checkpoint, tmp_path):
     summary = run_demo(video, mask, checkpoint, out, "--max-size", "60")
     assert summary["tracking_size"] == (60, 107)  # the mask's own size: used as it is
     check_outputs(out, [f"{t:05d}" for t in range(4)], (h, w))
+    # The overlays keep the video's frame rate by default.
+    assert summary["fps_out"] == pytest.approx(24)
+    assert open_frames(out / "overlay.mp4").fps == pytest.approx(24)
+    assert gif_frame_ms(out / "overlay.gif") == 40  # 1000 / 24 ms, in the GIF's 10 ms units
+
+
+def test_fps_out_overrides_the_video_frame_rate(tmp_path):
+    assert demo.overlay_fps(None, 24.0) == 24.0
+    assert demo.overlay_fps(None, None) == demo.DEFAULT_FPS_OUT
+    assert demo.overlay_fps(5.0, 24.0) == 5.0
+    assert demo.get_parser().parse_args(["--fps-out", "12.5"]).fps_out == 12.5
+    with pytest.raises(SystemExit):
+        demo.get_parser().parse_args(["--fps-out", "0"])
 
 
 def test_late_object_from_mask_folder(checkpoint, tmp_path):
@@ -155,8 +176,9 @@ def test_late_object_from_mask_folder(checkpoint, tmp_path):
     assert [(s.key, s.new_ids) for s in masks.starts] == [("frame_0", [1]), ("frame_3", [2])]
 
     out = tmp_path / "out"
-    run_demo(frames_dir, masks_dir, checkpoint, out)  # 64 <= 480: no resize
+    summary = run_demo(frames_dir, masks_dir, checkpoint, out, "--fps-out", "5")  # 64 <= 480: no resize
     timeline = check_outputs(out, stems, size)
+    assert summary["fps_out"] == 5 and gif_frame_ms(out / "overlay.gif") == 200
     tracked_2 = ["2" in f["reused"] for f in timeline["frames"]]
     assert tracked_2 == [False] * (late + 1) + [True] * (5 - late)
     assert all("1" in f["reused"] for f in timeline["frames"][1:])
