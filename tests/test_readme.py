@@ -83,16 +83,47 @@ def test_scripts_have_help(flag, capsys):
         assert "usage" in capsys.readouterr().out
 
 
-def test_main_job_runs_offline(tmp_path, capsys):
-    """`bash scripts/demo.sh` is `python demo.py`: here with one epoch."""
+def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
+    """`bash scripts/demo.sh` is `python demo.py`: here with one epoch on tiny data. It prints TH 1.0
+    and TH 0.7 side by side and the goal lines."""
     import demo
 
+    monkeypatch.setattr(demo, "JOB_SIZE", (64, 112))
+    monkeypatch.setattr(demo, "JOB_TRAIN", {"sequences": 2, "frames": 8, "hold": (0.6, 1.0)})
+    monkeypatch.setattr(demo, "JOB_VAL", {"sequences": 1, "frames": 11})
+    monkeypatch.setattr(demo, "JOB_TRAIN_FLAGS", ["--batch-size", "2", "--samples-per-epoch", "2", "--num-aug", "1"])
     out = demo.main(demo.get_parser().parse_args(["--work", str(tmp_path), "--epochs", "1", "--dev", "cpu"]))
     printed = capsys.readouterr().out
-    assert re.search(r"J&F [\d.]+ .* FPS [\d.]+ +reuse rate [\d.]+%", printed)
-    assert "smoke test" in printed
-    results = out["results"]
-    assert 0.0 <= results["J&F"] <= 1.0 and results["fps"] > 0
-    assert (Path(results["results_dir"]) / "results.json").is_file()
+    assert re.search(r"TH 1\.0 \(always compute\) +TH 0\.7 \(reuse gate\)", printed)
+    for row in ("J&F", "FPS", "reuse rate"):
+        assert re.search(rf"^{row} +[\d.]+%? +[\d.]+%?$", printed, flags=re.M), row
+    assert re.search(r"^reuse rate +0\.0% +[\d.]+%$", printed, flags=re.M)  # TH 1.0 never reuses
+    goals = re.findall(r"^  \[(met|NOT met)\] (.*)$", printed, flags=re.M)
+    assert [g[1].split(":")[0] for g in goals] == ["reuse rate at TH 0.7 >= 20%",
+                                                    "J&F at TH 0.7 within 3 points of TH 1.0",
+                                                    "FPS at TH 0.7 above TH 1.0"]
+    assert [g[0] == "met" for g in goals] == [met for _, met in out["goals"]]
+    assert "random backbone" in printed and "not the paper's results" in printed
+    plain, gated = out["results_plain"], out["results"]
+    assert plain["threshold"] == 1.0 and gated["threshold"] == 0.7 and plain["reuse_rate"] == 0.0
+    for results in (plain, gated):
+        assert 0.0 <= results["J&F"] <= 1.0 and results["fps"] > 0
+        assert (Path(results["results_dir"]) / "results.json").is_file()
+    # The validation video's second object enters late (YouTube-VOS layout, every frame tracked).
+    assert set(gated["sequences"]) == {"synthjv000"}
     for seq, paths in out["overlays"].items():
         assert any(p.endswith("overlay.gif") for p in paths) and any(p.endswith("timeline.png") for p in paths)
+
+
+def test_main_job_goals():
+    import demo
+
+    def results(th, jf, fps, reuse):
+        return {"threshold": th, "J&F": jf, "J": {"mean": jf}, "F": {"mean": jf}, "fps": fps, "reuse_rate": reuse}
+
+    plain = results(1.0, 0.60, 20.0, 0.0)
+    assert [met for _, met in demo.main_job_goals(plain, results(0.7, 0.58, 25.0, 0.45))] == [True, True, True]
+    assert [met for _, met in demo.main_job_goals(plain, results(0.7, 0.56, 19.0, 0.15))] == [False, False, False]
+    table = demo.side_by_side(plain, results(0.7, 0.58, 25.0, 0.45))
+    assert re.search(r"^J&F +60\.0 +58\.0$", table, flags=re.M)
+    assert re.search(r"^reuse rate +0\.0% +45\.0%$", table, flags=re.M)
