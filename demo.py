@@ -83,8 +83,8 @@ def get_parser() -> argparse.ArgumentParser:
     job.add_argument("--work", type=Path, default=Path("./demo_out/main"),
                      help="folder for the synthetic data, checkpoints, results and overlays (default ./demo_out/main)")
     job.add_argument("--epochs", type=int_at_least(1), default=45,
-                     help="training epochs of 12 samples (default 45: about 2 minutes on 2 CPU cores, enough for "
-                          "the reuse gate to start reusing on still stretches)")
+                     help="training epochs of 12 samples (default 45: a few minutes on 2 CPU cores; the reuse "
+                          "gate starts reusing on still stretches)")
     return parser
 
 
@@ -168,7 +168,7 @@ def run_own_video(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Default main job
 
-# The main job's data and training, sized for about 2 minutes on 2 CPU cores (README: main job).
+# The main job's data and training, sized for a few minutes on 2 CPU cores (README: main job).
 JOB_SIZE = (120, 216)  # H, W of every frame
 # Training: DAVIS layout, stop-and-go motion with long holds (most frame pairs still), all frames annotated.
 JOB_TRAIN = {"sequences": 4, "frames": 12, "hold": (0.8, 1.0)}
@@ -257,7 +257,7 @@ def run_main_job(args: argparse.Namespace) -> dict:
         print(f"  [{'met' if met else 'NOT met'}] {line}")
     print(f"masks and metrics: {plain['results_dir']}, {gated['results_dir']}\n"
           f"overlays and reuse timelines: {work / 'overlays'}")
-    print("These numbers come from a random backbone trained for a couple of minutes on synthetic data: they "
+    print("These numbers come from a random backbone trained for a few minutes on synthetic data: they "
           "show the pipeline and what the reuse gate does, not the paper's results (see README: Reproducing "
           "the published tables).")
     return {"results": gated, "results_plain": plain, "goals": goals, "overlays": written,

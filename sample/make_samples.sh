@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the sample GIFs and timelines in sample/ from the offline main job (demo.py without
 # --video, = scripts/demo.sh): seeded synthetic data, brief CPU training with a random backbone,
-# evaluation at TH 1.0 and 0.7. Offline, CPU, about 2 minutes on 2 cores.
+# evaluation at TH 1.0 and 0.7. Offline, CPU, a few minutes on 2 cores.
 #
 #   bash sample/make_samples.sh          # WORK: the main job's --work folder (default a temp dir)
 #
