@@ -20,7 +20,7 @@ __all__ = ["build_tracker", "Backbone", "GFRTM", "TargetModel", "TargetModelConf
 
 def build_tracker(checkpoint: CheckpointSource, device: str | torch.device = "cpu", fast: bool = True,
                   num_aug: int = 5, backbone_weights: BackboneWeights = "imagenet", ftext: str | None = None,
-                  batch_objects: bool = True, seed: int = 0) -> Tracker:
+                  batch_objects: bool = True, seed: int = 0, precision: str = "fp32") -> Tracker:
     """A tracker for a released G-FRTM / FRTM checkpoint or one of ours.
 
     checkpoint: path or loaded dict; the backbone (resnet18 / resnet101) follows from it and must
@@ -28,6 +28,9 @@ def build_tracker(checkpoint: CheckpointSource, device: str | torch.device = "cp
     a path to a torchvision ResNet state dict, a state dict, or None / "random" (random weights,
     seeded by `seed`: tests only). fast: upstream's fewer target-model optimizer steps (upstream
     always evaluated with fast). num_aug: first-frame augmentations for the target model (1 = none).
+    precision: "fp32" (default), "bf16" or "fp16": the backbone and the network under autocast,
+    the target models and the merge of object probabilities in fp32; a ValueError says what to
+    use instead where the device cannot run it (fp16 on most CPUs, bf16 on older GPUs).
     """
     network, _ = build_network(checkpoint, expected_backbone=ftext)
     backbone = Backbone(network.backbone_name, backbone_weights, seed=seed)
@@ -36,4 +39,4 @@ def build_tracker(checkpoint: CheckpointSource, device: str | torch.device = "cp
         from .augmenter import FirstFrameAugmenter, evaluation_params
         augmenter = FirstFrameAugmenter(evaluation_params(num_aug))
     return Tracker(network, backbone, TargetModelConfig.evaluation(fast), augmenter, device,
-                   batch_objects=batch_objects, seed=seed)
+                   batch_objects=batch_objects, seed=seed, precision=precision)

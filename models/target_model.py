@@ -10,9 +10,12 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .precision import full_fp32, to_device
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,11 @@ class TargetModelConfig:
         """Settings of the target models cached for training (c = 32)."""
         return cls(channels=32, init_iters=(5, 10, 10, 10, 10), update_iters=(10,), memory_size=20,
                    filter_reg=(1e-5, 1e-4), precond=(1e-5, 1e-4), cg_forgetting_rate=75, pixel_weighting="none")
+
+    def enough_foreground(self, soft_masks: torch.Tensor) -> torch.Tensor:
+        """Whether each soft mask (N, 1, H, W) has the `min_update_pixels` above 0.5 an update
+        needs -> bool (N,), on the masks' device (the caller fetches all objects' at once)."""
+        return (soft_masks > 0.5).flatten(1).sum(1) >= self.min_update_pixels
 
 
 def pixel_weights(labels: torch.Tensor, method: str = "hinge", target_fraction: float = 0.1) -> torch.Tensor:
@@ -139,14 +147,19 @@ class SampleMemory:
     lowest-weight slot and gets its weight from the learning rate. Labels and pixel weights are
     kept in the score-resolution form of `UpsamplingMetric`: per sample, the metric M (9, h, w)
     and g = Uᵀ(w² ⊙ y) (1, h, w).
+
+    The sample weights are bookkept on the host (`host_weights`, float32 like the device copy
+    `weights`), so choosing a slot or the active samples never waits on the device.
     """
 
     def __init__(self, capacity: int, feature_shape: Sequence[int], label_size: Sequence[int],
                  device: torch.device | str, learning_rate: float):
         h, w = feature_shape[-2:]
         self.upsampling = UpsamplingMetric((h, w), label_size, device)
+        self.device = torch.device(device)
         self.samples = torch.zeros(capacity, *feature_shape, device=device).contiguous(memory_format=torch.channels_last)
-        self.weights = torch.zeros(capacity, device=device)
+        self.host_weights = torch.zeros(capacity)
+        self.weights = to_device(self.host_weights, self.device)  # the same tensor on the CPU
         self.metrics = torch.zeros(capacity, 9, h, w, device=device)
         self.targets = torch.zeros(capacity, 1, h, w, device=device)
         self.capacity = capacity
@@ -162,9 +175,11 @@ class SampleMemory:
         """features (K, C, h, w), labels and pixel_weights (K, 1, H, W)."""
         k = features.shape[0]
         self.samples[:k] = features.detach()
-        self.weights[:k] = 1.0 / k
-        self.weights[0] = 2.0 / k
-        self.weights[:k] = self.weights[:k] / self.weights[:k].sum()
+        w = self.host_weights
+        w[:k] = 1.0 / k
+        w[0] = 2.0 / k
+        w[:k] = w[:k] / w[:k].sum()
+        self.weights = to_device(w, self.device)
         self.metrics[:k], self.targets[:k] = self._encode(labels, pixel_weights)
         self.size = k
 
@@ -177,15 +192,22 @@ class SampleMemory:
         self.size = min(self.size + 1, self.capacity)
         self._last_slot = slot
 
+    def active(self) -> slice | np.ndarray:
+        """Slots with weight > 0, from the host weights: a slice when they are a prefix (the
+        usual case: views, no copies), else their indices."""
+        active = np.flatnonzero(self.host_weights.numpy() > 0)
+        n = active.size
+        return slice(0, n) if n == 0 or active[-1] == n - 1 else active
+
     def _update_weights(self) -> int:
-        w = self.weights
+        w = self.host_weights
         lr = self.learning_rate
         if self.size == 0 or lr == 1:
             w[:] = 0
             w[0] = 1
             slot = 0
         else:
-            slot = int(torch.argmin(w).item())
+            slot = int(np.argmin(w.numpy()))  # first minimum, as torch.argmin
             if self._last_slot is None:
                 w /= 1 - lr
                 w[slot] = lr
@@ -194,6 +216,7 @@ class SampleMemory:
                 # old weights are not decayed again before renormalizing.
                 w[slot] = w[self._last_slot] / (1 - lr)
         w /= w.sum()
+        self.weights = to_device(w, self.device)
         return slot
 
 
@@ -212,10 +235,9 @@ class LeastSquaresProblem:
 
     def select_samples(self) -> None:
         m = self.memory
-        active = torch.nonzero(m.weights > 0).flatten()
-        n = active.numel()
-        if n > 0 and int(active[-1]) == n - 1:  # the usual case, a prefix: views, no copies
-            active = slice(0, n)
+        active = m.active()
+        if not isinstance(active, slice):
+            active = to_device(torch.from_numpy(active), m.device)
         sample_weights = m.weights[active].view(-1, 1, 1, 1)
         self.x = m.samples[active]
         self.metric = m.metrics[active] * sample_weights
@@ -394,8 +416,17 @@ class TargetModel(nn.Module):
     def forget_factor(self) -> float:
         return (1 - self.config.precond_lr) ** self.config.cg_forgetting_rate
 
+    @property
+    def device(self) -> torch.device:
+        return self.project.weight.device
+
     def initialize(self, features: torch.Tensor, masks: torch.Tensor) -> None:
-        """Train from the augmented first frame: features (K, C_in, h, w), masks (K, 1, H, W)."""
+        """Train from the augmented first frame: features (K, C_in, h, w), masks (K, 1, H, W).
+        Always in full fp32, whatever the precision of the features."""
+        with full_fp32(self.device):
+            self._initialize(features.float(), masks.float())
+
+    def _initialize(self, features: torch.Tensor, masks: torch.Tensor) -> None:
         cfg = self.config
         device = features.device
         pw = pixel_weights(masks, cfg.pixel_weighting, cfg.target_fraction)
@@ -422,22 +453,29 @@ class TargetModel(nn.Module):
             p.requires_grad_(False)
 
     def apply(self, layer4: torch.Tensor) -> torch.Tensor:
-        """layer4 (N, C_in, h, w) -> scores (N, 1, h, w); remembers the projected sample."""
+        """layer4 (N, C_in, h, w), any float dtype -> fp32 scores (N, 1, h, w); remembers the
+        projected sample."""
         self.applications += 1
-        with torch.no_grad():
-            self.current_sample = self.project(layer4)
+        with torch.no_grad(), full_fp32(self.device):
+            self.current_sample = self.project(layer4.float())
             return self.filter(self.current_sample)
 
-    def update(self, soft_mask: torch.Tensor) -> None:
+    def update(self, soft_mask: torch.Tensor, enough_foreground: bool | None = None) -> None:
         """After a computed frame: store (last sample, soft mask (1, 1, H, W)) and every
-        `train_skipping`-th application re-optimize the filter."""
+        `train_skipping`-th application re-optimize the filter. `enough_foreground`: the
+        config's `enough_foreground(soft_mask)` already fetched by the caller (else fetched
+        here, which waits on the device)."""
         cfg = self.config
         if self.current_sample is None or self.memory is None:
             return
-        if (soft_mask > 0.5).sum() < cfg.min_update_pixels:
+        if enough_foreground is None:
+            enough_foreground = bool(cfg.enough_foreground(soft_mask)[0])
+        if not enough_foreground:
             return
-        pw = pixel_weights((soft_mask > 0.5).float(), cfg.pixel_weighting, cfg.target_fraction)
-        self.memory.insert(self.current_sample, soft_mask, pw)
-        if self.applications % cfg.train_skipping != 0:
-            return
-        self.update_optimizer.run(cfg.update_iters)
+        with full_fp32(self.device):
+            soft_mask = soft_mask.float()
+            pw = pixel_weights((soft_mask > 0.5).float(), cfg.pixel_weighting, cfg.target_fraction)
+            self.memory.insert(self.current_sample, soft_mask, pw)
+            if self.applications % cfg.train_skipping != 0:
+                return
+            self.update_optimizer.run(cfg.update_iters)

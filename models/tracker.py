@@ -6,9 +6,17 @@ Per tracked object and frame: template matching and the reuse gate decide betwee
 * reused: previous score + Δ, refine-translated decoder state, shallow decoder stages only.
 Objects are batched through the network by default; `batch_objects=False` runs them one by one
 (same outputs, used by the tests).
+
+The frame loop does not wait on the device more than it must: all gate decisions of a frame are
+fetched in one transfer, the labels (with the target models' update checks, and probabilities
+or raw outputs only when asked for) in another, and the next frame is already copied to the
+device (pinned memory, non_blocking) while the current one is tracked. `precision` "bf16" /
+"fp16" runs the backbone and the network under autocast; the target models and the merge of
+object probabilities stay in fp32.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -19,6 +27,7 @@ import torch.nn.functional as F
 
 from .backbone import Backbone
 from .network import GFRTM
+from .precision import autocast, check_precision, to_device
 from .target_model import TargetModel, TargetModelConfig
 
 Frame = tuple  # (image uint8 3xHxW, labels uint8 HxW or None, new object ids)
@@ -34,7 +43,8 @@ class FrameResult:
     reuse_prob: dict[int, float] = field(default_factory=dict)  # id -> reuse-gate probability
     scores: dict[int, torch.Tensor] = field(default_factory=dict)  # id -> decoder input score (1, 1, h16, w16)
     logits: dict[int, torch.Tensor] = field(default_factory=dict)  # id -> mask logits (1, 1, H, W)
-    seconds: float = 0.0  # tracker time for this frame (no disk reading)
+    seconds: float = 0.0  # tracker time for this frame (no disk reading; on CUDA, device work still
+    # queued when the labels are out, the target models' updates, counts in the next frame)
 
 
 @dataclass
@@ -62,6 +72,46 @@ class _Object:
     template: torch.Tensor | None  # (1, 64, 64)
     prev_score: torch.Tensor  # (1, 1, h16, w16) last computed score (first frame: the mask)
     x16: torch.Tensor  # (1, 64, h16, w16) decoder state after the deep stages
+
+
+@dataclass
+class _Output:
+    """One tracked object's output on one frame, on the device."""
+
+    obj: _Object
+    reused: bool
+    probability: torch.Tensor  # (H, W) fp32 sigmoid(logits)
+    score: torch.Tensor  # (1, 1, h16, w16) decoder input score
+    logits: torch.Tensor  # (1, 1, H, W)
+    reuse_prob: float | None  # None where the gate did not run
+
+
+@dataclass
+class _Sequence:
+    """Tracking state of one sequence."""
+
+    objects: list[_Object] = field(default_factory=list)
+    ids: torch.Tensor | None = None  # (1 + N,) uint8 on the device: merge row -> object id
+
+
+def fetch(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Copy device tensors to the host in one transfer (one wait for the device): their bytes are
+    packed into one buffer, widest dtypes first so every piece stays aligned; each result gets
+    its own storage."""
+    if not tensors:
+        return []
+    order = sorted(range(len(tensors)), key=lambda i: -tensors[i].element_size())
+    flat = [tensors[i].contiguous().view(-1) for i in order]
+    host = torch.cat([f.view(torch.uint8) if f.dtype != torch.bool else f.to(torch.uint8) for f in flat]).cpu()
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    offset = 0
+    for i, f in zip(order, flat):
+        n = f.numel() * f.element_size()
+        piece = host[offset:offset + n]
+        # own storage per result: views of one buffer in several dtypes could not be torch.save'd
+        out[i] = (piece.view(f.dtype) if f.dtype != torch.bool else piece.bool()).view(tensors[i].shape).clone()
+        offset += n
+    return out
 
 
 def _max_over_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,21 +155,28 @@ class Tracker:
 
     Takes ownership of `network` and `backbone`: they are moved to `device`, switched to
     channels-last, and the backbone's batch norm is folded into its convolutions (same
-    results, faster). Build them with `models.build_tracker` unless you need to share them.
+    results, faster). With `precision` "bf16" or "fp16" their weights are converted to that
+    dtype (autocast would otherwise convert them on every frame). Build them with
+    `models.build_tracker` unless you need to share them.
     """
 
     def __init__(self, network: GFRTM, backbone: Backbone, target_config: TargetModelConfig,
                  augmenter=None, device: torch.device | str = "cpu", batch_objects: bool = True,
-                 seed: int = 0, channels_last: bool = True):
+                 seed: int = 0, channels_last: bool = True, precision: str = "fp32"):
         self.device = torch.device(device)
+        self.precision = precision
+        self.dtype = check_precision(precision, self.device)  # autocast dtype, None for fp32
         self.network = network.to(self.device).eval()
         for p in self.network.parameters():
             p.requires_grad_(False)
         self.backbone = backbone.to(self.device).eval()
-        if channels_last:  # same results, faster convolutions
+        if channels_last or self.dtype is not None:  # same results, faster convolutions
             self.network.to(memory_format=torch.channels_last)
             self.backbone.use_channels_last()
         self.backbone.fuse_batch_norm()
+        if self.dtype is not None:
+            self.network.to(self.dtype)
+            self.backbone.resnet.to(self.dtype)
         self.target_config = target_config
         self.augmenter = augmenter
         self.batch_objects = batch_objects
@@ -136,50 +193,68 @@ class Tracker:
 
     def track(self, frames: Iterable[Frame], threshold: float = 0.7, keep_probabilities: bool = True,
               keep_raw: bool = False) -> Iterator[FrameResult]:
-        """Like run_sequence, but yields each frame's result as soon as it is ready."""
-        objects: list[_Object] = []
-        for t, (image, labels, new_ids) in enumerate(frames):
+        """Like run_sequence, but yields each frame's result as soon as it is ready. Reads one
+        frame ahead of the one it tracks (that frame's copy to the device overlaps tracking)."""
+        sequence = _Sequence()
+        for t, (image, labels, new_ids) in enumerate(self._on_device(frames)):
             start = time.perf_counter()
             with torch.no_grad():
-                result = self._frame(objects, t, image, labels, list(new_ids or []), float(threshold), keep_raw)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            result.seconds = time.perf_counter() - start
-            if not keep_probabilities:
-                result.probabilities = {}
-            yield result
+                result = self._frame(sequence, t, image, labels, new_ids, float(threshold),
+                                     keep_probabilities, keep_raw)
+            yield dataclasses.replace(result, seconds=time.perf_counter() - start)
+
+    def _on_device(self, frames: Iterable[Frame]) -> Iterator[tuple]:
+        """(image (1, 3, H, W) on the device, labels (H, W) on the host or None, new ids) per
+        frame; the next frame's copy is issued before the current frame is yielded."""
+        def send(frame):
+            image, labels, new_ids = frame
+            labels = None if labels is None else _as_labels(labels)
+            return to_device(_as_image(image), self.device), labels, list(new_ids or [])
+
+        source = iter(frames)
+        pending = next(source, None)
+        pending = None if pending is None else send(pending)
+        while pending is not None:
+            upcoming = next(source, None)
+            current, pending = pending, (None if upcoming is None else send(upcoming))
+            yield current
+
+    def _autocast(self):
+        return autocast(self.device, self.dtype)
 
     # ------------------------------------------------------------------------------------------
 
-    def _frame(self, objects: list[_Object], t: int, image, labels, new_ids: list[int], threshold: float,
-               keep_raw: bool) -> FrameResult:
-        image = _as_image(image).to(self.device)
+    def _frame(self, sequence: _Sequence, t: int, image: torch.Tensor, labels: torch.Tensor | None,
+               new_ids: list[int], threshold: float, keep_probabilities: bool, keep_raw: bool) -> FrameResult:
         size = image.shape[-2:]
+        objects = sequence.objects
         known = {o.id for o in objects}
         new_ids = [i for i in new_ids if i not in known]
         if new_ids and labels is None:
             raise ValueError(f"frame {t}: objects {new_ids} start here but no labels were given")
-        labels_t = None if labels is None else _as_labels(labels).to(self.device)
 
         old = list(objects)
         features = None
         new_objects = []
         if new_ids:
-            features = self.backbone(image)
-            for obj_id in new_ids:
-                obj = self._start_object(obj_id, t, image, labels_t, features)
-                objects.append(obj)
-                new_objects.append(obj)
-
-        result = FrameResult(labels=torch.zeros(size, dtype=torch.uint8))
+            present = set(torch.unique(labels).tolist())  # host labels: no device wait
+            empty = [i for i in new_ids if i not in present]
+            if empty:
+                raise ValueError(f"frame {t}: object {empty[0]} starts here but its mask is empty")
+            labels_dev = to_device(labels, self.device)
+            with self._autocast():
+                features = self.backbone(image)
+            new_objects = [self._start_object(obj_id, t, image, labels_dev, features) for obj_id in new_ids]
+            objects.extend(new_objects)
+            sequence.ids = to_device(torch.tensor([0] + [o.id for o in objects], dtype=torch.uint8), self.device)
         if not old:
-            if labels_t is not None:
-                result.labels = labels_t.to("cpu", torch.uint8)
-            return result
+            return FrameResult(labels=torch.zeros(size, dtype=torch.uint8) if labels is None
+                               else labels.to(torch.uint8))
 
         if features is None:
-            features = self.backbone.low(image)
-        probs, computed = self._track_objects(old, features, size, threshold, result, keep_raw)
+            with self._autocast():
+                features = self.backbone.low(image)
+        outputs = {out.obj.id: out for out in self._track_objects(old, features, size, threshold)}
 
         # Objects starting now claim their masks; older objects are suppressed under them.
         rows = [torch.zeros(size, device=self.device)]
@@ -187,23 +262,42 @@ class Tracker:
             if obj.start_frame == t:
                 rows.append(obj.start_mask)
             else:
-                p = probs[obj.id]
+                p = outputs[obj.id].probability
                 for new in new_objects:
                     p = p * (1 - new.start_mask)
                 rows.append(p)
         soft, winner = merge_probabilities(torch.stack(rows))
-        for obj in computed:
-            obj.target_model.update(soft[1 + objects.index(obj)].view(1, 1, *size))
-        ids = torch.tensor([0] + [o.id for o in objects], dtype=torch.uint8, device=self.device)
-        result.labels = ids[labels_from_merge(soft, winner)].cpu()
-        return result
+        labels_out = sequence.ids[labels_from_merge(soft, winner)]
+        computed = [(1 + i, o) for i, o in enumerate(objects) if o.id in outputs and not outputs[o.id].reused]
+        updates = [soft[row].view(1, 1, *size) for row, _ in computed]
+        enough = self.target_config.enough_foreground(torch.cat(updates)) if updates else None
 
+        # One transfer: labels, the update checks, and what the caller asked to keep.
+        tracked = [outputs[o.id] for o in old]
+        wanted = [labels_out] + ([enough] if updates else [])
+        if keep_probabilities:
+            wanted.append(torch.stack([out.probability for out in tracked]))
+        if keep_raw:
+            wanted += [torch.cat([out.score.float() for out in tracked]), torch.cat([out.logits.float() for out in tracked])]
+        host = fetch(wanted)
+        labels_host = host.pop(0)
+        if updates:
+            for (_, obj), soft_mask, ok in zip(computed, updates, host.pop(0).numpy()):
+                obj.target_model.update(soft_mask, bool(ok))
+        ids = [out.obj.id for out in tracked]
+        probabilities = dict(zip(ids, host.pop(0))) if keep_probabilities else {}
+        scores, logits = {}, {}
+        if keep_raw:
+            scores = {i: s[None] for i, s in zip(ids, host.pop(0))}
+            logits = {i: s[None] for i, s in zip(ids, host.pop(0))}
+        return FrameResult(labels=labels_host, probabilities=probabilities,
+                           reused={out.obj.id: out.reused for out in tracked},
+                           reuse_prob={out.obj.id: out.reuse_prob for out in tracked if out.reuse_prob is not None},
+                           scores=scores, logits=logits)
     def _start_object(self, obj_id: int, t: int, image: torch.Tensor, labels: torch.Tensor,
                       features: dict) -> _Object:
         """Initialize an object at its first frame: target model, template, score and state."""
         mask = (labels == obj_id).float()
-        if mask.sum() == 0:
-            raise ValueError(f"frame {t}: object {obj_id} starts here but its mask is empty")
         h8, w8 = features["layer3"].shape[-2:]
         h16, w16 = features["layer4"].shape[-2:]
         mask4d = mask.view(1, 1, *mask.shape)
@@ -213,70 +307,88 @@ class Tracker:
             images, masks = self.augmenter.augment(image[0], mask4d[0], rng)
         else:
             images, masks = image.float(), mask4d
-        aug_layer4 = self.backbone(images)["layer4"] if images.shape[0] > 1 else features["layer4"]
+        if images.shape[0] > 1:
+            with self._autocast():
+                aug_layer4 = self.backbone(images)["layer4"]
+        else:
+            aug_layer4 = features["layer4"]
         target = TargetModel(features["layer4"].shape[1], self.target_config, self.device, seed=self.seed)
-        target.initialize(aug_layer4, masks)
+        target.initialize(aug_layer4, masks)  # fp32 whatever the precision
 
-        template = None
-        if self.network.has_gate:
-            template = self.network.make_template(features["layer3"], F.interpolate(mask4d, (h8, w8), mode="nearest"))
         score = target.apply(features["layer4"])
-        x16 = self.network.deep_stages(features, score)
+        with self._autocast():
+            template = None
+            if self.network.has_gate:
+                template = self.network.make_template(features["layer3"],
+                                                      F.interpolate(mask4d, (h8, w8), mode="nearest"))
+            x16 = self.network.deep_stages(features, score)
         return _Object(obj_id, t, mask, target, template, F.interpolate(mask4d, (h16, w16), mode="nearest"), x16)
 
-    def _track_objects(self, objs: list[_Object], features: dict, size, threshold: float, result: FrameResult,
-                       keep_raw: bool) -> tuple[dict[int, torch.Tensor], list[_Object]]:
-        """Gate, score and decode the already started objects. Returns ({id: prob (H, W)}, computed)."""
+    def _gates(self, groups: list[list[_Object]], layer3: torch.Tensor,
+               threshold: float) -> tuple[list[torch.Tensor | None], list[list[float | None]]]:
+        """Template matching and reuse-gate probabilities of every group: (matched (B, 64, H8, W8)
+        or None per group, reuse probability per object or None where the gate does not run).
+        All gate decisions of the frame come to the host in one transfer."""
+        if not self.network.has_gate or threshold >= 1:  # with threshold >= 1 nothing can be reused
+            return [None] * len(groups), [[None] * len(g) for g in groups]
+        net = self.network
+        h8, w8 = layer3.shape[-2:]
+        matched, p_reuse = [], []
+        with self._autocast():
+            for group in groups:
+                prev = F.interpolate(torch.cat([o.prev_score for o in group]), (h8, w8), mode="bilinear",
+                                     align_corners=False)
+                m = net.match(layer3, prev, torch.cat([o.template for o in group]))
+                matched.append(m)
+                p_reuse.append(torch.softmax(net.gate_logits(m).float(), dim=1)[:, 0])
+        flat = torch.cat(p_reuse).tolist()
+        probs, k = [], 0
+        for group in groups:
+            probs.append(flat[k:k + len(group)])
+            k += len(group)
+        return matched, probs
+
+    def _track_objects(self, objs: list[_Object], features: dict, size, threshold: float) -> list[_Output]:
+        """Gate, score and decode the already started objects -> their outputs (device tensors).
+        Updates each object's carried state (previous score, decoder state)."""
         net = self.network
         groups = [objs] if self.batch_objects else [[o] for o in objs]
-        probs: dict[int, torch.Tensor] = {}
-        computed_all: list[_Object] = []
-        for group in groups:
-            reuse = [False] * len(group)
-            matched = None
-            if net.has_gate and threshold < 1:  # with threshold >= 1 nothing can be reused
-                h8, w8 = features["layer3"].shape[-2:]
-                prev = torch.cat([o.prev_score for o in group])
-                matched = net.match(features["layer3"], F.interpolate(prev, (h8, w8), mode="bilinear",
-                                                                      align_corners=False),
-                                    torch.cat([o.template for o in group]))
-                p_reuse = torch.softmax(net.gate_logits(matched), dim=1)[:, 0]
-                reuse = [bool(p > threshold) for p in p_reuse.tolist()]
-                result.reuse_prob.update({o.id: float(p) for o, p in zip(group, p_reuse.tolist())})
-
+        matched, p_reuse = self._gates(groups, features["layer3"], threshold)
+        outputs: list[_Output] = []
+        for group, group_matched, group_p in zip(groups, matched, p_reuse):
+            reuse = [p is not None and p > threshold for p in group_p]
             computed = [i for i, r in enumerate(reuse) if not r]
             reused = [i for i, r in enumerate(reuse) if r]
             if computed:
                 if "layer4" not in features:  # high backbone once per frame, shared by all objects
-                    features.update(self.backbone.high(features["layer3"]))
+                    with self._autocast():
+                        features = {**features, **self.backbone.high(features["layer3"])}
                 scores = torch.cat([group[i].target_model.apply(features["layer4"]) for i in computed])
-                logits, x16 = net.decode_computed(features, scores, size)
+                with self._autocast():
+                    logits, x16 = net.decode_computed(features, scores, size)
+                probs = torch.sigmoid(logits.float())  # fp32: the merge needs it
                 for j, i in enumerate(computed):
                     obj = group[i]
                     obj.prev_score, obj.x16 = scores[j:j + 1], x16[j:j + 1]
-                    self._record(result, obj, False, logits[j:j + 1], scores[j:j + 1], keep_raw, probs)
-                    computed_all.append(obj)
+                    outputs.append(_Output(obj, False, probs[j, 0], scores[j:j + 1], logits[j:j + 1], group_p[i]))
             if reused:
-                delta = net.delta(matched[reused])
-                prev = torch.cat([group[i].prev_score for i in reused])
-                x16_prev = torch.cat([group[i].x16 for i in reused])
-                scores = prev + delta
-                logits, x16 = net.decode_reused(features, scores, x16_prev, delta, size)
+                with self._autocast():
+                    delta = net.delta(_rows(group_matched, reused))
+                    scores = torch.cat([group[i].prev_score for i in reused]) + delta.float()
+                    x16_prev = torch.cat([group[i].x16 for i in reused])
+                    logits, x16 = net.decode_reused(features, scores, x16_prev, delta, size)
+                probs = torch.sigmoid(logits.float())
                 for j, i in enumerate(reused):
                     group[i].x16 = x16[j:j + 1]
-                    self._record(result, group[i], True, logits[j:j + 1], scores[j:j + 1], keep_raw, probs)
-        return probs, computed_all
+                    outputs.append(_Output(group[i], True, probs[j, 0], scores[j:j + 1], logits[j:j + 1], group_p[i]))
+        return outputs
 
-    @staticmethod
-    def _record(result: FrameResult, obj: _Object, reused: bool, logits: torch.Tensor, score: torch.Tensor,
-                keep_raw: bool, probs: dict) -> None:
-        p = torch.sigmoid(logits)[0, 0]
-        probs[obj.id] = p
-        result.reused[obj.id] = reused
-        result.probabilities[obj.id] = p.cpu()
-        if keep_raw:
-            result.scores[obj.id] = score.cpu()
-            result.logits[obj.id] = logits.cpu()
+
+def _rows(t: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """t[index] for a short host list of row indices, by slices (no index tensor to copy to the device)."""
+    if index == list(range(t.shape[0])):
+        return t
+    return torch.cat([t[i:i + 1] for i in index])
 
 
 def _as_image(image) -> torch.Tensor:

@@ -107,7 +107,7 @@ def test_forced_reuse_skips_high_backbone_and_target_model(checkpoint, clip, mon
     high, apply, update = tracker.backbone.high, TargetModel.apply, TargetModel.update
     monkeypatch.setattr(tracker.backbone, "high", lambda x: calls.append(1) or high(x))
     monkeypatch.setattr(TargetModel, "apply", lambda self, x: applied.append(1) or apply(self, x))
-    monkeypatch.setattr(TargetModel, "update", lambda self, m: updated.append(1) or update(self, m))
+    monkeypatch.setattr(TargetModel, "update", lambda self, m, *a: updated.append(1) or update(self, m, *a))
     starts = {0: [1, 2]}
     result = tracker.run_sequence(frames_of(clip, starts), threshold=-1.0)  # p > -1: always reuse
     assert all(all(f.reused.values()) for f in result.frames[1:])
