@@ -32,11 +32,12 @@ GROUP_SIZE = 4  # grouped convs use channels / 4 groups
 
 
 def resize(t: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear resize (align_corners=False) of (B, C, H, W) to `size`; identity when equal."""
+    """Bilinear resize (align_corners=False) of (B, C, H, W) to `size`; identity when equal.
+    Keeps the dtype (CPU autocast computes it in fp32)."""
     size = tuple(int(s) for s in size)
     if tuple(t.shape[-2:]) == size:
         return t
-    return F.interpolate(t, size, mode="bilinear", align_corners=False)
+    return F.interpolate(t, size, mode="bilinear", align_corners=False).to(t.dtype)
 
 
 # Bicubic (a = -0.75) weights of the four taps for an output half a pixel step past / before
@@ -102,7 +103,7 @@ class TemplateMatching(nn.Module):
 
     def make_template(self, layer3: torch.Tensor, mask8: torch.Tensor) -> torch.Tensor:
         """layer3 (B, C3, H8, W8), mask8 (B, 1, H8, W8) -> template T (B, 64, 64)."""
-        x = torch.cat([layer3, mask8], dim=1)
+        x = torch.cat([layer3, mask8.to(layer3.dtype)], dim=1)
         value = self.template_value(x).flatten(2)  # B, V, HW
         key = self.template_key(x).flatten(2)  # B, K, HW
         hw = value.shape[-1]
@@ -111,7 +112,7 @@ class TemplateMatching(nn.Module):
     def match(self, layer3: torch.Tensor, score8: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
         """layer3 (1 or B, C3, H8, W8), score8 (B, 1, H8, W8), template (B, 64, 64) -> M (B, 64, H8, W8)."""
         b = score8.shape[0]
-        x = torch.cat([layer3.expand(b, -1, -1, -1), score8], dim=1)
+        x = torch.cat([layer3.expand(b, -1, -1, -1), score8.to(layer3.dtype)], dim=1)
         key = self.key(x)
         feature = self.feature(x)
         h, w = key.shape[-2:]
@@ -217,7 +218,8 @@ class Decoder(nn.Module):
         h = tse.reduce(feature)  # computed once per frame when objects share the features
         pooled = F.adaptive_avg_pool2d(h, 1) if x is None else x
         b = score.shape[0]
-        h = same_format(torch.cat([h.expand(b, -1, -1, -1), resize(score, h.shape[-2:])], dim=1), feature)
+        # the score joins in the features' dtype (fp32 scores would promote the concatenation)
+        h = same_format(torch.cat([h.expand(b, -1, -1, -1), resize(score, h.shape[-2:]).to(h.dtype)], dim=1), feature)
         h = self.RRB1[level](tse.transform(h))
         h = self.CAB[level](pooled, h)
         return self.RRB2[level](h)
@@ -282,14 +284,17 @@ class Upsampler(nn.Module):
         becomes a sum of 9 shifted maps. Mathematically identical; about 4x cheaper at 480p.
         """
         x = F.relu(self.conv1(upsample2x_bicubic(x)))
-        w = self.conv2.weight  # (1, C, 3, 3)
-        taps = F.conv2d(x, w[0].permute(1, 2, 0).reshape(9, -1, 1, 1))  # (B, 9, H2, W2), tap k = 3i + j
-        taps = F.pad(resize(upsample2x_bicubic(taps), image_size[-2:]), (1, 1, 1, 1))
-        h, w_ = image_size[-2:]
-        out = taps[:, 0:1, 0:h, 0:w_] + self.conv2.bias.view(1, 1, 1, 1)
-        for k in range(1, 9):
-            i, j = divmod(k, 3)
-            out = out + taps[:, k:k + 1, i:i + h, j:j + w_]
+        # The one-channel tail (tap mixing, resampling, the 9-map sum at full resolution) runs in
+        # fp32 even under autocast: cheap next to conv1, and the logits keep fp32 resolution.
+        with torch.autocast(x.device.type, enabled=False):
+            w = self.conv2.weight.float()  # (1, C, 3, 3)
+            taps = F.conv2d(x.float(), w[0].permute(1, 2, 0).reshape(9, -1, 1, 1))  # (B, 9, H2, W2), tap 3i + j
+            taps = F.pad(resize(upsample2x_bicubic(taps), image_size[-2:]), (1, 1, 1, 1))
+            h, w_ = image_size[-2:]
+            out = taps[:, 0:1, 0:h, 0:w_] + self.conv2.bias.float().view(1, 1, 1, 1)
+            for k in range(1, 9):
+                i, j = divmod(k, 3)
+                out = out + taps[:, k:k + 1, i:i + h, j:j + w_]
         return out
 
 
