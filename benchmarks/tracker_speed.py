@@ -2,6 +2,7 @@
 
     python -m benchmarks.tracker_speed [--size 480x854] [--frames 10] [--repeats 3]
         [--configs resnet18:1,resnet101:1] [--model CKPT --TH 0.7] [--dev cpu] [--threads 2]
+        [--precision fp32,bf16]
 
 For each backbone and object count, the same synthetic frames are tracked by
 * FRTM: TH 1.0, so no template matching and no gate (plain FRTM);
@@ -13,8 +14,10 @@ shared machine hits every variant alike, and each time is the median over the tr
 (after the first) of all repeats. Printed: ms/frame, GFLOPs/frame (torch.utils.flop_counter) and
 ratios between numbers of this run only: reused vs computed (next to the FLOP ratio), reused vs
 FRTM, the gate's overhead (computed vs FRTM), and the checkpoint's speed-up over TH 1.0 with its
-reuse rate. No reference timing is stored anywhere. Random weights unless --model: speed does
-not depend on them.
+reuse rate. With several --precision values every variant runs in each of them (all alternating)
+and each row ends with its speed-up over the first precision listed, computed and reused. On
+CUDA the rows also give FPS and the peak GPU memory. No reference timing is stored anywhere.
+Random weights unless --model: speed does not depend on them.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset.synthetic import render_sequence
-from lib.cli import (add_backbone_weights_flag, add_device_flag, add_threshold_flag, image_size,
+from lib.cli import (add_backbone_weights_flag, add_device_flag, add_precision, add_threshold_flag, image_size,
                      resolve_device)
 from models import build_tracker
 from models.network import GFRTM
@@ -42,6 +45,10 @@ class Variant:
     threshold: float
     forced: bool | None = None  # every gate decision must be this (None: the gate decides)
 
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.tracker.precision, self.name
+
 
 def make_frames(num_objects: int, num_frames: int, size: tuple[int, int], seed: int = 1) -> list[tuple]:
     """Synthetic frames in the tracker's format: all objects start on frame 0."""
@@ -52,7 +59,8 @@ def make_frames(num_objects: int, num_frames: int, size: tuple[int, int], seed: 
             for t in range(num_frames)]
 
 
-def random_tracker(backbone: str, device: torch.device | str, reuse: bool | None = None) -> Tracker:
+def random_tracker(backbone: str, device: torch.device | str, reuse: bool | None = None,
+                   precision: str = "fp32") -> Tracker:
     """A tracker with seeded random weights; reuse True / False forces every gate decision."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -61,16 +69,18 @@ def random_tracker(backbone: str, device: torch.device | str, reuse: bool | None
         with torch.no_grad():
             net.reuse_gate.conv2.bias.copy_(torch.tensor([100.0, -100.0] if reuse else [-100.0, 100.0]))
     return build_tracker({"model": net.state_dict(), "backbone": backbone}, device=device, num_aug=1,
-                         backbone_weights="random")
+                         backbone_weights="random", precision=precision)
 
 
-def variants_for(backbone: str, device: torch.device | str, model: str | None, th: float, backbone_weights: str) -> list[Variant]:
-    frtm = random_tracker(backbone, device)
+def variants_for(backbone: str, device: torch.device | str, model: str | None, th: float, backbone_weights: str,
+                 precision: str = "fp32") -> list[Variant]:
+    frtm = random_tracker(backbone, device, precision=precision)
     out = [Variant("FRTM", frtm, 1.0),
-           Variant("computed", random_tracker(backbone, device, reuse=False), 0.5, forced=False),
-           Variant("reused", random_tracker(backbone, device, reuse=True), 0.5, forced=True)]
+           Variant("computed", random_tracker(backbone, device, reuse=False, precision=precision), 0.5, forced=False),
+           Variant("reused", random_tracker(backbone, device, reuse=True, precision=precision), 0.5, forced=True)]
     if model is not None:
-        trained = build_tracker(model, device=device, num_aug=1, backbone_weights=backbone_weights, ftext=backbone)
+        trained = build_tracker(model, device=device, num_aug=1, backbone_weights=backbone_weights, ftext=backbone,
+                                precision=precision)
         out += [Variant("model TH 1.0", trained, 1.0), Variant(f"model TH {th:g}", trained, th)]
     return out
 
@@ -94,32 +104,47 @@ def gflops_per_frame(variant: Variant, frames: list[tuple]) -> float:
     return counter.get_total_flops() / 1e9 / (len(frames) - 1)
 
 
-def measure(variants: list[Variant], frames: list[tuple], repeats: int) -> dict[str, dict]:
-    """Alternating runs of all variants; per variant the median ms/frame, GFLOPs/frame and reuse rate."""
-    seconds = {v.name: [] for v in variants}
-    reused = {v.name: [0, 0] for v in variants}
+def measure(variants: list[Variant], frames: list[tuple], repeats: int) -> dict[str, dict[str, dict]]:
+    """Alternating runs of all variants -> {precision: {variant name: stats}}, stats: the median
+    ms/frame, GFLOPs/frame, reuse rate and, on CUDA, the peak GPU memory in MiB."""
+    seconds = {v.key: [] for v in variants}
+    reused = {v.key: [0, 0] for v in variants}
+    peak = {v.key: 0 for v in variants}
     for v in variants:  # warm-up: first calls allocate and pick kernels
         track_once(v, frames[:2])
     for _ in range(repeats):
         for v in variants:
+            cuda = v.tracker.device.type == "cuda"
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(v.tracker.device)
             times, n_reused, n_tracked = track_once(v, frames)
-            seconds[v.name] += times
-            reused[v.name][0] += n_reused
-            reused[v.name][1] += n_tracked
-    return {v.name: {"ms": 1000 * float(np.median(seconds[v.name])), "gflops": gflops_per_frame(v, frames),
-                     "reuse_rate": reused[v.name][0] / max(1, reused[v.name][1])} for v in variants}
+            if cuda:
+                peak[v.key] = max(peak[v.key], torch.cuda.max_memory_allocated(v.tracker.device) / 2 ** 20)
+            seconds[v.key] += times
+            reused[v.key][0] += n_reused
+            reused[v.key][1] += n_tracked
+    out: dict[str, dict[str, dict]] = {}
+    for v in variants:
+        out.setdefault(v.key[0], {})[v.name] = {
+            "ms": 1000 * float(np.median(seconds[v.key])), "gflops": gflops_per_frame(v, frames),
+            "reuse_rate": reused[v.key][0] / max(1, reused[v.key][1]), "peak_mib": peak[v.key]}
+    return out
 
 
 COLUMNS = ("backbone", "obj", "FRTM ms", "comp ms", "reuse ms", "FRTM GF", "comp GF", "reuse GF",
            "reuse/comp", "FLOPs", "FRTM/reuse", "gate cost")
 MODEL_COLUMNS = ("TH vs 1.0", "reused")
+PRECISION_COLUMNS = ("precision", "comp gain", "reuse gain")
+CUDA_COLUMNS = ("comp FPS", "reuse FPS", "peak MiB")
 
 
 def format_row(cells) -> str:
     return f"{cells[0]:<10}" + "".join(f"{c:>12}" for c in cells[1:])
 
 
-def report_row(backbone: str, num_objects: int, m: dict[str, dict]) -> str:
+def report_row(backbone: str, num_objects: int, m: dict[str, dict], precision: str | None = None,
+               first: dict[str, dict] | None = None, cuda: bool = False) -> str:
+    """One table row; with `precision`, also the speed-up over the `first` precision's numbers."""
     frtm, comp, reuse = m["FRTM"], m["computed"], m["reused"]
     cells = ([backbone, num_objects] + [f"{v['ms']:.0f}" for v in (frtm, comp, reuse)]
              + [f"{v['gflops']:.1f}" for v in (frtm, comp, reuse)])
@@ -129,6 +154,11 @@ def report_row(backbone: str, num_objects: int, m: dict[str, dict]) -> str:
     if trained:
         base, ours = m["model TH 1.0"], m[trained[0]]
         cells += [f"{base['ms'] / ours['ms']:.2f}x", f"{100 * ours['reuse_rate']:.0f}%"]
+    if precision is not None:
+        cells += [precision] + [f"{first[k]['ms'] / m[k]['ms']:.2f}x" for k in ("computed", "reused")]
+    if cuda:
+        cells += [f"{1000 / comp['ms']:.1f}", f"{1000 / reuse['ms']:.1f}",
+                  f"{max(v['peak_mib'] for v in m.values()):.0f}"]
     return format_row(cells)
 
 
@@ -136,19 +166,28 @@ def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     device, _ = resolve_device(args.dev)
     h, w = args.size
-    print(f"{h}x{w}, {args.frames} frames x {args.repeats} repeats (alternating, medians), device {device}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(format_row(COLUMNS + (MODEL_COLUMNS if args.model else ())))
+    precisions = args.precision
+    several = len(precisions) > 1
+    cuda = device.type == "cuda"
+    print(f"{h}x{w}, {args.frames} frames x {args.repeats} repeats (alternating, medians), device {device}"
+          f"{f' ({torch.cuda.get_device_name(device)})' if cuda else ''}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, precision {','.join(precisions)}")
+    print(format_row(COLUMNS + (MODEL_COLUMNS if args.model else ()) + (PRECISION_COLUMNS if several else ())
+                     + (CUDA_COLUMNS if cuda else ())))
     measured = {}
     for backbone, num_objects in args.configs:
         frames = make_frames(num_objects, args.frames, (h, w))
-        m = measure(variants_for(backbone, device, args.model, args.TH, args.backbone_weights), frames, args.repeats)
-        measured[(backbone, num_objects)] = m
-        print(report_row(backbone, num_objects, m), flush=True)
+        variants = [v for p in precisions
+                    for v in variants_for(backbone, device, args.model, args.TH, args.backbone_weights, p)]
+        m = measure(variants, frames, args.repeats)
+        for p in precisions:
+            measured[(backbone, num_objects, p)] = m[p]
+            print(report_row(backbone, num_objects, m[p], p if several else None, m[precisions[0]], cuda), flush=True)
     print("reuse/comp: time of a reused frame over a computed one (FLOPs: the same for FLOPs); FRTM/reuse: speed-up "
           "of a reused frame over plain FRTM; gate cost: a computed frame (gate runs) over FRTM (no gate)"
           + (f"; TH vs 1.0: the checkpoint's speed-up at TH {args.TH:g} over TH 1.0, and its reuse rate"
-             if args.model else ""))
+             if args.model else "")
+          + (f"; comp gain, reuse gain: speed-up of computed, reused frames over {precisions[0]}" if several else ""))
     return measured
 
 
@@ -168,6 +207,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "(its backbone from --backbone-weights)")
     add_threshold_flag(p)
     add_backbone_weights_flag(p)
+    add_precision(p, several=True)
     return p
 
 

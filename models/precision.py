@@ -44,11 +44,12 @@ def check_precision(precision: str, device: torch.device | str) -> torch.dtype |
     return _DTYPES[precision]
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """Autocast to `dtype` on `device`; a no-op context for fp32 (dtype None)."""
+def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device`; for fp32 (dtype None) full fp32 (`full_fp32`: fp32 means
+    fp32, also where cuDNN would use TF32)."""
     if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+        return full_fp32(device)
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 def _tf32_switches() -> list[tuple[object, str, object]]:

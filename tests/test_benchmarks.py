@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from benchmarks import tracker_speed, train_speed
+from benchmarks import precision_fidelity, tracker_speed, train_speed
 
 from conftest import ROOT
 
@@ -52,7 +52,7 @@ def test_no_stored_reference_timings(path):
 def test_tracker_speed_compares_within_one_run(capsys):
     args = tracker_speed.get_parser().parse_args(["--size", "64x112", "--frames", "3", "--repeats", "1",
                                                   "--configs", "resnet18:1", "--threads", "1"])
-    m = tracker_speed.main(args)[("resnet18", 1)]
+    m = tracker_speed.main(args)[("resnet18", 1, "fp32")]
     assert set(m) == {"FRTM", "computed", "reused"}
     assert m["reused"]["reuse_rate"] == 1 and m["computed"]["reuse_rate"] == 0 == m["FRTM"]["reuse_rate"]
     # Reusing skips the high backbone and the deep decoder; plain FRTM skips the gate.
@@ -61,9 +61,43 @@ def test_tracker_speed_compares_within_one_run(capsys):
     assert "reuse/comp" in out and "FRTM/reuse" in out and "vs upstream" not in out
 
 
+def test_tracker_speed_compares_precisions_side_by_side(capsys):
+    args = tracker_speed.get_parser().parse_args(["--size", "64x112", "--frames", "3", "--repeats", "1",
+                                                  "--configs", "resnet18:1", "--threads", "1",
+                                                  "--precision", "fp32,bf16"])
+    measured = tracker_speed.main(args)
+    assert set(measured) == {("resnet18", 1, "fp32"), ("resnet18", 1, "bf16")}
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("resnet18")]
+    assert [r[-3] for r in rows] == ["fp32", "bf16"] and rows[0][-2:] == ["1.00x", "1.00x"]
+    with pytest.raises(SystemExit):
+        tracker_speed.get_parser().parse_args(["--precision", "fp32,fp64"])
+
+
 def test_train_speed_alternates(capsys):
     args = train_speed.get_parser().parse_args(["--size", "64x96", "--batch", "1", "--frames", "2", "--steps", "1",
                                                 "--threads", "1"])
     train_speed.main(args)
     out = capsys.readouterr().out
     assert "speed-up:" in out and "samples/s" in out
+
+
+def test_precision_fidelity_compares_with_the_reference(tmp_path, capsys):
+    import torch
+
+    from dataset.synthetic import make_davis_like
+    from models.network import GFRTM
+
+    make_davis_like(tmp_path / "davis", num_sequences=1, num_frames=4, size=(64, 112), num_objects=2, seed=0)
+    torch.manual_seed(0)
+    torch.save({"format": "reuse-vos", "backbone": "resnet18", "model": GFRTM("resnet18").state_dict()},
+               tmp_path / "model.pth")
+    args = precision_fidelity.get_parser().parse_args([
+        "--model", str(tmp_path / "model.pth"), "--davis-root", str(tmp_path / "davis"), "--num-aug", "1",
+        "--backbone-weights", "random", "--threads", "1", "--precision", "fp32,fp32"])
+    out = precision_fidelity.main(args)
+    same = out["fp32"]  # fp32 against itself: identical decisions and labels
+    assert same["gate_agreement"] == 1 and same["J_vs_reference"] == 1 and same["J&F_diff_points"] == 0
+    assert "gates agree" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--precision needs a reference"):
+        precision_fidelity.main(precision_fidelity.get_parser().parse_args(
+            ["--model", "m.pth", "--davis-root", str(tmp_path / "davis"), "--precision", "bf16"]))

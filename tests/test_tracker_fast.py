@@ -3,6 +3,12 @@ the device a fixed number of times per frame whatever the object count, bf16 run
 agrees with fp32, the target model stays fp32, and precisions a device cannot run are refused."""
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -200,3 +206,15 @@ def test_precisions_a_device_cannot_run_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="--precision bf16.*V100.*use --precision fp16"):
         check_precision("bf16", "cuda:0")
     assert check_precision("fp16", "cuda:0") == torch.float16
+
+
+def test_gpu_check_without_cuda_says_so_and_succeeds():
+    root = Path(__file__).resolve().parents[1]
+    venv = Path(sys.executable).parents[1]
+    stamp = venv / ".requirements.sha256"
+    if not stamp.is_file() or stamp.read_text().strip() != hashlib.sha256((root / "requirements.txt").read_bytes()).hexdigest():
+        pytest.skip(f"{venv} is not a scripts/setup_env.sh environment")
+    out = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                         env={**os.environ, "RVOS_VENV": str(venv), "CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("\n") == 1 and "no CUDA GPU" in out.stdout
