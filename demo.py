@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Optional
 
 
-from lib.cli import (UsageError, add_backbone_weights_flag, add_device_flag, add_num_aug_flag, add_seed_flag,
-                     add_threshold_flag, int_at_least, positive_float, resolve_device, run)
+from lib.background import BackgroundWriter, read_ahead
+from lib.cli import (UsageError, add_backbone_weights_flag, add_device_flag, add_num_aug_flag, add_precision_flag,
+                     add_seed_flag, add_threshold_flag, int_at_least, positive_float, resolve_device, run)
 from lib.image_io import resize_labels_nearest_exact, write_label_png
 from lib.video_io import MaskSet, TrackerFeed, open_frames, processing_size
 from lib.results import TrackingStats
@@ -69,6 +70,7 @@ def get_parser() -> argparse.ArgumentParser:
                           "overlay.mp4, overlay.gif, timeline.json, timeline.png")
     add_threshold_flag(own)
     add_device_flag(own)
+    add_precision_flag(own)  # also the main job's training and evaluation
     add_num_aug_flag(own, default=5)
     add_backbone_weights_flag(own)
     add_seed_flag(own)
@@ -123,7 +125,7 @@ def run_own_video(args: argparse.Namespace) -> dict:
 
     from models import build_tracker  # after the cheap checks
     tracker = build_tracker(str(Path(args.model).expanduser()), device=device, num_aug=args.num_aug,
-                            backbone_weights=bw, seed=args.seed)
+                            backbone_weights=bw, seed=args.seed, precision=args.precision)
 
     resized = size != (height, width)
     print(f"{frames.name}: {width}x{height} frames"
@@ -133,18 +135,25 @@ def run_own_video(args: argparse.Namespace) -> dict:
     fps_out = overlay_fps(args.fps_out, frames.fps)
     stats = TrackingStats()
     start = time.perf_counter()
+    # Frames decoded ahead in one thread; masks and overlays resized, encoded and written behind
+    # in another (in order), all flushed before the videos are closed.
     with Mp4Writer(out / "overlay.mp4", fps_out) as mp4, \
-            GifWriter(out / "overlay.gif", fps_out) as gif:
-        for result in tracker.track(feed, args.TH, keep_probabilities=False):
-            stem, rgb = feed.pop()
-            labels = resize_labels_nearest_exact(result.labels.numpy(), (height, width))
+            GifWriter(out / "overlay.gif", fps_out) as gif, BackgroundWriter() as background:
+        def write(stem: str, rgb, labels) -> None:
+            labels = resize_labels_nearest_exact(labels, (height, width))
             write_label_png(mask_dir / f"{stem}.png", labels)
             shown = overlay(rgb, labels)
             mp4.write(shown)
             gif.add(shown)
+
+        for result in tracker.track(read_ahead(feed), args.TH, keep_probabilities=False):
+            stem, rgb = feed.pop()
+            background.submit(mask_dir / f"{stem}.png", lambda s=stem, r=rgb, x=result.labels.numpy(): write(s, r, x))
             stats.add(result, stem)
             if stats.frames % 50 == 0:
                 print(f"  {stats.frames} frames", flush=True)
+        background.flush()
+    stats.wall_seconds = time.perf_counter() - start
     unused = feed.unused()
     if unused:
         raise UsageError(f"--mask: the masks of frames {sorted(unused)[:5]} were never used: {args.video} "
@@ -156,10 +165,11 @@ def run_own_video(args: argparse.Namespace) -> dict:
     reused, tracked = stats.reused, stats.tracked
     summary = {"video": str(args.video), "out": str(out), "frames": stats.frames, "fps": fps,
                "reused": reused, "tracked": tracked, "reuse_rate": stats.reuse_rate,
-               "size": (height, width), "tracking_size": size, "fps_out": fps_out,
-               "wall_seconds": time.perf_counter() - start}
+               "size": (height, width), "tracking_size": size, "fps_out": fps_out, "precision": args.precision,
+               "wall_seconds": stats.wall_seconds, "wall_fps": stats.wall_fps}
     rate = f"{100.0 * reused / tracked:.1f}%" if tracked else "n/a"
-    print(f"{stats.frames} frames, tracker {fps:.1f} FPS, reuse {rate} ({reused}/{tracked} object-frames)")
+    print(f"{stats.frames} frames, tracker {fps:.1f} FPS, wall {stats.wall_fps:.1f} FPS (reading, tracking and "
+          f"writing), reuse {rate} ({reused}/{tracked} object-frames)")
     print(f"wrote {mask_dir}/*.png, {out / 'overlay.mp4'}, {out / 'overlay.gif'}, "
           f"{out / 'timeline.json'}, {out / 'timeline.png'}")
     return summary
@@ -236,7 +246,7 @@ def run_main_job(args: argparse.Namespace) -> dict:
         "--checkpoints", str(work / "checkpoints"), "--tensorboard", str(work / "tensorboard"),
         "--tmcache", str(work / "tmcache"), "--cache-dir", str(work / "cache"),
         "--size", "x".join(map(str, JOB_SIZE)), "--epochs", str(args.epochs), *JOB_TRAIN_FLAGS, "--workers", "0",
-        "--backbone-weights", "random", "--seed", str(args.seed), "--dev", dev]))
+        "--backbone-weights", "random", "--seed", str(args.seed), "--dev", dev, "--precision", args.precision]))
     checkpoint = work / "checkpoints" / "demo" / f"demo_ep{args.epochs:04d}.pth"
     results = {}
     for step, th in (("3", 1.0), ("4", args.TH)):
@@ -244,7 +254,8 @@ def run_main_job(args: argparse.Namespace) -> dict:
         results[th] = evaluate.main(evaluate.get_parser().parse_args([
             "--model", str(checkpoint), "--dset", "yt2018jjvalAll", "--ytvos-root", str(val_data),
             "--split-file", str(val_data / "ytvos_jjvalid.txt"), "--output-root", str(work), "--TH", str(th),
-            "--num-aug", "1", "--backbone-weights", "random", "--seed", str(args.seed), "--dev", dev]))
+            "--num-aug", "1", "--backbone-weights", "random", "--seed", str(args.seed), "--dev", dev,
+            "--precision", args.precision]))
     plain, gated = results[1.0], results[args.TH]
     print(f"[5/5] overlays and reuse timelines (TH {args.TH:g})")
     written = visualize.main(visualize.get_parser().parse_args([

@@ -14,6 +14,7 @@ import datetime
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -23,8 +24,9 @@ from tqdm import tqdm
 from dataset.davis import DAVISDataset, list_davis_sequences, resolve_davis_root
 from dataset.ytvos import YouTubeVOSDataset, resolve_ytvos_root, valid_frame_names
 from lib.metrics import format_table, write_results
+from lib.background import BackgroundWriter, read_ahead
 from lib.cli import (UsageError, add_backbone_weights_flag, add_data_root_flags, add_device_flag,
-                     add_num_aug_flag, add_seed_flag, add_threshold_flag, resolve_device, run)
+                     add_num_aug_flag, add_precision_flag, add_seed_flag, add_threshold_flag, resolve_device, run)
 from lib.metrics import json_safe
 from lib.results import (SequenceWriter, TrackingStats, evaluate_results_dir,
                          read_sequence_stats, results_dir, sequence_complete, summarize_tracking, write_json,
@@ -43,8 +45,10 @@ WITH_GROUND_TRUTH = ("dv2016val", "dv2017val", "yt2018jjval", "yt2018jjvalAll")
 SUBMISSION = ("yt2018val", "yt2018valAll")
 
 FPS_DEFINITION = ("frames / tracker time: object initialization (first-frame augmentation and target-model "
-                  "training) included; reading frames from disk and writing PNGs excluded; CUDA synchronized "
-                  "after every frame")
+                  "training) included; reading frames from disk and writing PNGs excluded; on CUDA a frame's "
+                  "time ends when its labels are on the host. wall_fps: frames / wall time of the sequence "
+                  "loop (reading ahead, tracking, writing behind, until the last PNG is on disk)")
+READ_AHEAD = 4  # frames decoded ahead of the tracker
 REUSE_DEFINITION = ("reused object-frames / tracked object-frames, an object being tracked in every frame after "
                     "its first")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pth.tar")
@@ -79,6 +83,7 @@ def get_parser() -> argparse.ArgumentParser:
     add_threshold_flag(g)
     add_seed_flag(g)
     add_device_flag(g)
+    add_precision_flag(g)
 
     g = parser.add_argument_group("data")
     g.add_argument("--dset", choices=tuple(DATASETS), default="dv2016val",
@@ -227,7 +232,8 @@ def _load_checkpoint(path: Path, ftext: Optional[str]) -> tuple[dict, str, bool]
 def _settings(args, checkpoint: Path) -> dict:
     """What a finished sequence must share with this run for --resume to keep it."""
     return {"checkpoint": str(checkpoint), "threshold": float(args.TH), "fast": bool(args.fast),
-            "num_aug": int(args.num_aug), "seed": int(args.seed), "backbone_weights": str(args.backbone_weights)}
+            "num_aug": int(args.num_aug), "seed": int(args.seed), "backbone_weights": str(args.backbone_weights),
+            "precision": str(args.precision)}
 
 
 def _with_context(exc: Exception, sequence: str, out_dir: Path) -> Exception:
@@ -244,12 +250,15 @@ def _pct(value) -> str:
 
 
 def _speed_table(per_sequence: dict, overall: dict) -> str:
-    rows = [(name, str(s["frames"]), f"{s['fps']:.2f}" if s.get("fps") and math.isfinite(s["fps"]) else "n/a",
-             _pct(s.get("reuse_rate"))) for name, s in per_sequence.items()]
-    rows.append(("overall", str(overall["frames"]), f"{overall['fps']:.2f}" if math.isfinite(overall["fps"]) else "n/a",
+    def fps(value) -> str:
+        return f"{value:.2f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
+
+    rows = [(name, str(s["frames"]), fps(s.get("fps")), fps(s.get("wall_fps")), _pct(s.get("reuse_rate")))
+            for name, s in per_sequence.items()]
+    rows.append(("overall", str(overall["frames"]), fps(overall["fps"]), fps(overall["wall_fps"]),
                  _pct(overall["reuse_rate"])))
-    header = ("Sequence", "Frames", "FPS", "Reuse")
-    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    header = ("Sequence", "Frames", "FPS", "Wall FPS", "Reuse")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))
              for r in [header] + rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -289,7 +298,8 @@ def main(args) -> dict:
 
         try:
             tracker = build_tracker(ckpt, device=device, fast=args.fast, num_aug=args.num_aug,
-                                    backbone_weights=args.backbone_weights, ftext=args.ftext, seed=args.seed)
+                                    backbone_weights=args.backbone_weights, ftext=args.ftext, seed=args.seed,
+                                    precision=args.precision)
         except KeyError as exc:
             raise UsageError(f"checkpoint {checkpoint} (--model): {exc.args[0]}") from exc
         if device.type == "cuda":
@@ -300,22 +310,29 @@ def main(args) -> dict:
                                    keep_probabilities=False):
                 pass
         out_dir.mkdir(parents=True, exist_ok=True)
-        for seq in todo:
-            stats = TrackingStats()
-            try:
-                with SequenceWriter(out_dir, seq.name, seq.frame_names) as writer:
-                    with tqdm(total=len(seq), desc=seq.name, unit="frame", file=sys.stderr,
-                              dynamic_ncols=True) as bar:
-                        for t, frame in enumerate(tracker.track(seq, args.TH, keep_probabilities=False)):
-                            writer.write(seq.frame_names[t], frame.labels.numpy())
-                            stats.add(frame, seq.frame_names[t])
-                            bar.update(1)
-                            bar.set_postfix(fps=f"{stats.fps:.1f}", reuse=_pct(stats.reuse_rate), refresh=False)
-                    writer.write_json("timeline.json", {"fps": stats.fps, "frames": stats.timeline})
-                    writer.finish({**stats.as_dict(), "settings": settings, "device": str(device),
-                                   "torch_version": torch.__version__})
-            except (FileNotFoundError, ValueError) as exc:
-                raise _with_context(exc, seq.name, out_dir) from exc
+        # Disk I/O off the tracker's path: frames decoded ahead in one thread, PNGs written behind
+        # in another; a sequence is finished (renamed into place) only once its PNGs are on disk.
+        with BackgroundWriter() as background:
+            for seq in todo:
+                stats = TrackingStats()
+                try:
+                    with SequenceWriter(out_dir, seq.name, seq.frame_names, background) as writer:
+                        start = time.perf_counter()
+                        with tqdm(total=len(seq), desc=seq.name, unit="frame", file=sys.stderr,
+                                  dynamic_ncols=True) as bar:
+                            frames = read_ahead(seq, depth=READ_AHEAD)
+                            for t, frame in enumerate(tracker.track(frames, args.TH, keep_probabilities=False)):
+                                writer.write(seq.frame_names[t], frame.labels.numpy())
+                                stats.add(frame, seq.frame_names[t])
+                                bar.update(1)
+                                bar.set_postfix(fps=f"{stats.fps:.1f}", reuse=_pct(stats.reuse_rate), refresh=False)
+                        writer.flush()
+                        stats.wall_seconds = time.perf_counter() - start
+                        writer.write_json("timeline.json", {"fps": stats.fps, "frames": stats.timeline})
+                        writer.finish({**stats.as_dict(), "settings": settings, "device": str(device),
+                                       "torch_version": torch.__version__})
+                except (FileNotFoundError, ValueError) as exc:
+                    raise _with_context(exc, seq.name, out_dir) from exc
 
     per_sequence = {seq.name: read_sequence_stats(out_dir, seq.name) for seq in data.sequences}
     for stats in per_sequence.values():
@@ -355,7 +372,8 @@ def main(args) -> dict:
         write_json(out_dir / "results.json", results)
     print(_speed_table(results["sequences"], _nan_for_none(overall)))
     print(f"FPS {overall['fps']:.2f} ({overall['frames']} frames / {overall['seconds']:.2f} s tracker time; "
-          f"object initialization included, disk I/O excluded)  reuse rate {_pct(overall['reuse_rate'])} "
+          f"object initialization included, disk I/O excluded), wall FPS {overall['wall_fps']:.2f} (reading, "
+          f"tracking and writing)  reuse rate {_pct(overall['reuse_rate'])} "
           f"({overall['reused_object_frames']} of {overall['tracked_object_frames']} object-frames)")
     if args.dset in WITH_GROUND_TRUTH:
         jf = results["J&F"]

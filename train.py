@@ -20,10 +20,11 @@ import torch.distributed as dist
 from dataset.synthetic import make_davis_like
 from dataset.training import SAMPLE_SIZE, build_sources
 from lib.cli import (add_backbone_weights_flag, add_data_root_flags, add_device_flag, add_num_aug_flag,
-                     add_seed_flag, image_size, int_at_least, positive_float, resolve_device, run)
+                     add_precision_flag, add_seed_flag, image_size, int_at_least, positive_float, resolve_device, run)
 from models.backbone import Backbone
 from models.checkpoint import check_backbone, load_network_state, network_state, read_checkpoint
 from models.network import GFRTM
+from models.precision import check_precision
 from trainers.gfrtm_step import GateLossConfig, GFRTMStep
 from trainers.tmcache import TargetModelCache
 from trainers.trainer import Trainer, setup_distributed
@@ -99,6 +100,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="clip the gradient norm to this (default 0: off, as upstream)")
     p.add_argument("--workers", type=int_at_least(0), default=4, help="data-loader worker processes (default 4)")
     add_device_flag(p)
+    add_precision_flag(p)
     add_num_aug_flag(p, default=15)
     add_backbone_weights_flag(p)
     add_seed_flag(p)
@@ -157,6 +159,7 @@ def main(args) -> dict:
 
 def _train(args, rank: int, world: int, dev) -> dict:
     device, description = resolve_device(dev)
+    check_precision(args.precision, device)  # before any data is prepared
     if rank == 0:
         print(f"device: {description}; {world} process(es)", flush=True)
     if device.type == "cuda":

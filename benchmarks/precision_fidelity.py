@@ -1,7 +1,7 @@
 """How closely reduced precision follows fp32 on real frames (a benchmark, not a test).
 
-    python -m benchmarks.precision_fidelity --model CKPT [--davis-root ../shared/data/davis-sample]
-        [--precision fp32,bf16] [--TH 0.7] [--backbone-weights imagenet] [--seed 0]
+    python -m benchmarks.precision_fidelity --model CKPT --davis-root ../shared/data/davis-sample
+        [--precision fp32,bf16] [--TH 0.7] [--backbone-weights imagenet] [--seed 0] [--num-aug 5]
         [--sequences blackswan,dog] [--max-frames N] [--dev cpu] [--threads 2]
 
 Tracks every DAVIS 2017 val sequence of --davis-root with each precision (the first is the
@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from dataset.davis import DAVISDataset
-from lib.cli import add_precision, int_at_least, threshold
+from lib.cli import (UsageError, add_backbone_weights_flag, add_data_root_flags, add_device_flag, add_num_aug_flag,
+                     add_precision_flag, add_seed_flag, add_threshold_flag, int_at_least, resolve_device, run)
 from lib.metrics import evaluate_results, evaluate_sequence
 from models import build_tracker
 
@@ -39,12 +40,13 @@ def track(tracker, sequence, th: float, max_frames: int | None) -> tuple[np.ndar
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     if len(args.precision) < 2:
-        raise ValueError("--precision needs a reference and at least one precision to compare, e.g. fp32,bf16")
+        raise UsageError("--precision needs a reference and at least one precision to compare, e.g. fp32,bf16")
     data = DAVISDataset(args.davis_root, "2017", "val", args.sequences)
-    trackers = {p: build_tracker(args.model, device=args.dev, num_aug=args.num_aug, precision=p,
+    device, device_text = resolve_device(args.dev)
+    trackers = {p: build_tracker(args.model, device=device, num_aug=args.num_aug, precision=p,
                                  backbone_weights=args.backbone_weights, seed=args.seed) for p in args.precision}
     reference = args.precision[0]
-    print(f"{args.model} on {len(data.sequence_names)} sequences of {data.root}, TH {args.TH:g}, device {args.dev}, "
+    print(f"{args.model} on {len(data.sequence_names)} sequences of {data.root}, TH {args.TH:g}, device {device_text}, "
           f"{torch.get_num_threads()} threads, reference {reference}")
     gt, runs = {}, {p: {} for p in args.precision}
     for name in data.sequence_names:
@@ -58,7 +60,9 @@ def main(args: argparse.Namespace) -> dict:
     def jf(p: str) -> float:
         return evaluate_results([(n, gt[n][0], runs[p][n][0], gt[n][1], gt[n][2]) for n in gt])["J&F"]
 
-    out = {"reference": reference, "J&F": {reference: jf(reference)}}
+    ref_gates = [v for r in runs[reference].values() for g in r[1] for v in g.values()]
+    out = {"reference": reference, "J&F": {reference: jf(reference)},
+           "reuse_rate": sum(ref_gates) / max(1, len(ref_gates))}
     ref_seconds = sum(r[2] for r in runs[reference].values())
     print(f"{'precision':<10}{'gates agree':>13}{'J vs ' + reference:>12}{'J&F':>8}{'J&F diff':>10}{'speed-up':>10}")
     print(f"{reference:<10}{'-':>13}{'-':>12}{100 * out['J&F'][reference]:>8.1f}{'-':>10}{'1.00x':>10}")
@@ -79,29 +83,27 @@ def main(args: argparse.Namespace) -> dict:
         print(f"{p:<10}{100 * r['gate_agreement']:>12.1f}%{r['J_vs_reference']:>12.3f}{100 * out['J&F'][p]:>8.1f}"
               f"{r['J&F_diff_points']:>+10.2f}{r['speedup']:>9.2f}x")
     print(f"gates agree: object-frames with the {reference} decision ({total} in all); J vs {reference}: DAVIS J of "
-          f"the labels against {reference}'s; J&F diff: points against {reference}'s J&F on the ground truth")
+          f"the labels against {reference}'s; J&F diff: points against {reference}'s J&F on the ground truth; "
+          f"{reference} reuse rate {100 * out['reuse_rate']:.1f}%")
     return out
 
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="G-FRTM checkpoint to track with")
-    p.add_argument("--davis-root", default="../shared/data/davis-sample",
-                   help="DAVIS-layout folder with ImageSets/2017/val.txt (default ../shared/data/davis-sample)")
+    add_data_root_flags(p)  # --davis-root: a DAVIS-layout folder with ImageSets/2017/val.txt
     p.add_argument("--sequences", type=lambda s: s.split(","), default=None,
                    help="comma-separated sequence names (default: all of 2017 val)")
     p.add_argument("--max-frames", type=int_at_least(2), default=None, help="track at most this many frames per sequence")
-    p.add_argument("--TH", type=threshold, default=0.7, help="reuse threshold (default 0.7)")
-    p.add_argument("--num-aug", type=int_at_least(1), default=5,
-                   help="first-frame augmentations of the target model (default 5, as evaluate.py)")
-    p.add_argument("--backbone-weights", default="imagenet",
-                   help="backbone weights: imagenet, a path, or random with --seed (the demo's checkpoints)")
-    p.add_argument("--seed", type=int, default=0, help="seed of random backbone weights and augmentation (default 0)")
-    p.add_argument("--dev", default="cpu", help="device, e.g. cpu or cuda:0")
+    add_threshold_flag(p)
+    add_num_aug_flag(p, default=5)
+    add_backbone_weights_flag(p)
+    add_seed_flag(p)
+    add_device_flag(p)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    add_precision(p, several=True, default="fp32,bf16")
+    add_precision_flag(p, several=True, default="fp32,bf16")
     return p
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    run(main, get_parser())

@@ -29,8 +29,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset.synthetic import render_sequence
-from lib.cli import (add_backbone_weights_flag, add_device_flag, add_precision, add_threshold_flag, image_size,
-                     resolve_device)
+from lib.cli import (add_backbone_weights_flag, add_device_flag, add_precision_flag, add_threshold_flag,
+                     image_size, resolve_device)
 from models import build_tracker
 from models.network import GFRTM
 from models.tracker import Tracker
@@ -207,7 +207,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "(its backbone from --backbone-weights)")
     add_threshold_flag(p)
     add_backbone_weights_flag(p)
-    add_precision(p, several=True)
+    add_precision_flag(p, several=True)
     return p
 
 

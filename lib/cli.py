@@ -85,32 +85,6 @@ def positive_float(text: str) -> float:
     return value
 
 
-PRECISIONS = ("fp32", "bf16", "fp16")  # models.precision checks what a device can run
-
-
-def precision_list(text: str) -> list[str]:
-    """argparse type: comma-separated precisions, e.g. fp32,bf16."""
-    values = [v.strip() for v in text.split(",") if v.strip()]
-    wrong = [v for v in values if v not in PRECISIONS]
-    if not values or wrong:
-        raise argparse.ArgumentTypeError(f"must be {', '.join(PRECISIONS)} or a comma-separated list of them, "
-                                         f"got {text!r}")
-    return values
-
-
-def add_precision(parser: argparse.ArgumentParser, several: bool = False, default: str = "fp32") -> None:
-    """Declare --precision (every script and benchmark): fp32, bf16 or fp16; with `several`, a
-    comma-separated list compared side by side in one run (the first is the reference)."""
-    what = "comma-separated precisions compared side by side, the first as the reference" if several else \
-        "numeric precision"
-    parser.add_argument("--precision", type=precision_list if several else str, choices=None if several else PRECISIONS,
-                        default=precision_list(default) if several else default,
-                        help=f"{what} (default {default}): fp32, bf16 or fp16. bf16/fp16 run the backbone and "
-                             f"network under autocast, channels-last; the target models and the merge of object "
-                             f"probabilities stay fp32. bf16 is fast on CPUs with AVX512-BF16/AMX and on GPUs "
-                             f"with bf16; fp16 needs a CUDA GPU")
-
-
 def resolve_device(dev: Optional[str]) -> tuple[torch.device, str]:
     """(device, description) for --dev. None / "auto": cuda:0 if available, else cpu."""
     if dev is None or dev == "auto":
@@ -188,6 +162,32 @@ def add_threshold_flag(parser) -> None:
                         help="reuse-gate threshold tau in [0, 1]: an object reuses the previous frame's result "
                              "when its reuse probability exceeds TH; 1.0 never reuses (plain FRTM) "
                              "(default: 0.7, upstream's)")
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")  # models.precision maps them to dtypes and checks the device
+
+
+def precision_list(text: str) -> list[str]:
+    """argparse type: comma-separated precisions, e.g. fp32,bf16."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    wrong = [v for v in values if v not in PRECISIONS]
+    if not values or wrong:
+        raise argparse.ArgumentTypeError(f"must be {', '.join(PRECISIONS)} or a comma-separated list of them, "
+                                         f"got {text!r}")
+    return values
+
+
+def add_precision_flag(parser, several: bool = False, default: str = "fp32") -> None:
+    """--precision (evaluate.py, demo.py, train.py, the benchmarks): fp32, bf16 or fp16; with
+    `several`, a comma-separated list compared side by side in one run (the first is the reference)."""
+    what = "comma-separated precisions compared side by side, the first as the reference" if several else \
+        "numeric precision"
+    parser.add_argument("--precision", type=precision_list if several else str, choices=None if several else PRECISIONS,
+                        default=precision_list(default) if several else default,
+                        help=f"{what} (default {default}): fp32, bf16 or fp16. bf16/fp16 run the backbone and "
+                             f"network under autocast, channels-last; the target models and the merge of object "
+                             f"probabilities stay fp32. bf16 is fast on CPUs with AVX512-BF16/AMX and on GPUs "
+                             f"with bf16; fp16 needs a CUDA GPU")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import Iterable, Mapping, Optional, Sequence as SequenceType
 
 import numpy as np
 
+from lib.background import BackgroundWriter
 from lib.cli import UsageError
 from lib.fileio import UMASK, atomic_write_bytes
 from lib.image_io import read_label_png, write_label_png
@@ -86,9 +87,15 @@ class SequenceWriter:
     Leaving the block without finish() (an exception) deletes the temporary directory and
     leaves any older copy as it was. Temporary directories left by killed runs of the same
     sequence are removed when the sequence is written again.
+
+    With a `background` writer the PNGs are encoded and written in its thread; flush() and
+    finish() wait for them and raise the first write error (naming the path), so a sequence
+    counts as finished only when every file is on disk.
     """
 
-    def __init__(self, results_directory: str | os.PathLike, name: str, frame_names: SequenceType[str]):
+    def __init__(self, results_directory: str | os.PathLike, name: str, frame_names: SequenceType[str],
+                 background: Optional[BackgroundWriter] = None):
+        self.background = background
         self.results_dir = Path(results_directory)
         self.name = name
         self.frame_names = list(frame_names)
@@ -112,9 +119,18 @@ class SequenceWriter:
         if self.tmp_dir is None:
             raise RuntimeError("SequenceWriter.write outside its with-block")
         path = self.tmp_dir / f"{frame_name}.png"
-        write_label_png(path, np.asarray(labels, dtype=np.uint8))
+        labels = np.asarray(labels, dtype=np.uint8)
+        if self.background is None:
+            write_label_png(path, labels)
+        else:
+            self.background.submit(path, lambda: write_label_png(path, labels))
         self._written.add(frame_name)
         return path
+
+    def flush(self) -> None:
+        """Wait until every PNG written so far is on disk (raises the first write error)."""
+        if self.background is not None:
+            self.background.flush()
 
     def write_json(self, file_name: str, data) -> Path:
         """Write a JSON file (e.g. timeline.json) into the sequence directory."""
@@ -128,6 +144,7 @@ class SequenceWriter:
         """Check completeness, write the statistics, move the directory into place."""
         if self.tmp_dir is None:
             raise RuntimeError("SequenceWriter.finish outside its with-block")
+        self.flush()
         missing = [f for f in self.frame_names if f not in self._written]
         if missing:
             raise RuntimeError(f"sequence {self.name!r}: {len(missing)} frame(s) not written, e.g. "
@@ -146,6 +163,11 @@ class SequenceWriter:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if self.tmp_dir is not None:
+            if self.background is not None:  # nothing may still be writing into the directory
+                try:
+                    self.background.flush()
+                except Exception:  # the error that brought us here is the one to report
+                    pass
             shutil.rmtree(self.tmp_dir, ignore_errors=True)
             self.tmp_dir = None
         return False
@@ -188,6 +210,7 @@ class TrackingStats:
     def __init__(self) -> None:
         self.frames = 0
         self.seconds = 0.0
+        self.wall_seconds: Optional[float] = None  # reading, tracking and writing, set by the caller
         self.objects: dict[int, dict[str, int]] = {}
         self.timeline: list[dict] = []  # per frame: {"frame": name, "reused": {"id": bool}}
 
@@ -230,8 +253,13 @@ class TrackingStats:
     def reuse_rate(self) -> float:
         return self.reused / self.tracked if self.tracked else math.nan
 
+    @property
+    def wall_fps(self) -> float:
+        return self.frames / self.wall_seconds if self.wall_seconds else math.nan
+
     def as_dict(self) -> dict:
         return {"frames": self.frames, "seconds": self.seconds, "fps": self.fps,
+                "wall_seconds": self.wall_seconds, "wall_fps": self.wall_fps,
                 "tracked_object_frames": self.tracked, "reused_object_frames": self.reused,
                 "reuse_rate": self.reuse_rate,
                 "reuse_per_object": {str(k): dict(v) for k, v in sorted(self.objects.items())}}
@@ -244,6 +272,8 @@ def summarize_tracking(per_sequence: Mapping[str, Mapping]) -> dict:
     rates) for comparison with upstream's printout."""
     frames = sum(int(s["frames"]) for s in per_sequence.values())
     seconds = sum(float(s["seconds"]) for s in per_sequence.values())
+    walls = [s.get("wall_seconds") for s in per_sequence.values()]
+    wall = sum(float(w) for w in walls) if walls and all(_finite(w) for w in walls) else math.nan
     tracked = sum(int(s["tracked_object_frames"]) for s in per_sequence.values())
     reused = sum(int(s["reused_object_frames"]) for s in per_sequence.values())
     seq_fps = [s["fps"] for s in per_sequence.values() if _finite(s.get("fps"))]
@@ -252,6 +282,7 @@ def summarize_tracking(per_sequence: Mapping[str, Mapping]) -> dict:
     return {
         "frames": frames, "seconds": seconds,
         "fps": frames / seconds if seconds > 0 else math.nan,
+        "wall_seconds": wall, "wall_fps": frames / wall if wall > 0 else math.nan,
         "tracked_object_frames": tracked, "reused_object_frames": reused,
         "reuse_rate": reused / tracked if tracked else math.nan,
         "fps_sequence_mean": float(np.mean(seq_fps)) if seq_fps else math.nan,

@@ -10,7 +10,8 @@ from typing import Iterator
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from lib.cli import PRECISIONS, UsageError
+
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -23,23 +24,23 @@ def _cpu_supports_fp16() -> bool:
 
 
 def check_precision(precision: str, device: torch.device | str) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device` (None for fp32), or a ValueError that
-    names the flag and what to use instead when this device cannot run it (well)."""
+    """The autocast dtype for `precision` on `device` (None for fp32), or a UsageError (a
+    ValueError) that names the flag and what to use instead when this device cannot run it (well)."""
     device = torch.device(device)
     if precision not in _DTYPES:
-        raise ValueError(f"unknown precision {precision!r} (--precision): use one of {', '.join(PRECISIONS)}")
+        raise UsageError(f"unknown precision {precision!r} (--precision): use one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return None
     if device.type == "cpu":
         if precision == "fp16" and not _cpu_supports_fp16():
-            raise ValueError("--precision fp16 is not faster than fp32 on this CPU (no AVX512-FP16/AMX-FP16): "
+            raise UsageError("--precision fp16 is not faster than fp32 on this CPU (no AVX512-FP16/AMX-FP16): "
                              "use --precision bf16 (fast on CPUs with AVX512-BF16 or AMX) or fp32")
     elif device.type == "cuda":
         if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
-            raise ValueError(f"--precision bf16 needs a GPU with bfloat16 support, which "
+            raise UsageError(f"--precision bf16 needs a GPU with bfloat16 support, which "
                              f"{torch.cuda.get_device_name(device)} lacks: use --precision fp16 or fp32")
     else:
-        raise ValueError(f"--precision {precision} is supported on cpu and cuda devices, not {device.type}: "
+        raise UsageError(f"--precision {precision} is supported on cpu and cuda devices, not {device.type}: "
                          f"use --precision fp32")
     return _DTYPES[precision]
 

@@ -23,10 +23,12 @@ from PIL import Image
 from dataset.synthetic import make_ytvos_like
 from evaluate import get_parser, main
 from lib.metrics import evaluate_results
+from lib.cli import UsageError
 from lib.image_io import read_label_png, write_label_png
 from lib.palette import DAVIS_PALETTE
 from lib.results import STATS_FILE, SequenceWriter, results_dir_name, sequence_complete
 from lib.visualize import load_timeline
+from models import precision
 from models.checkpoint import save_checkpoint
 from models.network import GFRTM
 
@@ -285,6 +287,10 @@ def test_dv2017val_end_to_end(dv2017, davis_root):
         assert sum(v for f in timeline["frames"] for v in f["reused"].values()) == s["reused_object_frames"]
         assert sum(len(f["reused"]) for f in timeline["frames"]) == s["tracked_object_frames"]
     assert results["fps"] == pytest.approx(2 * DAVIS_FRAMES / sum(s["seconds"] for s in results["sequences"].values()))
+    # Wall time: reading ahead, tracking and writing behind, so at least the tracker time.
+    for s in results["sequences"].values():
+        assert s["seconds"] <= s["wall_seconds"] and s["wall_fps"] == pytest.approx(DAVIS_FRAMES / s["wall_seconds"])
+    assert 0 < results["wall_fps"] <= results["fps"]
     assert results["args"]["TH"] == TH and results["args"]["dset"] == "dv2017val"
     assert Path(results["checkpoint"]).name == "rn18.pth" and results["backbone"] == "resnet18"
 
@@ -536,6 +542,37 @@ def test_corrupt_jpeg_keeps_finished_sequences(checkpoint, davis_root, dv2017, t
     seq_dir = out / "result" / dv2017[0].name / "motocross-jump"
     assert {p.name: p.read_bytes() for p in seq_dir.iterdir()} == old
     no_partials(out / "result" / dv2017[0].name)
+
+
+def test_a_png_write_error_stops_the_run_naming_the_path(checkpoint, davis_root, tmp_path, monkeypatch):
+    import lib.results
+
+    write = lib.results.write_label_png
+
+    def failing(path, labels):
+        if path.parent.name.startswith(".motocross-jump.") and path.name == "00003.png":
+            raise OSError(28, "No space left on device", str(path))
+        write(path, labels)
+
+    monkeypatch.setattr(lib.results, "write_label_png", failing)
+    with pytest.raises(OSError, match="No space left on device.*00003.png"):
+        run(checkpoint, tmp_path, *davis_args(davis_root))
+    results_dir = tmp_path / "result" / "dv2017val-rn18_0.5_fast"
+    check_pngs(results_dir / "car-shadow", [f"{i:05d}" for i in range(DAVIS_FRAMES)], [1])  # finished before
+    assert not (results_dir / "motocross-jump").exists()
+    no_partials(results_dir)
+
+
+def test_precision_flag(checkpoint, davis_root, tmp_path, capsys):
+    results = run(checkpoint, tmp_path, *davis_args(davis_root), "--precision", "bf16", "--sequences", "car-shadow")
+    assert results["args"]["precision"] == "bf16" and results["sequences"]["car-shadow"]["frames"] == DAVIS_FRAMES
+    assert "wall FPS" in capsys.readouterr().out
+    # Another precision is another setting: --resume recomputes the sequence.
+    results = run(checkpoint, tmp_path, *davis_args(davis_root), "--sequences", "car-shadow", "--resume")
+    assert results["sequences_computed"] == ["car-shadow"]
+    if not precision._cpu_supports_fp16():
+        with pytest.raises(UsageError, match="--precision fp16.*--precision bf16"):
+            run(checkpoint, tmp_path, *davis_args(davis_root), "--precision", "fp16")
 
 
 def test_cli_error_exit(checkpoint, davis_root, tmp_path):

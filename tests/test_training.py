@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import train
 from dataset.synthetic import make_davis_like
 from dataset.training import (TrainingSamples, build_sources, davis_visibility, epoch_samples,
                               plain_visibility)
+from lib.cli import UsageError
 from lib.image_io import write_label_png
 from models import build_tracker
 from models.backbone import Backbone
@@ -86,6 +88,26 @@ def test_loss_decreases_on_a_fixed_batch(synthetic_root, tmp_path):
     assert stats["loss"] == pytest.approx(stats["loss_seg"] + stats["loss_diff"] + stats["loss_gp"])
     assert set(step.visuals) == {"frame", "mask", "prediction", "delta"}
     assert step.visuals["prediction"].shape == (3, 1, *SIZE)
+
+
+def test_reduced_precision_training(synthetic_root, tmp_path, monkeypatch):
+    """bf16: the step under autocast, fp32 weights and optimizer; fp16 (allowed here by pretending
+    the CPU has fp16 kernels): a GradScaler whose state the checkpoint keeps; refused where the
+    device cannot run it, before any work."""
+    stats = train.main(parse(tmp_path / "bf16", synthetic_root, "--epochs", "1", "--precision", "bf16"))
+    assert math.isfinite(stats["loss"])
+    ckpt = read_checkpoint(tmp_path / "bf16" / "ck" / "t" / "t_ep0001.pth")
+    assert {v.dtype for v in ckpt["model"].values() if v.is_floating_point()} == {torch.float32}
+    assert "grad_scaler" not in ckpt and ckpt["args"]["precision"] == "bf16"
+
+    from models import precision
+    monkeypatch.setattr(precision, "_cpu_supports_fp16", lambda: True)
+    train.main(parse(tmp_path / "fp16", synthetic_root, "--epochs", "1", "--precision", "fp16"))
+    ckpt = read_checkpoint(tmp_path / "fp16" / "ck" / "t" / "t_ep0001.pth")
+    assert ckpt["grad_scaler"]["scale"] > 0
+    monkeypatch.setattr(precision, "_cpu_supports_fp16", lambda: False)
+    with pytest.raises(UsageError, match="--precision fp16"):
+        train.main(parse(tmp_path / "fp16", synthetic_root, "--epochs", "2", "--precision", "fp16"))
 
 
 @pytest.fixture(scope="module")

@@ -159,12 +159,14 @@ class GFRTMStep(nn.Module):
             for level in ("layer4", "layer5"):
                 mixed[level] = torch.where(sel, prev_features[level], features[level])
             logits, x16 = net.decode_training(mixed, score, deep_score, gate, x16, delta, size)
+            logits = logits.float()  # the loss and the statistics in fp32 under autocast too
             prob = torch.sigmoid(logits)
 
             with torch.no_grad():
                 target = gate_target(mask_iou(mask, ref_mask, empty=0.0)[:, 0], margin, self.gate_loss.apply_margin)
             loss_gate = F.mse_loss(F.relu((probs - target).abs() - self.gate_loss.m2), torch.zeros_like(target))
-            loss_seg = F.binary_cross_entropy(prob, mask)
+            # with logits: F.binary_cross_entropy on probabilities is refused under CUDA autocast
+            loss_seg = F.binary_cross_entropy_with_logits(logits, mask)
             loss_diff = F.mse_loss(delta, _resize(mask, (h16, w16)) - prev_score)
             stats = {"loss_seg": loss_seg.detach(), "loss_diff": loss_diff.detach(), "loss_gp": loss_gate.detach(),
                      "accuracy": mask_iou(prob.detach(), mask).mean(), "reuse_rate": reuse.float().mean()}

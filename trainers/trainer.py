@@ -26,6 +26,7 @@ from tqdm import tqdm
 from dataset.training import SAMPLE_SIZE, References, TrainingSamples, epoch_samples
 from lib.cli import UsageError
 from models.checkpoint import check_backbone, load_network_state, network_state, read_checkpoint, save_checkpoint
+from models.precision import autocast, check_precision
 
 from .gfrtm_step import STAT_KEYS, GFRTMStep
 from .tmcache import TargetModelCache
@@ -55,6 +56,11 @@ class Trainer:
         self.cache = cache
         self.args = args
         self.device = device
+        # --precision: the step under autocast (weights and optimizer stay fp32); fp16 scales the
+        # loss so that small gradients survive (a GradScaler; off, it changes nothing).
+        self.precision = getattr(args, "precision", "fp32")
+        self.dtype = check_precision(self.precision, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.checkpoint_dir = Path(checkpoint_dir)
         self.rank = rank
         self.world_size = world_size
@@ -103,6 +109,8 @@ class Trainer:
         load_network_state(self.step.network, state)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler.is_enabled() and ckpt.get("grad_scaler"):
+            self.scaler.load_state_dict(ckpt["grad_scaler"])
         self.epoch = int(ckpt["epoch"])
 
     def _same_epoch_everywhere(self, path) -> None:
@@ -122,7 +130,7 @@ class Trainer:
         path = self.checkpoint_dir / f"{self.args.name}_ep{self.epoch:04d}.pth"
         return save_checkpoint(path, self.step.network, optimizer=self.optimizer.state_dict(),
                                scheduler=self.scheduler.state_dict(), epoch=self.epoch, args=vars(self.args),
-                               stats=stats)
+                               stats=stats, **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}))
 
     # Training ----------------------------------------------------------------------------------
 
@@ -243,13 +251,16 @@ class Trainer:
         masks = [labels[:, t] for t in range(labels.shape[1])]
         targets = self._targets(dataset, indices, images, labels)
 
-        loss, stats = self.model(frames, masks, targets, self.epoch)
+        with autocast(self.device, self.dtype):
+            loss, stats = self.model(frames, masks, targets, self.epoch)
         self._stop_if_not_finite(loss, dataset, indices, batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         if self.args.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.step.network.parameters(), self.args.clip_grad)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped by fp16 scaling when a gradient overflowed
+        self.scaler.update()
         self.visuals = self.step.visuals
         return stats
 
