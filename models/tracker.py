@@ -278,7 +278,8 @@ class Tracker:
         if keep_probabilities:
             wanted.append(torch.stack([out.probability for out in tracked]))
         if keep_raw:
-            wanted += [torch.cat([out.score.float() for out in tracked]), torch.cat([out.logits.float() for out in tracked])]
+            wanted += [torch.cat([out.score.float() for out in tracked]),
+                       torch.cat([out.logits.float() for out in tracked])]
         host = fetch(wanted)
         labels_host = host.pop(0)
         if updates:
@@ -294,6 +295,7 @@ class Tracker:
                            reused={out.obj.id: out.reused for out in tracked},
                            reuse_prob={out.obj.id: out.reuse_prob for out in tracked if out.reuse_prob is not None},
                            scores=scores, logits=logits)
+
     def _start_object(self, obj_id: int, t: int, image: torch.Tensor, labels: torch.Tensor,
                       features: dict) -> _Object:
         """Initialize an object at its first frame: target model, template, score and state."""

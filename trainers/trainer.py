@@ -130,7 +130,8 @@ class Trainer:
         path = self.checkpoint_dir / f"{self.args.name}_ep{self.epoch:04d}.pth"
         return save_checkpoint(path, self.step.network, optimizer=self.optimizer.state_dict(),
                                scheduler=self.scheduler.state_dict(), epoch=self.epoch, args=vars(self.args),
-                               stats=stats, **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}))
+                               stats=stats,
+                               **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}))
 
     # Training ----------------------------------------------------------------------------------
 
