@@ -163,15 +163,17 @@ class Sequence:
                 return None
             frames = self.frame_names
         self.check_ground_truth(frames)
-        out = []
-        for frame in frames:
-            path = self.annotation_path(frame)
-            labels = read_label_png(path)
-            self._check_size(labels.shape, path)
-            if self.merge_objects:
-                labels = ((labels != 0) & (labels != VOID_LABEL)).astype(np.uint8)
-            out.append(labels)
-        return np.stack(out)
+        return np.stack([self.ground_truth_frame(frame) for frame in frames])
+
+    def ground_truth_frame(self, frame: str) -> np.ndarray:
+        """One frame's labels, H x W uint8 (merged to 0/1 for DAVIS 2016); FileNotFoundError when
+        it has no annotation file."""
+        path = self.annotation_path(frame)
+        labels = read_label_png(path)
+        self._check_size(labels.shape, path)
+        if self.merge_objects:
+            labels = ((labels != 0) & (labels != VOID_LABEL)).astype(np.uint8)
+        return labels
 
     def _check_size(self, shape, path: Path) -> None:
         if tuple(shape) != self.size:

@@ -162,9 +162,11 @@ def _mean_statistics(per_object: Sequence[dict], measure: str) -> dict:
 # Sequences and data sets
 
 
-def evaluate_sequence(gt: np.ndarray, pred: np.ndarray, object_ids: Iterable[int],
+def evaluate_sequence(gt, pred, object_ids: Iterable[int],
                       first_frames: Mapping[int, int] | None = None) -> dict:
-    """Evaluate one sequence. gt, pred: label maps T x H x W (uint8 object ids).
+    """Evaluate one sequence. gt, pred: label maps T x H x W (uint8 object ids): arrays, or any
+    sequences of H x W frames supporting len() and indexing (read one frame at a time, so
+    lazily loaded frames keep memory flat however long the sequence).
 
     object_ids: the objects to score (ids in gt; 255 in gt counts as background).
     first_frames: object id -> index of the frame where it starts (default 0 for all). Each
@@ -174,27 +176,34 @@ def evaluate_sequence(gt: np.ndarray, pred: np.ndarray, object_ids: Iterable[int
              "objects": {id: {"J&F", "J": {...}, "F": {...}, "num_frames": int}}};
     sequence numbers are means over its objects (objects with no scored frame left out).
     """
-    gt = _as_label_volume(gt, "ground truth")
-    pred = _as_label_volume(pred, "prediction")
-    if gt.shape != pred.shape:
-        raise ValueError(f"ground truth {gt.shape} and prediction {pred.shape} shapes differ "
-                         f"(both must be T x H x W)")
+    gt, pred = _frame_sequence(gt, "ground truth"), _frame_sequence(pred, "prediction")
+    if len(gt) != len(pred):
+        raise ValueError(f"ground truth has {len(gt)} frames, prediction {len(pred)}: the shapes differ")
     first_frames = dict(first_frames or {})
-    num_frames = gt.shape[0]
+    num_frames = len(gt)
+    ids = [int(i) for i in object_ids]
+    first = {i: int(first_frames.get(i, 0)) for i in ids}
+    j_values: dict[int, list] = {i: [] for i in ids}
+    f_values: dict[int, list] = {i: [] for i in ids}
+    for t in range(num_frames):
+        active = [i for i in ids if first[i] < t < num_frames - 1]
+        if not active:
+            continue
+        gt_t, pred_t = _label_frame(gt[t], "ground truth"), _label_frame(pred[t], "prediction")
+        if gt_t.shape != pred_t.shape:
+            raise ValueError(f"frame {t}: ground truth {gt_t.shape} and prediction {pred_t.shape} shapes differ")
+        for obj_id in active:
+            j_values[obj_id].append(jaccard_index(gt_t == obj_id, pred_t == obj_id))
+            f_values[obj_id].append(boundary_f_measure(gt_t == obj_id, pred_t == obj_id))
 
     objects = {}
-    for obj_id in object_ids:
-        obj_id = int(obj_id)
-        first = int(first_frames.get(obj_id, 0))
-        frames = range(first + 1, num_frames - 1)
-        j_values = [jaccard_index(gt[t] == obj_id, pred[t] == obj_id) for t in frames]
-        f_values = [boundary_f_measure(gt[t] == obj_id, pred[t] == obj_id) for t in frames]
-        j_stats, f_stats = frame_statistics(j_values), frame_statistics(f_values)
+    for obj_id in ids:
+        j_stats, f_stats = frame_statistics(j_values[obj_id]), frame_statistics(f_values[obj_id])
         objects[obj_id] = {
             "J&F": (j_stats["mean"] + f_stats["mean"]) / 2,
             "J": j_stats,
             "F": f_stats,
-            "num_frames": len(frames),
+            "num_frames": len(j_values[obj_id]),
         }
 
     per_object = list(objects.values())
@@ -225,20 +234,83 @@ def evaluate_results(sequences: Iterable[tuple]) -> dict:
             raise ValueError(f"sequence {name!r} given twice")
         per_sequence[name] = evaluate_sequence(gt_frames, pred_frames, object_ids, first_frames)
 
+    return summarize_sequences(per_sequence)
+
+
+def summarize_sequences(per_sequence: Mapping[str, dict]) -> dict:
+    """Overall J&F, J, F over already scored sequences ({name: evaluate_sequence(...)} or
+    evaluate_lvos_sequence(...)): means over all objects, each weighted equally."""
+    per_sequence = dict(per_sequence)
     all_objects = [obj for seq in per_sequence.values() for obj in seq["objects"].values()]
     j_stats, f_stats = _mean_statistics(all_objects, "J"), _mean_statistics(all_objects, "F")
     return {"J&F": (j_stats["mean"] + f_stats["mean"]) / 2, "J": j_stats, "F": f_stats,
             "num_objects": len(all_objects), "sequences": per_sequence}
 
 
-def _as_label_volume(frames, what: str) -> np.ndarray:
+# ---------------------------------------------------------------------------------------------
+# LVOS (lvos-evaluation, Hong et al.): what differs from DAVIS is said in each function
+
+LVOS_STEP = 5
+
+
+def lvos_statistics(values: Sequence[float], length: int) -> dict:
+    """Mean and Recall of one object's per-frame scores as LVOS's evaluation computes them: the
+    scores sit in a zero-filled array of `length` entries (the meta JSON's frame_nums), so
+    entries beyond the scored frames count as 0. Decay: LVOS's code bins that 1 x N array
+    along its first axis, so every bin is the whole array and its decay is always 0; reported
+    here as NaN (not computed) rather than as a 0 that would look measured."""
+    values = np.asarray(values, dtype=np.float64)
+    if length < len(values):
+        raise ValueError(f"LVOS frame_nums {length} is smaller than the {len(values)} scored frames")
+    padded = np.zeros(length, dtype=np.float64)
+    padded[:len(values)] = values
+    if length == 0:
+        return {"mean": math.nan, "recall": math.nan, "decay": math.nan}
+    return {"mean": float(np.mean(padded)), "recall": float(np.mean(padded > 0.5)), "decay": math.nan}
+
+
+def evaluate_lvos_object(gt: np.ndarray, pred: np.ndarray, obj_id: int, length: int) -> dict:
+    """One object by LVOS's protocol. gt, pred: K x H x W label maps of the object's scored
+    frames: every 5th frame from its first annotated frame (included, unlike DAVIS) up to the
+    end of its meta frame range (excluded), never beyond; 255 is not treated as void.
+    Returns {"J&F", "J", "F", "num_frames"} like evaluate_sequence's objects."""
+    gt, pred = _frame_sequence(gt, "ground truth"), _frame_sequence(pred, "prediction")
+    if len(gt) != len(pred):
+        raise ValueError(f"ground truth has {len(gt)} frames, prediction {len(pred)}: the shapes differ")
+    j, f = [], []
+    for t in range(len(gt)):
+        gt_t, pred_t = _label_frame(gt[t], "ground truth") == obj_id, _label_frame(pred[t], "prediction") == obj_id
+        j.append(jaccard_index(gt_t, pred_t))
+        f.append(boundary_f_measure(gt_t, pred_t))
+    j_stats, f_stats = lvos_statistics(j, length), lvos_statistics(f, length)
+    return {"J&F": (j_stats["mean"] + f_stats["mean"]) / 2, "J": j_stats, "F": f_stats, "num_frames": len(j)}
+
+
+def evaluate_lvos_sequence(objects: Mapping[int, dict]) -> dict:
+    """A sequence from its objects' evaluate_lvos_object results; sequence numbers are means over
+    its objects, as in evaluate_sequence."""
+    objects = {int(k): v for k, v in objects.items()}
+    per_object = list(objects.values())
+    j_stats, f_stats = _mean_statistics(per_object, "J"), _mean_statistics(per_object, "F")
+    return {"J&F": (j_stats["mean"] + f_stats["mean"]) / 2, "J": j_stats, "F": f_stats, "objects": objects}
+
+
+def _frame_sequence(frames, what: str):
+    """Arrays as they are (checked to be T x H x W); other sequences of frames unchanged."""
     if isinstance(frames, np.ndarray):
-        volume = frames
-    else:
-        volume = np.stack([np.asarray(f) for f in frames])
-    if volume.ndim != 3:
-        raise ValueError(f"{what} must be T x H x W label maps, got shape {volume.shape}")
-    return volume
+        if frames.ndim != 3:
+            raise ValueError(f"{what} must be T x H x W label maps, got shape {frames.shape}")
+        return frames
+    if not hasattr(frames, "__getitem__"):
+        frames = list(frames)
+    return frames
+
+
+def _label_frame(frame, what: str) -> np.ndarray:
+    frame = np.asarray(frame)
+    if frame.ndim != 2:
+        raise ValueError(f"{what} frames must be H x W label maps, got shape {frame.shape}")
+    return frame
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence as SequenceType
+from typing import Callable, Iterable, Mapping, Optional, Sequence as SequenceType
 
 import numpy as np
 
@@ -36,7 +36,8 @@ from lib.background import BackgroundWriter
 from lib.cli import UsageError
 from lib.fileio import UMASK, atomic_write_bytes
 from lib.image_io import read_label_png, write_label_png
-from lib.metrics import evaluate_results, json_safe
+from lib.metrics import (LVOS_STEP, evaluate_lvos_object, evaluate_lvos_sequence, evaluate_results, json_safe,
+                         summarize_sequences)
 
 RESULT_SUBDIR = "result"
 STATS_FILE = ".tracking.json"  # per-sequence tracking statistics, inside the sequence directory
@@ -298,20 +299,15 @@ def _finite(value) -> bool:
 # Metrics on a results directory
 
 
-def read_predictions(sequence_dir: str | os.PathLike, frames: SequenceType[str],
-                     size: Optional[tuple[int, int]] = None) -> np.ndarray:
-    """Label PNGs <sequence_dir>/<frame>.png as T x H x W uint8."""
-    sequence_dir = Path(sequence_dir)
-    out = []
-    for frame in frames:
-        path = sequence_dir / f"{frame}.png"
-        if not path.is_file():
-            raise FileNotFoundError(f"result PNG not found: {path}")
-        labels = read_label_png(path)
-        if size is not None:
-            _check_shape(labels, size, path)
-        out.append(labels)
-    return np.stack(out)
+def read_prediction(sequence_dir: str | os.PathLike, frame: str, size: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """The label PNG <sequence_dir>/<frame>.png as H x W uint8, checked against size (H, W)."""
+    path = Path(sequence_dir) / f"{frame}.png"
+    if not path.is_file():
+        raise FileNotFoundError(f"result PNG not found: {path}")
+    labels = read_label_png(path)
+    if size is not None:
+        _check_shape(labels, size, path)
+    return labels
 
 
 def _check_shape(labels: np.ndarray, size, path: Path) -> None:
@@ -320,12 +316,27 @@ def _check_shape(labels: np.ndarray, size, path: Path) -> None:
                          f"{size[0]}x{size[1]}")
 
 
+class LazyFrames:
+    """Frames read one at a time when indexed (len() and [t] like a T x H x W volume), so that
+    scoring a long sequence holds one frame in memory, not all of them: frames[t] is
+    read(names[t])."""
+
+    def __init__(self, read: Callable[[str], np.ndarray], names: SequenceType[str]):
+        self.read, self.names = read, list(names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.read(self.names[index])
+
+
 def sequence_volumes(results_directory: str | os.PathLike, sequence,
-                     frames: Optional[SequenceType[str]] = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                     frames: Optional[SequenceType[str]] = None) -> tuple[LazyFrames, LazyFrames, dict]:
     """(ground truth, prediction, first_frames) of a sequence whose PNGs are in
     results_directory, over `frames` (default: every frame; e.g. only the annotated every-5th
-    frames of YouTube-VOS train_all_frames). first_frames: object id -> index of its first
-    frame within `frames`."""
+    frames of YouTube-VOS train_all_frames), as LazyFrames (read when indexed).
+    first_frames: object id -> index of its first frame within `frames`."""
     frames = list(frames if frames is not None else sequence.frame_names)
     first_frames = {}
     for obj_id, start in sequence.start_frames.items():
@@ -333,8 +344,13 @@ def sequence_volumes(results_directory: str | os.PathLike, sequence,
             raise UsageError(f"sequence {sequence.name!r}: object {obj_id} starts at frame {start!r}, "
                              f"which is not among the evaluated (annotated) frames")
         first_frames[obj_id] = frames.index(start)
-    gt = sequence.ground_truth(frames)
-    pred = read_predictions(Path(results_directory) / sequence.name, frames, sequence.size)
+    sequence.check_ground_truth(frames)
+    pred_dir = Path(results_directory) / sequence.name
+    missing = [f for f in frames if not (pred_dir / f"{f}.png").is_file()]
+    if missing:
+        raise FileNotFoundError(f"result PNG not found: {pred_dir / (missing[0] + '.png')}")
+    gt = LazyFrames(sequence.ground_truth_frame, frames)
+    pred = LazyFrames(lambda f: read_prediction(pred_dir, f, sequence.size), frames)
     return gt, pred, first_frames
 
 
@@ -353,15 +369,37 @@ def evaluate_results_dir(results_directory: str | os.PathLike, sequences: Iterab
     return evaluate_results(items())
 
 
+def evaluate_lvos_results_dir(results_directory: str | os.PathLike, sequences: Iterable[tuple]) -> dict:
+    """J&F by LVOS's protocol over sequences whose PNGs are in results_directory.
+
+    sequences: iterable of (Sequence, {object id: range}) with range.start, .end, .length from
+    the LVOS meta JSON (dataset.benchmarks.LvosRange); frame names are the frame numbers
+    (LVOS's 8 digits). Each object is scored on frames start, start+5, ... < end.
+    """
+    per_sequence = {}
+    for sequence, ranges in sequences:
+        by_number = {int(f): f for f in sequence.frame_names if f.isdigit()}
+        objects = {}
+        for obj_id, r in sorted(ranges.items()):
+            frames = [by_number[n] for n in range(r.start, r.end, LVOS_STEP)]
+            gt = LazyFrames(sequence.ground_truth_frame, frames)
+            pred = LazyFrames(lambda f: read_prediction(Path(results_directory) / sequence.name, f, sequence.size),
+                              frames)
+            objects[obj_id] = evaluate_lvos_object(gt, pred, obj_id, r.length)
+        per_sequence[sequence.name] = evaluate_lvos_sequence(objects)
+    return summarize_sequences(per_sequence)
+
+
 # ---------------------------------------------------------------------------------------------
 # YouTube-VOS submission
 
 
 def write_submission_zip(results_directory: str | os.PathLike, videos: Mapping[str, SequenceType[str]],
-                         zip_path: Optional[str | os.PathLike] = None) -> dict:
-    """Zip the frames the YouTube-VOS server expects: `Annotations/<video>/<frame>.png` for each
-    video and frame of `videos` (video -> frame names of valid/JPEGImages/<video>), taken from
+                         zip_path: Optional[str | os.PathLike] = None, prefix: str = "Annotations/") -> dict:
+    """Zip the frames an evaluation server expects: `<prefix><video>/<frame>.png` for each video
+    and frame of `videos` (video -> frame names, e.g. of valid/JPEGImages/<video>), taken from
     `<results dir>/<video>/<frame>.png` (so all-frames results give just the valid frames).
+    prefix "Annotations/": YouTube-VOS; "": DAVIS test-dev and MOSE (video folders at the top).
 
     Videos without a complete result (not run yet, or a frame missing) are left out and
     reported. Written atomically to zip_path (default `<results dir>.zip`).
@@ -382,7 +420,7 @@ def write_submission_zip(results_directory: str | os.PathLike, videos: Mapping[s
     with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as zf:
         for video in complete:
             for frame in sorted(videos[video]):
-                zf.write(results_directory / video / f"{frame}.png", f"Annotations/{video}/{frame}.png")
+                zf.write(results_directory / video / f"{frame}.png", f"{prefix}{video}/{frame}.png")
                 frames += 1
     zip_path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(zip_path, buffer.getvalue())

@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.parallel_eval import make_checkpoint
 from dataset.synthetic import make_ytvos_like
 from evaluate import get_parser, main
 from lib.metrics import evaluate_results
@@ -29,8 +30,6 @@ from lib.palette import DAVIS_PALETTE
 from lib.results import STATS_FILE, SequenceWriter, results_dir_name, sequence_complete
 from lib.visualize import load_timeline
 from models import precision
-from models.checkpoint import save_checkpoint
-from models.network import GFRTM
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 120, 216
@@ -38,7 +37,7 @@ DAVIS_FRAMES = 6
 DAVIS_SEQS = ("car-shadow", "motocross-jump")  # the sample's val split
 YT_FRAMES = 16  # annotated (every 5th): 0, 5, 10, 15
 TH = 0.5
-ENV = ("DAVIS_ROOT", "YTVOS_ROOT", "RVOS_MODELS", "RVOS_OUTPUT")
+ENV = ("DAVIS_ROOT", "YTVOS_ROOT", "MOSE_ROOT", "LVOS_ROOT", "RVOS_MODELS", "RVOS_OUTPUT")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,19 +65,7 @@ def checkpoint(tmp_path_factory) -> Path:
     """Random ResNet-18 G-FRTM, rescaled so its outputs are not constant: the mask logits are
     stretched around their median (so masks are non-trivial) and the reuse-gate logits around
     p = 0.5 (so with TH 0.5 both the reuse and the compute path are taken)."""
-    torch.manual_seed(0)
-    net = GFRTM("resnet18").eval()
-    with torch.no_grad():
-        up = net.upsampler.conv2
-        up.weight.mul_(400.0)
-        up.bias.copy_(400.0 * (up.bias + 0.0418))
-        gate = net.reuse_gate.conv2
-        gate.weight.mul_(200.0)
-        gate.bias.mul_(200.0)
-        gate.bias[0] -= 200.0 * 0.098
-    path = tmp_path_factory.mktemp("weights") / "rn18.pth"
-    save_checkpoint(path, net)
-    return path
+    return make_checkpoint(tmp_path_factory.mktemp("weights") / "rn18.pth")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,139 @@
+"""Sequence-parallel evaluation across processes: torch.distributed set-up, sharding of the
+sequences over the ranks, and the exchange of per-rank outcomes.
+
+Launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE in the environment) each
+process tracks its own share of the sequences; without those variables everything runs in one
+process and no process group is created. Backends: NCCL with one GPU per local rank on CUDA,
+gloo on CPU.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence as SequenceType
+
+import torch
+import torch.distributed as dist
+
+from lib.cli import UsageError
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands: rank among world_size processes, local_rank on its machine."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    backend: Optional[str] = None  # None: one process, no process group
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return int(value) if value not in (None, "") else default
+    except ValueError:
+        raise UsageError(f"environment variable {name}={value!r} is not an integer (set by torchrun)")
+
+
+def launch_context() -> Context:
+    """The ranks torchrun set in the environment (rank 0 of 1 when not launched by it)."""
+    world = _env_int("WORLD_SIZE", 1)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
+    return Context(_env_int("RANK", 0), world, _env_int("LOCAL_RANK", 0), local_world)
+
+
+def wants_cuda(dev: Optional[str]) -> bool:
+    """Whether --dev asks for CUDA (None / auto: CUDA when available)."""
+    if dev is None or dev == "auto":
+        return torch.cuda.is_available()
+    return str(dev).startswith("cuda")
+
+
+def rank_device(ctx: Context, dev: Optional[str]) -> Optional[str]:
+    """--dev for this rank: with several ranks on CUDA, cuda:<local rank> (one GPU per local rank);
+    UsageError when this machine has fewer GPUs than local ranks. Otherwise dev unchanged."""
+    if not ctx.distributed or not wants_cuda(dev):
+        return dev
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < ctx.local_world_size:
+        raise UsageError(f"--dev {dev or 'auto'} with torchrun: {ctx.local_world_size} processes on this machine "
+                         f"(--nproc_per_node) need one GPU each, but only {count} CUDA device(s) are visible; pass "
+                         f"--nproc_per_node={count}" + (" or " if count else " ") + "--dev cpu")
+    if dev not in (None, "auto", "cuda", f"cuda:{ctx.local_rank}"):
+        raise UsageError(f"--dev {dev}: with torchrun each process uses the GPU of its local rank (cuda:<LOCAL_RANK>); "
+                         f"pass --dev cuda (or leave --dev out), and choose GPUs with CUDA_VISIBLE_DEVICES")
+    return f"cuda:{ctx.local_rank}"
+
+
+def init(ctx: Context, device: torch.device, timeout_hours: float = 72.0) -> Context:
+    """Join the process group (NCCL for a CUDA device, else gloo); no-op for one process.
+    Returns the context with its backend. The timeout bounds how long a rank that finished its
+    share waits for the others in the final exchange (a long benchmark on CPU takes hours);
+    a rank that dies ends the run sooner, as torchrun then stops the others."""
+    if not ctx.distributed:
+        return ctx
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=timeout_hours), **kwargs)
+    return Context(ctx.rank, ctx.world_size, ctx.local_rank, ctx.local_world_size, backend)
+
+
+def shutdown(ctx: Context) -> None:
+    """Leave the process group (if one was joined)."""
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(costs: Mapping[str, float], world_size: int) -> list[list[str]]:
+    """Split sequences over world_size ranks, balanced by cost (frames x objects): longest first,
+    each to the rank with the least work so far (ties: the lower rank; equal costs: by name).
+    Deterministic, so every rank computes the same split. Returns the names per rank, each list
+    longest first."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    loads = [0.0] * world_size
+    shards: list[list[str]] = [[] for _ in range(world_size)]
+    for name in sorted(costs, key=lambda n: (-float(costs[n]), n)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        shards[rank].append(name)
+        loads[rank] += float(costs[name])
+    return shards
+
+
+def sequence_cost(sequence) -> int:
+    """Work of tracking a sequence: frames x objects."""
+    return len(sequence) * max(1, len(sequence.obj_ids))
+
+
+def all_gather(ctx: Context, value: Any) -> list:
+    """Every rank's `value` (any picklable object), in rank order; [value] for one process.
+    Also a barrier: returns only when every rank has called it."""
+    if not ctx.distributed:
+        return [value]
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def first_failure(outcomes: SequenceType[Mapping], world_size: int) -> Optional[str]:
+    """The error line for the first failed rank among the gathered outcomes ({"failure": None or
+    {"sequence", "error"}} per rank, in rank order), or None when every rank succeeded."""
+    failed = [(rank, o["failure"]) for rank, o in enumerate(outcomes) if o.get("failure")]
+    if not failed:
+        return None
+    rank, f = failed[0]
+    others = f"; {len(failed) - 1} other rank(s) failed too" if len(failed) > 1 else ""
+    return f"rank {rank} of {world_size} failed on sequence {f['sequence']!r}: {f['error']}{others}"
