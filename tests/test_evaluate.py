@@ -542,7 +542,8 @@ def test_a_png_write_error_stops_the_run_naming_the_path(checkpoint, davis_root,
         write(path, labels)
 
     monkeypatch.setattr(lib.results, "write_label_png", failing)
-    with pytest.raises(OSError, match="No space left on device.*00003.png"):
+    # One `error:` line (a UsageError) naming the file, the sequence and --resume.
+    with pytest.raises(UsageError, match="No space left on device.*00003.png.*motocross-jump.*--resume"):
         run(checkpoint, tmp_path, *davis_args(davis_root))
     results_dir = tmp_path / "result" / "dv2017val-rn18_0.5_fast"
     check_pngs(results_dir / "car-shadow", [f"{i:05d}" for i in range(DAVIS_FRAMES)], [1])  # finished before
