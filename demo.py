@@ -26,7 +26,8 @@ from typing import Optional
 
 from lib.background import BackgroundWriter, read_ahead
 from lib.cli import (UsageError, add_backbone_weights_flag, add_device_flag, add_num_aug_flag, add_precision_flag,
-                     add_seed_flag, add_threshold_flag, int_at_least, positive_float, resolve_device, run)
+                     add_seed_flag, add_threshold_flag, int_at_least, options, positive_float, resolve_device,
+                     run)
 from lib.image_io import resize_labels_nearest_exact, write_label_png
 from lib.video_io import MaskSet, TrackerFeed, open_frames, processing_size
 from lib.results import TrackingStats
@@ -183,7 +184,7 @@ JOB_SIZE = (120, 216)  # H, W of every frame
 # Training: DAVIS layout, stop-and-go motion with long holds (most frame pairs still), all frames annotated.
 JOB_TRAIN = {"sequences": 4, "frames": 12, "hold": (0.8, 1.0)}
 JOB_VAL = {"sequences": 2, "frames": 40}  # YouTube-VOS layout (last object enters late), tracked on all frames
-JOB_TRAIN_FLAGS = ["--batch-size", "2", "--samples-per-epoch", "12", "--num-aug", "1", "--lr", "1e-3"]
+JOB_TRAIN_OPTIONS = {"batch_size": 2, "samples_per_epoch": 12, "num_aug": 1, "lr": 1e-3}  # train.py options
 GOAL_REUSE = 0.20  # reuse rate at the gate's threshold at least this
 GOAL_JF_POINTS = 3.0  # J&F at the gate's threshold at most this many points below TH 1.0
 
@@ -241,26 +242,23 @@ def run_main_job(args: argparse.Namespace) -> dict:
                         seed=args.seed, num_train_sequences=JOB_TRAIN["sequences"], motion="stop-and-go",
                         hold=JOB_TRAIN["hold"])
     print(f"[2/5] training for {args.epochs} short epochs on the synthetic set (random backbone)")
-    train.main(train.get_parser().parse_args([
-        "--name", "demo", "--dset", "synthetic", "--synthetic-root", str(train_data),
-        "--checkpoints", str(work / "checkpoints"), "--tensorboard", str(work / "tensorboard"),
-        "--tmcache", str(work / "tmcache"), "--cache-dir", str(work / "cache"),
-        "--size", "x".join(map(str, JOB_SIZE)), "--epochs", str(args.epochs), *JOB_TRAIN_FLAGS, "--workers", "0",
-        "--backbone-weights", "random", "--seed", str(args.seed), "--dev", dev, "--precision", args.precision]))
+    train.main(options(
+        train.get_parser(), name="demo", dset="synthetic", synthetic_root=train_data,
+        checkpoints=work / "checkpoints", tensorboard=work / "tensorboard", tmcache=work / "tmcache",
+        cache_dir=work / "cache", size=JOB_SIZE, epochs=args.epochs, workers=0, backbone_weights="random",
+        seed=args.seed, dev=dev, precision=args.precision, **JOB_TRAIN_OPTIONS))
     checkpoint = work / "checkpoints" / "demo" / f"demo_ep{args.epochs:04d}.pth"
     results = {}
     for step, th in (("3", 1.0), ("4", args.TH)):
         print(f"[{step}/5] evaluating {checkpoint.name} at TH {th:g} on the synthetic validation videos")
-        results[th] = evaluate.main(evaluate.get_parser().parse_args([
-            "--model", str(checkpoint), "--dset", "yt2018jjvalAll", "--ytvos-root", str(val_data),
-            "--split-file", str(val_data / "ytvos_jjvalid.txt"), "--output-root", str(work), "--TH", str(th),
-            "--num-aug", "1", "--backbone-weights", "random", "--seed", str(args.seed), "--dev", dev,
-            "--precision", args.precision]))
+        results[th] = evaluate.main(options(
+            evaluate.get_parser(), model=str(checkpoint), dset="yt2018jjvalAll", ytvos_root=val_data,
+            split_file=val_data / "ytvos_jjvalid.txt", output_root=work, TH=th, num_aug=1,
+            backbone_weights="random", seed=args.seed, dev=dev, precision=args.precision))
     plain, gated = results[1.0], results[args.TH]
     print(f"[5/5] overlays and reuse timelines (TH {args.TH:g})")
-    written = visualize.main(visualize.get_parser().parse_args([
-        "--results", gated["results_dir"], "--frames", str(val_data / "train_all_frames" / "JPEGImages"),
-        "--out", str(work / "overlays")]))
+    written = visualize.main(options(visualize.get_parser(), results=Path(gated["results_dir"]),
+                                     frames=val_data / "train_all_frames" / "JPEGImages", out=work / "overlays"))
     goals = main_job_goals(plain, gated)
     print("\n" + side_by_side(plain, gated))
     print("goals:")

@@ -93,7 +93,7 @@ def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "JOB_SIZE", (64, 112))
     monkeypatch.setattr(demo, "JOB_TRAIN", {"sequences": 2, "frames": 8, "hold": (0.6, 1.0)})
     monkeypatch.setattr(demo, "JOB_VAL", {"sequences": 1, "frames": 11})
-    monkeypatch.setattr(demo, "JOB_TRAIN_FLAGS", ["--batch-size", "2", "--samples-per-epoch", "2", "--num-aug", "1"])
+    monkeypatch.setattr(demo, "JOB_TRAIN_OPTIONS", {"batch_size": 2, "samples_per_epoch": 2, "num_aug": 1})
     out = demo.main(demo.get_parser().parse_args(["--work", str(tmp_path), "--epochs", "1", "--dev", "cpu"]))
     printed = capsys.readouterr().out
     assert re.search(r"TH 1\.0 \(always compute\) +TH 0\.7 \(reuse gate\)", printed)
