@@ -245,7 +245,8 @@ def run_main_job(args: argparse.Namespace) -> dict:
     train.main(options(
         train.get_parser(), name="demo", dset="synthetic", synthetic_root=train_data,
         checkpoints=work / "checkpoints", tensorboard=work / "tensorboard", tmcache=work / "tmcache",
-        cache_dir=work / "cache", size=JOB_SIZE, epochs=args.epochs, workers=0, backbone_weights="random",
+        cache_dir=work / "cache", size=JOB_SIZE, epochs=args.epochs, keep_checkpoints=1, workers=0,
+        backbone_weights="random",
         seed=args.seed, dev=dev, precision=args.precision, **JOB_TRAIN_OPTIONS))
     checkpoint = work / "checkpoints" / "demo" / f"demo_ep{args.epochs:04d}.pth"
     results = {}

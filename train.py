@@ -86,6 +86,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int_at_least(2), default=SAMPLE_SIZE,
                    help=f"frames per sample: the reference frame and frames-1 random others (default {SAMPLE_SIZE})")
     p.add_argument("--epochs", type=int_at_least(1), default=260, help="epochs to train in all (default 260)")
+    p.add_argument("--keep-checkpoints", type=int_at_least(1), default=None, metavar="N",
+                   help="keep only the newest N epoch checkpoints of the run, deleting older ones after each save "
+                        "(default: keep all, as upstream)")
     p.add_argument("--batch-size", type=int_at_least(1), default=8,
                    help="samples per batch and process (default 8)")
     p.add_argument("--lr", type=positive_float, default=5e-4, help="Adam (amsgrad) learning rate (default 5e-4)")

@@ -435,3 +435,13 @@ def test_every_flag_has_help_and_a_working_type(tmp_path):
     assert (defaults.epochs, defaults.batch_size, defaults.lr, defaults.lr_step, defaults.size, defaults.frames,
             defaults.num_aug, defaults.marginEp, defaults.apply_margin) == (260, 8, 5e-4, 127, (480, 854), 6, 15,
                                                                              120, False)
+
+
+def test_keep_checkpoints_deletes_only_older_ones(synthetic_root, tmp_path):
+    """--keep-checkpoints 2: after 3 epochs the newest two remain, and resume finds the newest."""
+    from trainers.trainer import checkpoint_files
+    args = parse(tmp_path, synthetic_root, "--epochs", "3", "--keep-checkpoints", "2", "--samples-per-epoch", "2")
+    train.main(args)
+    kept = checkpoint_files(args.checkpoints / args.name, args.name)
+    assert [p.name for p in kept] == [f"{args.name}_ep0002.pth", f"{args.name}_ep0003.pth"]
+    assert torch.load(kept[-1], weights_only=False)["epoch"] == 3

@@ -128,10 +128,15 @@ class Trainer:
         if self.rank != 0:
             return None
         path = self.checkpoint_dir / f"{self.args.name}_ep{self.epoch:04d}.pth"
-        return save_checkpoint(path, self.step.network, optimizer=self.optimizer.state_dict(),
-                               scheduler=self.scheduler.state_dict(), epoch=self.epoch, args=vars(self.args),
-                               stats=stats,
-                               **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}))
+        saved = save_checkpoint(path, self.step.network, optimizer=self.optimizer.state_dict(),
+                                scheduler=self.scheduler.state_dict(), epoch=self.epoch, args=vars(self.args),
+                                stats=stats,
+                                **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}))
+        keep = getattr(self.args, "keep_checkpoints", None)
+        if keep:  # only once the new one is complete on disk
+            for old in checkpoint_files(self.checkpoint_dir, self.args.name)[:-keep]:
+                old.unlink()
+        return saved
 
     # Training ----------------------------------------------------------------------------------
 
