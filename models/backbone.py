@@ -11,6 +11,8 @@ import torchvision
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from lib.cli import UsageError
+
 from .network import BACKBONE_CHANNELS
 
 BackboneWeights = Union[str, os.PathLike, Mapping[str, torch.Tensor], None]
@@ -76,7 +78,7 @@ class Backbone(nn.Module):
     def __init__(self, name: str = "resnet18", weights: BackboneWeights = "imagenet", seed: int | None = None):
         super().__init__()
         if name not in _TORCHVISION:
-            raise ValueError(f"unknown backbone {name!r}: use resnet18 or resnet101 (--ftext)")
+            raise UsageError(f"unknown backbone {name!r}: use resnet18 or resnet101 (--ftext)")
         self.name = name
         self.channels = BACKBONE_CHANNELS[name]  # per level, layer1 .. layer5
         with torch.random.fork_rng(devices=[]):  # its random init is replaced: leave the global RNG alone
@@ -87,7 +89,7 @@ class Backbone(nn.Module):
             missing, unexpected = self.resnet.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.startswith("fc.")]
             if missing or unexpected:
-                raise ValueError(f"backbone weights do not fit {name}: missing {missing[:5]}, "
+                raise UsageError(f"backbone weights do not fit {name}: missing {missing[:5]}, "
                                  f"unexpected {unexpected[:5]} (check --backbone-weights / --ftext)")
         del self.resnet.fc, self.resnet.avgpool
         for p in self.resnet.parameters():

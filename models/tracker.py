@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lib.cli import UsageError
+
 from .backbone import Backbone
 from .network import GFRTM
 from .precision import autocast, check_precision, to_device
@@ -240,7 +242,7 @@ class Tracker:
             present = set(torch.unique(labels).tolist())  # host labels: no device wait
             empty = [i for i in new_ids if i not in present]
             if empty:
-                raise ValueError(f"frame {t}: object {empty[0]} starts here but its mask is empty")
+                raise UsageError(f"frame {t}: object {empty[0]} starts here but its mask is empty")
             labels_dev = to_device(labels, self.device)
             with self._autocast():
                 features = self.backbone(image)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dataset.synthetic import render_sequence
+from lib.cli import UsageError
 from models import build_tracker
 from models.backbone import Backbone
 from models.checkpoint import GATE_MODULES, save_checkpoint
@@ -118,7 +119,7 @@ def test_forced_reuse_skips_high_backbone_and_target_model(checkpoint, clip, mon
 
 
 def test_empty_first_mask_is_an_error(checkpoint, clip):
-    with pytest.raises(ValueError, match="object 9 starts here but its mask is empty"):
+    with pytest.raises(UsageError, match="object 9 starts here but its mask is empty"):
         tracker_for(checkpoint).run_sequence(frames_of(clip, {0: [1, 9]}), 0.7)
     with pytest.raises(ValueError, match="no labels"):
         list(tracker_for(checkpoint).track([(clip[0][0], None, [1])]))
@@ -164,3 +165,13 @@ def test_cuda_matches_cpu(checkpoint, clip):
     b = tracker_for(checkpoint, device="cuda").run_sequence(frames_of(clip), 1.0)
     for fa, fb in zip(a.frames, b.frames):
         assert (fa.labels != fb.labels).float().mean() < 0.01
+
+
+def test_backbone_weights_that_do_not_fit_are_a_user_error():
+    import torchvision
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    del state["layer1.0.conv1.weight"]
+    with pytest.raises(UsageError, match="layer1.0.conv1.weight.*--backbone-weights"):
+        Backbone("resnet18", state)
+    with pytest.raises(UsageError, match="--ftext"):
+        Backbone("resnet50", "random")
