@@ -432,10 +432,15 @@ def _evaluate(args, ctx: distributed.Context) -> dict:
             print(f"resume: {len(job.data.sequences) - len(todo)} sequence(s) already finished, {len(todo)} to run")
         outcome = track_sequences(job, my_share(job, todo))
         outcomes = exchange_outcomes(job, outcome)
-        if not ctx.is_main:
-            return {}
-        results = collect_results(job, outcomes, todo)
-        report(results)
+        results = {}
+        try:
+            if ctx.is_main:
+                results = collect_results(job, outcomes, todo)
+                report(results)
+        finally:
+            # Leave the process group together: gloo can abort a rank (SIGABRT) that leaves while
+            # another still holds its connections. Every rank reaches this, rank 0 also on error.
+            distributed.all_gather(ctx, None)
         return results
     finally:
         distributed.shutdown(ctx)

@@ -445,3 +445,19 @@ def test_keep_checkpoints_deletes_only_older_ones(synthetic_root, tmp_path):
     kept = checkpoint_files(args.checkpoints / args.name, args.name)
     assert [p.name for p in kept] == [f"{args.name}_ep0002.pth", f"{args.name}_ep0003.pth"]
     assert torch.load(kept[-1], weights_only=False)["epoch"] == 3
+
+
+def test_segmentation_loss_is_upstreams_in_fp32():
+    """fp32: BCE on the probabilities, as upstream (no gradient where the sigmoid saturates);
+    under autocast: BCE with logits (the same value where nothing saturates)."""
+    from trainers.gfrtm_step import segmentation_loss
+    mask = torch.tensor([0.0, 1.0, 0.0])
+    grads = {}
+    for name in ("fp32", "autocast"):
+        logits = torch.tensor([40.0, -0.5, 0.3], requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "autocast"):
+            loss = segmentation_loss(logits, torch.sigmoid(logits), mask)
+        loss.backward()
+        grads[name] = logits.grad
+    assert grads["fp32"][0] == 0 and grads["autocast"][0] == pytest.approx(1 / 3, rel=1e-3)
+    torch.testing.assert_close(grads["fp32"][1:], grads["autocast"][1:], atol=1e-6, rtol=1e-5)

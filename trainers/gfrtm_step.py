@@ -66,6 +66,15 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor, empty: float = 1.0) -> torch.Tens
     return torch.nan_to_num(inter / union, nan=empty, posinf=0.0)
 
 
+def segmentation_loss(logits: torch.Tensor, prob: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean BCE of the mask. In fp32 upstream's: on the probabilities (its clamped log gives no
+    gradient where the sigmoid saturates to exactly 0 or 1). Under autocast (--precision bf16 /
+    fp16) with logits, because F.binary_cross_entropy is refused under CUDA autocast."""
+    if torch.is_autocast_enabled(logits.device.type):
+        return F.binary_cross_entropy_with_logits(logits, mask)
+    return F.binary_cross_entropy(prob, mask)
+
+
 def gate_target(same: torch.Tensor, margin: float, apply_margin: bool) -> torch.Tensor:
     """(B,) IoU of the current and reference masks -> gate target (B, 2): (reuse, compute).
     With apply_margin the reuse target is at least `margin` (upstream computed this floor but
@@ -165,8 +174,7 @@ class GFRTMStep(nn.Module):
             with torch.no_grad():
                 target = gate_target(mask_iou(mask, ref_mask, empty=0.0)[:, 0], margin, self.gate_loss.apply_margin)
             loss_gate = F.mse_loss(F.relu((probs - target).abs() - self.gate_loss.m2), torch.zeros_like(target))
-            # with logits: F.binary_cross_entropy on probabilities is refused under CUDA autocast
-            loss_seg = F.binary_cross_entropy_with_logits(logits, mask)
+            loss_seg = segmentation_loss(logits, prob, mask)
             loss_diff = F.mse_loss(delta, _resize(mask, (h16, w16)) - prev_score)
             stats = {"loss_seg": loss_seg.detach(), "loss_diff": loss_diff.detach(), "loss_gp": loss_gate.detach(),
                      "accuracy": mask_iou(prob.detach(), mask).mean(), "reuse_rate": reuse.float().mean()}
