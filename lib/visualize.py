@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from lib.cli import UsageError
 from lib.fileio import atomic_write_bytes
+from lib.image_io import resize_image_area
 from lib.palette import DAVIS_PALETTE
 from lib.results import TrackingStats
 
@@ -144,8 +145,7 @@ class GifWriter:
             return
         h, w = rgb.shape[:2]
         if w > self.max_width:
-            size = (self.max_width, max(1, int(round(h * self.max_width / w))))
-            rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+            rgb = resize_image_area(rgb, (max(1, int(round(h * self.max_width / w))), self.max_width))
         self._frames.append(Image.fromarray(np.ascontiguousarray(rgb)).quantize(
             256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE))
         if self.max_frames and len(self._frames) > self.max_frames:

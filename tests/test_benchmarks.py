@@ -101,3 +101,16 @@ def test_precision_fidelity_compares_with_the_reference(tmp_path, capsys):
     with pytest.raises(ValueError, match="--precision needs a reference"):
         precision_fidelity.main(precision_fidelity.get_parser().parse_args(
             ["--model", "m.pth", "--davis-root", str(tmp_path / "davis"), "--precision", "bf16"]))
+
+
+def test_tracker_speed_times_a_checkpoint_against_th_1(tmp_path, capsys):
+    import torch
+    from models import GFRTM, save_checkpoint
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "net.pth", GFRTM("resnet18").eval())
+    args = tracker_speed.get_parser().parse_args(["--size", "64x112", "--frames", "3", "--repeats", "1",
+                                                  "--configs", "resnet18:1", "--threads", "1", "--model", str(path),
+                                                  "--backbone-weights", "random", "--TH", "0.0"])
+    m = tracker_speed.main(args)[("resnet18", 1, "fp32")]
+    assert m["model TH 1.0"]["reuse_rate"] == 0 and m["model TH 0"]["reuse_rate"] == 1  # TH 0: p > 0 always reuses
+    assert "TH vs 1.0" in capsys.readouterr().out
