@@ -183,8 +183,11 @@ def run_own_video(args: argparse.Namespace) -> dict:
 JOB_SIZE = (120, 216)  # H, W of every frame
 # Training: DAVIS layout, stop-and-go motion with long holds (most frame pairs still), all frames annotated.
 JOB_TRAIN = {"sequences": 4, "frames": 12, "hold": (0.8, 1.0)}
-JOB_VAL = {"sequences": 2, "frames": 40}  # YouTube-VOS layout (last object enters late), tracked on all frames
-JOB_TRAIN_OPTIONS = {"batch_size": 2, "samples_per_epoch": 12, "num_aug": 1, "lr": 1e-3}  # train.py options
+# Validation: folder in the YouTube-VOS layout, every frame annotated (J&F on every frame), the
+# second object entering at frame `enter_at`.
+JOB_VAL = {"sequences": 3, "frames": 40, "enter_at": 10}
+# train.py options; the learning rate is train.py's (upstream's) 5e-4.
+JOB_TRAIN_OPTIONS = {"batch_size": 2, "samples_per_epoch": 12, "num_aug": 1}
 GOAL_REUSE = 0.20  # reuse rate at the gate's threshold at least this
 GOAL_JF_POINTS = 3.0  # J&F at the gate's threshold at most this many points below TH 1.0
 
@@ -228,16 +231,19 @@ def run_main_job(args: argparse.Namespace) -> dict:
     import evaluate
     import train
     import visualize
-    from dataset.synthetic import make_davis_like, make_ytvos_like
+    from dataset.synthetic import make_davis_like
+    from dataset.synthetic_layouts import make_folder_like
 
     work = Path(args.work)
     train_data, val_data = work / "synthetic-train", work / "synthetic-val"
     dev = str(resolve_device(args.dev)[0])
     if not (train_data / "ImageSets").is_dir():
         print(f"[1/5] writing synthetic data: {JOB_TRAIN['sequences']} training sequences (DAVIS layout) to "
-              f"{train_data}, {JOB_VAL['sequences']} validation videos (YouTube-VOS layout) to {val_data}")
-        make_ytvos_like(val_data, num_sequences=JOB_VAL["sequences"], num_frames=JOB_VAL["frames"], size=JOB_SIZE,
-                        num_objects=2, seed=args.seed, num_train_sequences=0, motion="stop-and-go")
+              f"{train_data}, {JOB_VAL['sequences']} validation videos (YouTube-VOS layout, every frame "
+              f"annotated) to {val_data}")
+        make_folder_like(val_data, "ytvos", num_sequences=JOB_VAL["sequences"], num_frames=JOB_VAL["frames"],
+                         size=JOB_SIZE, seed=args.seed, annotated="all", enter_at=JOB_VAL["enter_at"],
+                         motion="stop-and-go")
         make_davis_like(train_data, num_sequences=0, num_frames=JOB_TRAIN["frames"], size=JOB_SIZE, num_objects=2,
                         seed=args.seed, num_train_sequences=JOB_TRAIN["sequences"], motion="stop-and-go",
                         hold=JOB_TRAIN["hold"])
@@ -253,13 +259,13 @@ def run_main_job(args: argparse.Namespace) -> dict:
     for step, th in (("3", 1.0), ("4", args.TH)):
         print(f"[{step}/5] evaluating {checkpoint.name} at TH {th:g} on the synthetic validation videos")
         results[th] = evaluate.main(options(
-            evaluate.get_parser(), model=str(checkpoint), dset="yt2018jjvalAll", ytvos_root=val_data,
-            split_file=val_data / "ytvos_jjvalid.txt", output_root=work, TH=th, num_aug=1,
+            evaluate.get_parser(), model=str(checkpoint), dset="ytvos-layout", data_root=val_data,
+            output_root=work, TH=th, num_aug=args.num_aug,
             backbone_weights="random", seed=args.seed, dev=dev, precision=args.precision))
     plain, gated = results[1.0], results[args.TH]
     print(f"[5/5] overlays and reuse timelines (TH {args.TH:g})")
     written = visualize.main(options(visualize.get_parser(), results=Path(gated["results_dir"]),
-                                     frames=val_data / "train_all_frames" / "JPEGImages", out=work / "overlays"))
+                                     frames=val_data / "JPEGImages", out=work / "overlays"))
     goals = main_job_goals(plain, gated)
     print("\n" + side_by_side(plain, gated))
     print("goals:")

@@ -102,15 +102,19 @@ def make_lvos_like(root: str | Path, num_sequences: int = 2, num_frames: int = 2
 
 
 def make_folder_like(root: str | Path, layout: str = "davis", num_sequences: int = 2, num_frames: int = 6,
-                     size: tuple[int, int] = SIZE, seed: int = 0, annotated: str = "all") -> list[str]:
+                     size: tuple[int, int] = SIZE, seed: int = 0, annotated: str = "all",
+                     enter_at: Optional[int] = None, motion: str = "smooth") -> list[str]:
     """A user's own folder: JPEGImages/<video>/, Annotations/<video>/ (no 480p level, no
     ImageSets, no meta.json). annotated "all": every frame has a mask (J&F); "first": masks only
-    where objects start (object 2 enters at frame 2; a zip). Returns the video names."""
+    where objects start (a zip). Object 2 enters at frame enter_at (default: 0 with "all", 2 with
+    "first"). motion: as dataset.synthetic.render_sequence. Returns the video names."""
     root = Path(root)
     names = [f"{layout}-own-{i}" for i in range(num_sequences)]
+    if enter_at is None:
+        enter_at = 0 if annotated == "all" else 2
+    first_frames = [0, min(enter_at, num_frames - 1)]
     for index, name in enumerate(names):
-        first_frames = [0, 0] if annotated == "all" else [0, min(2, num_frames - 1)]
-        frames, labels = render_sequence((seed, 14, index), num_frames, size, 2, first_frames)
+        frames, labels = render_sequence((seed, 14, index), num_frames, size, 2, first_frames, motion=motion)
         stems = [f"{t:05d}" for t in range(num_frames)]
         if annotated == "all":
             _write_video(root / "JPEGImages" / name, root / "Annotations" / name, frames, labels, stems,

@@ -12,13 +12,15 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 WORK="${WORK:-$(mktemp -d)}"
+mkdir -p "$WORK"
 
 "$PY" demo.py --work "$WORK" --dev cpu | tee "$WORK/main_job.txt"
-RESULTS="$(ls -d "$WORK"/result/yt2018jjvalAll-demo_ep*_0.7_fast | tail -n 1)"
-"$PY" visualize.py --results "$RESULTS" --frames "$WORK/synthetic-val/train_all_frames/JPEGImages" \
+RESULTS="$(ls -d "$WORK"/result/ytvos-layout-demo_ep*_0.7_fast | tail -n 1)"
+"$PY" visualize.py --results "$RESULTS" --frames "$WORK/synthetic-val/JPEGImages" \
     --out "$WORK/samples" --no-mp4 --gif-width 160
 
-for seq in synthjv000 synthjv001; do
+rm -f sample/main_job_*.gif sample/main_job_*_timeline.png
+for seq in ytvos-own-0 ytvos-own-1 ytvos-own-2; do
     cp "$WORK/samples/$seq/overlay.gif" "sample/main_job_$seq.gif"
     cp "$WORK/samples/$seq/timeline.png" "sample/main_job_${seq}_timeline.png"
 done

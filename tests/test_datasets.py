@@ -258,6 +258,20 @@ def test_synthetic_stop_and_go_ytvos_late_object(tmp_path):
     assert starts[1] == 0 and starts[2] in (5, 10)
 
 
+def test_synthetic_folder_late_object_every_frame_annotated(tmp_path):
+    """The main job's validation layout: a YouTube-VOS-layout folder, every frame annotated, object
+    2 absent before `enter_at` and present from it on; stop-and-go motion holds still."""
+    from dataset.synthetic_layouts import make_folder_like
+    names = make_folder_like(tmp_path, "ytvos", num_sequences=1, num_frames=12, size=SIZE, seed=0,
+                             annotated="all", enter_at=5, motion="stop-and-go")
+    annotations = sorted((tmp_path / "Annotations" / names[0]).glob("*.png"))
+    assert len(annotations) == len(list((tmp_path / "JPEGImages" / names[0]).glob("*.jpg"))) == 12
+    present = [bool((read_label_png(p) == 2).any()) for p in annotations]
+    assert present == [False] * 5 + [True] * 7
+    labels = np.stack([read_label_png(p) for p in annotations])
+    assert max(_consecutive_iou(labels, 1)) > 0.95  # somewhere object 1 holds still
+
+
 def test_synthetic_davis_reads_back(synth_davis):
     dset = DAVISDataset(synth_davis, year="2017", split="val")
     assert dset.sequence_names == ["synth-val-00", "synth-val-01"]

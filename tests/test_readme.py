@@ -92,7 +92,7 @@ def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(demo, "JOB_SIZE", (64, 112))
     monkeypatch.setattr(demo, "JOB_TRAIN", {"sequences": 2, "frames": 8, "hold": (0.6, 1.0)})
-    monkeypatch.setattr(demo, "JOB_VAL", {"sequences": 1, "frames": 11})
+    monkeypatch.setattr(demo, "JOB_VAL", {"sequences": 1, "frames": 11, "enter_at": 4})
     monkeypatch.setattr(demo, "JOB_TRAIN_OPTIONS", {"batch_size": 2, "samples_per_epoch": 2, "num_aug": 1})
     out = demo.main(demo.get_parser().parse_args(["--work", str(tmp_path), "--epochs", "1", "--dev", "cpu"]))
     printed = capsys.readouterr().out
@@ -111,8 +111,10 @@ def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
     for results in (plain, gated):
         assert 0.0 <= results["J&F"] <= 1.0 and results["fps"] > 0
         assert (Path(results["results_dir"]) / "results.json").is_file()
-    # The validation video's second object enters late (YouTube-VOS layout, every frame tracked).
-    assert set(gated["sequences"]) == {"synthjv000"}
+    # The validation video's second object enters at frame 4 (YouTube-VOS layout); every frame is
+    # annotated, so J&F scores each object on all its frames but its first and the video's last.
+    objects = gated["sequences"]["ytvos-own-0"]["objects"]
+    assert (objects["1"]["num_frames"], objects["2"]["num_frames"]) == (11 - 2, 11 - 4 - 2)
     for seq, paths in out["overlays"].items():
         assert any(p.endswith("overlay.gif") for p in paths) and any(p.endswith("timeline.png") for p in paths)
 
