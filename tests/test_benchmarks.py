@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from benchmarks import precision_fidelity, tracker_speed, train_speed
+from benchmarks import precision_fidelity, precision_ops, tracker_speed, train_speed
 
 from conftest import ROOT
 
@@ -114,3 +114,19 @@ def test_tracker_speed_times_a_checkpoint_against_th_1(tmp_path, capsys):
     m = tracker_speed.main(args)[("resnet18", 1, "fp32")]
     assert m["model TH 1.0"]["reuse_rate"] == 0 and m["model TH 0"]["reuse_rate"] == 1  # TH 0: p > 0 always reuses
     assert "TH vs 1.0" in capsys.readouterr().out
+
+
+def test_precision_ops_splits_the_frame_by_operator(capsys):
+    """Per precision: convolutions and everything else add up to the frame; the convolutions'
+    shapes are those of the network (the stem's 7x7 on the frame, ResNet-18's 512-channel 3x3)."""
+    args = precision_ops.get_parser().parse_args(["--size", "64x112", "--frames", "2", "--top", "3", "--threads", "1",
+                                                  "--precision", "fp32,bf16"])
+    out = precision_ops.main(args)
+    assert set(out) == {"fp32", "bf16"}
+    for p in out.values():
+        assert p["conv"] > 0 and p["other"] > 0
+        assert abs(sum(p["shapes"].values()) - p["conv"]) < 1e-6 * max(1.0, p["conv"])
+        assert ((3, 64, 112), (64, 3, 7, 7)) in p["shapes"] and ((512, 2, 4), (512, 512, 3, 3)) in p["shapes"]
+    printed = capsys.readouterr().out
+    assert re.search(r"^convolutions +[\d.]+ +1\.00x +[\d.]+ +[\d.]+x", printed, flags=re.M)
+    assert len(re.findall(r"^  +\d+x\d+x\d+ +\d+x\d+x\d+x\d+ ", printed, flags=re.M)) == 3

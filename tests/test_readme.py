@@ -14,6 +14,7 @@ README = (ROOT / "README.md").read_text()
 SCRIPTS = {"train.py": "train", "evaluate.py": "evaluate", "demo.py": "demo", "visualize.py": "visualize",
            "-m benchmarks.tracker_speed": "benchmarks.tracker_speed", "-m benchmarks.train_speed": "benchmarks.train_speed",
            "-m benchmarks.precision_fidelity": "benchmarks.precision_fidelity",
+           "-m benchmarks.precision_ops": "benchmarks.precision_ops",
            "-m benchmarks.parallel_eval": "benchmarks.parallel_eval",
            "-m dataset.synthetic": "dataset.synthetic"}
 
