@@ -72,7 +72,7 @@ def get_parser() -> argparse.ArgumentParser:
     add_threshold_flag(own)
     add_device_flag(own)
     add_precision_flag(own)  # also the main job's training and evaluation
-    add_num_aug_flag(own, default=5)
+    add_num_aug_flag(own, default=5)  # also the main job's evaluation
     add_backbone_weights_flag(own)
     add_seed_flag(own)
     own.add_argument("--max-size", type=_max_size, default=480,

@@ -24,14 +24,15 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks.tracker_speed import make_frames, random_tracker
 from lib.cli import add_precision_flag, image_size, int_at_least, run
 
-CONV_OPS = ("aten::mkldnn_convolution", "aten::cudnn_convolution", "aten::_slow_conv2d_forward",
-            "aten::_nnpack_spatial_convolution", "aten::thnn_conv2d", "aten::_convolution_depthwise2d")
+# The CPU kernels aten::convolution dispatches to (oneDNN, or the native fallbacks).
+CONV_OPS = ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward", "aten::_nnpack_spatial_convolution",
+            "aten::thnn_conv2d")
 
 
-def profile_frames(precision: str, backbone: str, device: torch.device, frames: list[tuple]) -> dict:
+def profile_frames(precision: str, backbone: str, frames: list[tuple]) -> dict:
     """{"conv": ms/frame, "other": ms/frame, "shapes": {(input CHW, weight shape): ms/frame}}
     over the frames after the first (self CPU time of each operator)."""
-    tracker = random_tracker(backbone, device, reuse=False, precision=precision)
+    tracker = random_tracker(backbone, "cpu", reuse=False, precision=precision)
     list(tracker.track(frames, threshold=0.5, keep_probabilities=False))  # warm-up
     stream = tracker.track(frames, threshold=0.5, keep_probabilities=False)
     next(stream)  # initialization, not profiled
@@ -54,9 +55,8 @@ def profile_frames(precision: str, backbone: str, device: torch.device, frames: 
 
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
     frames = make_frames(1, args.frames, args.size)
-    out = {p: profile_frames(p, args.backbone, device, frames) for p in args.precision}
+    out = {p: profile_frames(p, args.backbone, frames) for p in args.precision}
     ref = args.precision[0]
     h, w = args.size
     print(f"{args.backbone}, {h}x{w}, 1 object, computed frames, {args.frames - 1} profiled, CPU, "

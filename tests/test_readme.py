@@ -112,6 +112,7 @@ def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
     for results in (plain, gated):
         assert 0.0 <= results["J&F"] <= 1.0 and results["fps"] > 0
         assert (Path(results["results_dir"]) / "results.json").is_file()
+        assert results["num_aug"] == 5  # demo.py's --num-aug default reaches the job's evaluation
     # The validation video's second object enters at frame 4 (YouTube-VOS layout); every frame is
     # annotated, so J&F scores each object on all its frames but its first and the video's last.
     objects = gated["sequences"]["ytvos-own-0"]["objects"]
