@@ -169,6 +169,8 @@ def main(args: argparse.Namespace) -> dict:
     precisions = args.precision
     several = len(precisions) > 1
     cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as evaluate.py and train.py (upstream): autotuned convolutions
     print(f"{h}x{w}, {args.frames} frames x {args.repeats} repeats (alternating, medians), device {device}"
           f"{f' ({torch.cuda.get_device_name(device)})' if cuda else ''}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, precision {','.join(precisions)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -54,6 +55,26 @@ def test_tracker_on_cuda_makes_the_cpu_decisions(checkpoint):  # noqa: F811
             assert (margin[differ] < LABEL_TIE).all(), f"frame {t}: {int(differ.sum())} labels differ beyond ties"
         for k, p in a.probabilities.items():
             torch.testing.assert_close(b.probabilities[k], p, atol=1e-3, rtol=0)
+
+
+def test_frame_loop_waits_on_the_gpu_twice_per_frame(checkpoint):  # noqa: F811
+    """CUDA's own sync detector (torch.cuda.set_sync_debug_mode) counts the waits that the CPU
+    test (tests/test_tracker_fast.py) counts by patching: at most 2 per tracked frame."""
+    frames = clip(3)
+    th = separating_threshold(checkpoint, frames)
+    tracker = tracker_for(checkpoint, device=DEV)
+    counts = []
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in tracker.track(frames, th):
+                counts.append(sum("synchroniz" in str(w.message) for w in caught))
+                caught.clear()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    print(f"host waits per frame on {torch.cuda.get_device_name(0)}: {counts}")
+    assert 1 <= max(counts[1:]) <= 2, counts
 
 
 def test_bf16_follows_fp32_on_cuda(checkpoint):  # noqa: F811
