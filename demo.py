@@ -28,6 +28,7 @@ from lib.background import BackgroundWriter, read_ahead
 from lib.cli import (UsageError, add_backbone_weights_flag, add_device_flag, add_num_aug_flag, add_precision_flag,
                      add_seed_flag, add_threshold_flag, int_at_least, options, positive_float, resolve_device,
                      run)
+from lib.gate_report import format_summary, gate_report
 from lib.image_io import resize_labels_nearest_exact, write_label_png
 from lib.video_io import MaskSet, TrackerFeed, open_frames, processing_size
 from lib.results import TrackingStats
@@ -267,16 +268,19 @@ def run_main_job(args: argparse.Namespace) -> dict:
     written = visualize.main(options(visualize.get_parser(), results=Path(gated["results_dir"]),
                                      frames=val_data / "JPEGImages", out=work / "overlays"))
     goals = main_job_goals(plain, gated)
+    gate = gate_report(gated["results_dir"], plain["results_dir"], val_data / "Annotations")
     print("\n" + side_by_side(plain, gated))
     print("goals:")
     for line, met in goals:
         print(f"  [{'met' if met else 'NOT met'}] {line}")
+    print(f"the gate at TH {args.TH:g} (lib.gate_report):")
+    print("\n".join("  " + line for line in format_summary(gate).splitlines()))
     print(f"masks and metrics: {plain['results_dir']}, {gated['results_dir']}\n"
           f"overlays and reuse timelines: {work / 'overlays'}")
     print("These numbers come from a random backbone trained for a few minutes on synthetic data: they "
           "show the pipeline and what the reuse gate does, not the paper's results (see README: Reproducing "
           "the published tables).")
-    return {"results": gated, "results_plain": plain, "goals": goals, "overlays": written,
+    return {"results": gated, "results_plain": plain, "goals": goals, "gate": gate, "overlays": written,
             "checkpoint": str(checkpoint)}
 
 

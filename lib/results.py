@@ -200,6 +200,15 @@ def read_sequence_stats(results_directory: str | os.PathLike, name: str) -> dict
 # Tracking statistics: FPS and reuse rate
 
 
+def timeline_entry(frame_name: str, reused_by_id: Mapping, reuse_prob_by_id: Mapping) -> dict:
+    """One frame of timeline.json: {"frame": name, "reused": {"id": bool}, "reuse_prob": {"id":
+    float}} (ids in order; "reuse_prob" holds the objects whose gate ran, rounded to 1e-6)."""
+    def ordered(by_id: Mapping) -> list:
+        return sorted(by_id.items(), key=lambda kv: int(kv[0]))
+    return {"frame": str(frame_name), "reused": {str(k): bool(v) for k, v in ordered(reused_by_id)},
+            "reuse_prob": {str(k): round(float(v), 6) for k, v in ordered(reuse_prob_by_id)}}
+
+
 class TrackingStats:
     """Accumulates tracker time and reuse decisions over one sequence.
 
@@ -213,7 +222,7 @@ class TrackingStats:
         self.seconds = 0.0
         self.wall_seconds: Optional[float] = None  # reading, tracking and writing, set by the caller
         self.objects: dict[int, dict[str, int]] = {}
-        self.timeline: list[dict] = []  # per frame: {"frame": name, "reused": {"id": bool}}
+        self.timeline: list[dict] = []  # per frame: {"frame": name, "reused": {"id": bool}, "reuse_prob": {"id": p}}
 
     @classmethod
     def from_timeline(cls, frames: Iterable[Mapping]) -> "TrackingStats":
@@ -221,18 +230,18 @@ class TrackingStats:
         timeline.json), without tracker time."""
         stats = cls()
         for f in frames:
-            stats._record(str(f["frame"]), f["reused"])
+            stats._record(str(f["frame"]), f["reused"], f.get("reuse_prob", {}))
         return stats
 
     def add(self, frame_result, frame_name: str = "") -> None:
-        """Count one tracker result (models.FrameResult: `seconds`, `reused` {id: bool})."""
+        """Count one tracker result (models.FrameResult: `seconds`, `reused` {id: bool},
+        `reuse_prob` {id: float} where the gate ran)."""
         self.seconds += float(frame_result.seconds)
-        self._record(frame_name, frame_result.reused)
+        self._record(frame_name, frame_result.reused, frame_result.reuse_prob)
 
-    def _record(self, frame_name: str, reused_by_id: Mapping) -> None:
+    def _record(self, frame_name: str, reused_by_id: Mapping, reuse_prob_by_id: Mapping) -> None:
         self.frames += 1
-        self.timeline.append({"frame": frame_name, "reused": {str(k): bool(v) for k, v in
-                                                              sorted(reused_by_id.items(), key=lambda kv: int(kv[0]))}})
+        self.timeline.append(timeline_entry(frame_name, reused_by_id, reuse_prob_by_id))
         for obj_id, reused in reused_by_id.items():
             entry = self.objects.setdefault(int(obj_id), {"tracked": 0, "reused": 0})
             entry["tracked"] += 1

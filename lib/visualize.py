@@ -8,7 +8,8 @@
   the upstream sample GIFs); more than `max_frames` frames are subsampled evenly (every 2nd,
   4th, ... frame, the frame time multiplied accordingly), so the file stays small.
 * Reuse timeline: `timeline.json` is {"fps": float, "frames": [{"frame": "00000", "reused":
-  {"1": true, ...}}, ...]}, "reused" holding the objects tracked in that frame. `draw_timeline`
+  {"1": true, ...}, "reuse_prob": {"1": 0.83, ...}}, ...]}, "reused" holding the objects tracked
+  in that frame, "reuse_prob" the gate's reuse probability where it ran (absent in older files). `draw_timeline`
   draws one row per object and one cell per frame: reused (green), computed (red), the object's
   first frame where its mask is given (blue: the frame just before its first tracked frame), and
   not started (light grey); legend, and a title with the FPS and the reuse rate.
@@ -31,7 +32,7 @@ from lib.cli import UsageError
 from lib.fileio import atomic_write_bytes
 from lib.image_io import resize_image_area
 from lib.palette import DAVIS_PALETTE
-from lib.results import TrackingStats
+from lib.results import TrackingStats, timeline_entry
 
 GIF_MAX_WIDTH = 427
 GIF_MAX_FRAMES = 200
@@ -189,11 +190,10 @@ TEXT = (20, 20, 20)
 
 
 def write_timeline(path: str | os.PathLike, fps: float, frames: Sequence[Mapping]) -> None:
-    """Write timeline.json: {"fps": fps, "frames": [{"frame": stem, "reused": {"id": bool}}]}."""
+    """Write timeline.json: {"fps": fps, "frames": [{"frame": stem, "reused": {"id": bool},
+    "reuse_prob": {"id": float}}]} ("reuse_prob" optional in `frames`)."""
     data = {"fps": float(fps) if math.isfinite(fps) else None,
-            "frames": [{"frame": str(f["frame"]),
-                        "reused": {str(k): bool(v) for k, v in sorted(f["reused"].items(), key=lambda kv: int(kv[0]))}}
-                       for f in frames]}
+            "frames": [timeline_entry(f["frame"], f["reused"], f.get("reuse_prob", {})) for f in frames]}
     atomic_write_bytes(Path(path), (json.dumps(data, indent=1) + "\n").encode())
 
 
@@ -208,6 +208,7 @@ def load_timeline(path: str | os.PathLike) -> dict:
         for f in frames:
             str(f["frame"])
             {int(k): bool(v) for k, v in f["reused"].items()}
+            {int(k): float(v) for k, v in f.get("reuse_prob", {}).items()}
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UsageError(f"{path} is not a timeline.json ({{'fps': ..., 'frames': [{{'frame': ..., "
                          f"'reused': {{...}}}}]}}): {exc!r}") from exc

@@ -273,6 +273,10 @@ def test_dv2017val_end_to_end(dv2017, davis_root):
         assert [f["frame"] for f in timeline["frames"]] == frames
         assert sum(v for f in timeline["frames"] for v in f["reused"].values()) == s["reused_object_frames"]
         assert sum(len(f["reused"]) for f in timeline["frames"]) == s["tracked_object_frames"]
+        # ... and holds the gate's probabilities, which decided: reuse iff p > TH.
+        for f in timeline["frames"]:
+            assert f["reuse_prob"].keys() == f["reused"].keys()
+            assert all(f["reused"][k] == (p > TH) for k, p in f["reuse_prob"].items()), f
     assert results["fps"] == pytest.approx(2 * DAVIS_FRAMES / sum(s["seconds"] for s in results["sequences"].values()))
     # Wall time: reading ahead, tracking and writing behind, so at least the tracker time.
     for s in results["sequences"].values():

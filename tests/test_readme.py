@@ -16,7 +16,7 @@ SCRIPTS = {"train.py": "train", "evaluate.py": "evaluate", "demo.py": "demo", "v
            "-m benchmarks.precision_fidelity": "benchmarks.precision_fidelity",
            "-m benchmarks.precision_ops": "benchmarks.precision_ops",
            "-m benchmarks.parallel_eval": "benchmarks.parallel_eval",
-           "-m dataset.synthetic": "dataset.synthetic"}
+           "-m dataset.synthetic": "dataset.synthetic", "-m lib.gate_report": "lib.gate_report"}
 
 
 def fenced_blocks(text: str) -> list[str]:
@@ -117,6 +117,11 @@ def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
     # annotated, so J&F scores each object on all its frames but its first and the video's last.
     objects = gated["sequences"]["ytvos-own-0"]["objects"]
     assert (objects["1"]["num_frames"], objects["2"]["num_frames"]) == (11 - 2, 11 - 4 - 2)
+    # The gate report covers every tracked object-frame of the TH 0.7 run and agrees with its counts.
+    gate = out["gate"]
+    assert gate.object_frames == gated["tracked_object_frames"] == gate.still + gate.moving
+    assert gate.reused_still + gate.reused_moving == gated["reused_object_frames"]
+    assert "the gate at TH 0.7" in printed and "still object-frames" in printed
     for seq, paths in out["overlays"].items():
         assert any(p.endswith("overlay.gif") for p in paths) and any(p.endswith("timeline.png") for p in paths)
 

@@ -144,10 +144,16 @@ def test_timeline_image_cells(tmp_path):
 
 def test_timeline_json_roundtrip(tmp_path):
     path = tmp_path / "timeline.json"
-    frames = [{"frame": f["frame"], "reused": {int(k): v for k, v in f["reused"].items()}} for f in PATTERN]
+    def prob(reused: bool) -> float:
+        return 0.9 if reused else 0.1234567  # written rounded to 1e-6
+    frames = [{"frame": f["frame"], "reused": {int(k): v for k, v in f["reused"].items()},
+               "reuse_prob": {int(k): prob(v) for k, v in f["reused"].items()}} for f in PATTERN]
+    frames[0].pop("reuse_prob")  # optional (timelines written before it existed)
     write_timeline(path, 12.5, frames)
     data = json.loads(path.read_text())
-    assert data == {"fps": 12.5, "frames": PATTERN}
+    expected = [{**f, "reuse_prob": {k: round(prob(v), 6) for k, v in f["reused"].items()}} for f in PATTERN]
+    expected[0]["reuse_prob"] = {}
+    assert data == {"fps": 12.5, "frames": expected}
     assert load_timeline(path) == data
     save_timeline_png(tmp_path / "t.png", data, "x")
     with Image.open(tmp_path / "t.png") as im:
