@@ -144,10 +144,15 @@ def format_summary(s: GateSummary) -> str:
     if s.auc is not None:
         lines.append(f"reuse probability separates still from moving object-frames with AUC {s.auc:.2f} "
                      f"(0.5: not at all, 1: perfectly)")
-    lines.append(f"reused object-frames: J {100 * s.reused_j_gated:.1f}, the same frames computed at TH 1.0: "
-                 f"J {100 * s.reused_j_plain:.1f}")
-    lines.append(f"computed object-frames: J {100 * s.computed_j_gated:.1f}, the same frames at TH 1.0: "
-                 f"J {100 * s.computed_j_plain:.1f}")
+    reused = s.reused_still + s.reused_moving
+    if reused:
+        lines.append(f"reused object-frames: J {100 * s.reused_j_gated:.1f}, the same frames computed at TH 1.0: "
+                     f"J {100 * s.reused_j_plain:.1f}")
+    else:
+        lines.append("no object-frame was reused")
+    if reused < s.object_frames:
+        lines.append(f"computed object-frames: J {100 * s.computed_j_gated:.1f}, the same frames at TH 1.0: "
+                     f"J {100 * s.computed_j_plain:.1f}")
     return "\n".join(lines)
 
 

@@ -1,7 +1,9 @@
 """The gate report (lib/gate_report.py) on hand-made result folders whose numbers are known."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -61,6 +63,9 @@ def test_object_frames_and_summary(folders):
     text = gate_report.format_summary(s)
     assert "reused 2 of 4 (50.0%) still object-frames and 0 of 1 (0.0%) moving" in text
     assert "AUC 1.00" in text and "J 75.0, the same frames computed at TH 1.0: J 100.0" in text
+    never = gate_report.summarize([dataclasses.replace(r, reused=False) for r in rows])
+    assert (never.reused_still, never.reused_moving) == (0, 0) and math.isnan(never.reused_j_gated)
+    assert "no object-frame was reused" in gate_report.format_summary(never)
 
 
 def test_auc_counts_ties_half_and_needs_both_kinds():
