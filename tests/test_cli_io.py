@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +44,26 @@ def test_other_exceptions_keep_their_traceback(error, capsys, monkeypatch):
     with pytest.raises(type(error)):
         run(main, argparse.ArgumentParser())
     assert "error:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("world_size, body, code", [("1", "pass", 0), ("2", "pass", 0),
+                                                     ("1", "raise UsageError('--x: bad')", 2),
+                                                     ("2", "raise UsageError('--x: bad')", 2)])
+def test_torchrun_workers_exit_without_finalization(world_size, body, code):
+    """Under torchrun (WORLD_SIZE > 1) run() ends the process with os._exit after flushing its
+    output, so no interpreter teardown (where gloo's threads can abort the process) happens:
+    atexit handlers are a sign of that teardown."""
+    script = ("import atexit, argparse\nfrom lib.cli import UsageError, run\n"
+              "atexit.register(lambda: print('finalized'))\n"
+              f"def main(args):\n    print('done', end='')\n    {body}\n"
+              "run(main, argparse.ArgumentParser())\n")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "WORLD_SIZE": world_size, "PYTHONPATH": str(root)})
+    assert out.returncode == code, out.stderr
+    assert out.stdout.startswith("done")  # flushed before leaving
+    assert ("finalized" in out.stdout) == (world_size == "1")
+    assert ("error: --x: bad" in out.stderr) == (code == 2)
 
 
 def test_usage_error_is_a_value_error():
