@@ -4,15 +4,10 @@
 # (benchmarks.tracker_speed: ms/frame, FPS and peak GPU memory, ResNet-18/101, 1/2/4 objects,
 # fp32 and bf16, computed and reused frames, after warm-up). Without CUDA it says so and exits 0.
 # Usage: bash scripts/gpu_check.sh [extra benchmarks.tracker_speed args, e.g. --frames 40]
-# RVOS_PYTHON=python3 bash scripts/gpu_check.sh uses that Python (one with a CUDA build of torch and
-# the requirements already installed, e.g. on a machine without internet) instead of ./.venv.
+# RVOS_PYTHON=python3 bash scripts/gpu_check.sh uses that Python instead of ./.venv (scripts/setup_env.sh).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-if [ -n "${RVOS_PYTHON:-}" ]; then
-    PY="$RVOS_PYTHON"
-else
-    source "$ROOT/scripts/setup_env.sh"
-fi
+source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu_check: torch sees no CUDA GPU on this machine; nothing to check (scripts/test.sh runs the CPU tests)"

@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Create ./.venv with the pinned requirements unless it is already there and up to date.
 # Usage: source scripts/setup_env.sh   (sets $PY to the environment's python)
+# RVOS_PYTHON=python3: use that Python as it is (a CUDA build of torch and the requirements
+# already installed, e.g. on a machine without internet) and create no environment.
 set -euo pipefail
+if [ -n "${RVOS_PYTHON:-}" ]; then
+    PY="$RVOS_PYTHON"
+    export PY
+    return 0
+fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${RVOS_VENV:-$ROOT/.venv}"
 PYTHON_BIN="${PYTHON:-python3.11}"

@@ -218,3 +218,13 @@ def test_gpu_check_without_cuda_says_so_and_succeeds():
                          env={**os.environ, "RVOS_VENV": str(venv), "CUDA_VISIBLE_DEVICES": ""}, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("\n") == 1 and "no CUDA GPU" in out.stdout
+
+
+def test_gpu_check_runs_with_a_given_python():
+    """RVOS_PYTHON (scripts/setup_env.sh) uses that interpreter as it is: no environment is made."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
+                         env={**os.environ, "RVOS_PYTHON": sys.executable, "RVOS_VENV": "/nonexistent/venv",
+                              "CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "no CUDA GPU" in out.stdout and "[setup]" not in out.stderr
