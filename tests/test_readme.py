@@ -95,8 +95,19 @@ def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "JOB_TRAIN", {"sequences": 2, "frames": 8, "hold": (0.6, 1.0)})
     monkeypatch.setattr(demo, "JOB_VAL", {"sequences": 1, "frames": 11, "enter_at": 4})
     monkeypatch.setattr(demo, "JOB_TRAIN_OPTIONS", {"batch_size": 2, "samples_per_epoch": 2, "num_aug": 1})
-    out = demo.main(demo.get_parser().parse_args(["--work", str(tmp_path), "--epochs", "1", "--dev", "cpu"]))
+    import evaluate
+    import torch
+    seen_threads = []
+    evaluate_main = evaluate.main
+    monkeypatch.setattr(evaluate, "main", lambda args: seen_threads.append(torch.get_num_threads()) or evaluate_main(args))
+    threads = torch.get_num_threads()
+    job_threads = 1 if threads != 1 else 2  # differs from the test's own count
+    out = demo.main(demo.get_parser().parse_args(["--work", str(tmp_path), "--epochs", "1", "--dev", "cpu",
+                                                  "--threads", str(job_threads)]))
+    assert seen_threads == [job_threads, job_threads]  # --threads reaches both evaluations
+    assert torch.get_num_threads() == threads  # and is undone afterwards
     printed = capsys.readouterr().out
+    assert f"{job_threads} CPU threads" in printed
     assert re.search(r"TH 1\.0 \(always compute\) +TH 0\.7 \(reuse gate\)", printed)
     for row in ("J&F", "FPS", "reuse rate"):
         assert re.search(rf"^{row} +[\d.]+%? +[\d.]+%?$", printed, flags=re.M), row
@@ -124,6 +135,15 @@ def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
     assert "the gate at TH 0.7" in printed and "still object-frames" in printed
     for seq, paths in out["overlays"].items():
         assert any(p.endswith("overlay.gif") for p in paths) and any(p.endswith("timeline.png") for p in paths)
+
+
+def test_main_job_threads_default():
+    """The main job runs on 2 threads unless told otherwise (the README's report was made so)."""
+    import demo
+
+    assert demo.get_parser().parse_args([]).threads == demo.JOB_THREADS == 2
+    with pytest.raises(SystemExit):
+        demo.get_parser().parse_args(["--threads", "0"])
 
 
 def test_main_job_goals():
