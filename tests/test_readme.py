@@ -97,14 +97,16 @@ def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "JOB_TRAIN_OPTIONS", {"batch_size": 2, "samples_per_epoch": 2, "num_aug": 1})
     import evaluate
     import torch
+    import train
     seen_threads = []
-    evaluate_main = evaluate.main
-    monkeypatch.setattr(evaluate, "main", lambda args: seen_threads.append(torch.get_num_threads()) or evaluate_main(args))
+    for script in (train, evaluate):
+        monkeypatch.setattr(script, "main", lambda args, main=script.main: seen_threads.append(torch.get_num_threads())
+                            or main(args))
     threads = torch.get_num_threads()
     job_threads = 1 if threads != 1 else 2  # differs from the test's own count
     out = demo.main(demo.get_parser().parse_args(["--work", str(tmp_path), "--epochs", "1", "--dev", "cpu",
                                                   "--threads", str(job_threads)]))
-    assert seen_threads == [job_threads, job_threads]  # --threads reaches both evaluations
+    assert seen_threads == [job_threads] * 3  # --threads reaches the training and both evaluations
     assert torch.get_num_threads() == threads  # and is undone afterwards
     printed = capsys.readouterr().out
     assert f"{job_threads} CPU threads" in printed
