@@ -26,8 +26,8 @@ from typing import Optional
 
 from lib.background import BackgroundWriter, read_ahead
 from lib.cli import (UsageError, add_backbone_weights_flag, add_device_flag, add_num_aug_flag, add_precision_flag,
-                     add_seed_flag, add_threshold_flag, int_at_least, options, positive_float, resolve_device,
-                     run)
+                     add_seed_flag, add_threads_flag, add_threshold_flag, cpu_threads, int_at_least, options,
+                     positive_float, resolve_device, run)
 from lib.gate_report import format_summary, gate_report
 from lib.image_io import resize_labels_nearest_exact, write_label_png
 from lib.video_io import MaskSet, TrackerFeed, open_frames, processing_size
@@ -89,10 +89,10 @@ def get_parser() -> argparse.ArgumentParser:
     job.add_argument("--epochs", type=int_at_least(1), default=45,
                      help="training epochs of 12 samples (default 45: a few minutes on 2 CPU cores; the reuse "
                           "gate starts reusing on still stretches)")
-    job.add_argument("--threads", type=int_at_least(1), default=JOB_THREADS,
-                     help=f"CPU threads (torch.set_num_threads) for the job's training and evaluation (default "
-                          f"{JOB_THREADS}, as in the README's run: the job's floating-point results, and with them "
-                          "whether the gate meets its goals, change with the thread count)")
+    add_threads_flag(job, default=JOB_THREADS,
+                     why=" for the job's training and evaluation; the README's run used 2: the job's "
+                         "floating-point results, and with them whether the gate meets its goals, change with the "
+                         "thread count")
     return parser
 
 
@@ -235,14 +235,8 @@ def run_main_job(args: argparse.Namespace) -> dict:
     the goals met or not), and write overlays and reuse timelines of the --TH run. A demonstration
     of the pipeline and of the reuse gate, not the paper's numbers. Runs on args.threads CPU
     threads (torch's own count is restored afterwards)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with cpu_threads(args.threads):
         return _main_job(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _main_job(args: argparse.Namespace) -> dict:

@@ -21,7 +21,8 @@ import torch
 
 from dataset.davis import DAVISDataset
 from lib.cli import (UsageError, add_backbone_weights_flag, add_data_root_flags, add_device_flag, add_num_aug_flag,
-                     add_precision_flag, add_seed_flag, add_threshold_flag, int_at_least, resolve_device, run)
+                     add_precision_flag, add_seed_flag, add_threads_flag, add_threshold_flag, cpu_threads, int_at_least,
+                     resolve_device, run)
 from lib.metrics import evaluate_results, evaluate_sequence
 from models import build_tracker
 
@@ -38,7 +39,11 @@ def track(tracker, sequence, th: float, max_frames: int | None) -> tuple[np.ndar
 
 
 def main(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
+    with cpu_threads(args.threads):
+        return _measure(args)
+
+
+def _measure(args: argparse.Namespace) -> dict:
     if len(args.precision) < 2:
         raise UsageError("--precision needs a reference and at least one precision to compare, e.g. fp32,bf16")
     data = DAVISDataset(args.davis_root, "2017", "val", args.sequences)
@@ -100,7 +105,7 @@ def get_parser() -> argparse.ArgumentParser:
     add_backbone_weights_flag(p)
     add_seed_flag(p)
     add_device_flag(p)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    add_threads_flag(p, default=2)
     add_precision_flag(p, several=True, default="fp32,bf16")
     return p
 

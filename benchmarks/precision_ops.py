@@ -22,7 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.tracker_speed import make_frames, random_tracker
-from lib.cli import add_precision_flag, image_size, int_at_least, run
+from lib.cli import add_precision_flag, add_threads_flag, cpu_threads, image_size, int_at_least, run
 
 # The CPU kernels aten::convolution dispatches to (oneDNN, or the native fallbacks).
 CONV_OPS = ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward", "aten::_nnpack_spatial_convolution",
@@ -54,7 +54,11 @@ def profile_frames(precision: str, backbone: str, frames: list[tuple]) -> dict:
 
 
 def main(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
+    with cpu_threads(args.threads):
+        return _measure(args)
+
+
+def _measure(args: argparse.Namespace) -> dict:
     frames = make_frames(1, args.frames, args.size)
     out = {p: profile_frames(p, args.backbone, frames) for p in args.precision}
     ref = args.precision[0]
@@ -86,7 +90,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int_at_least(2), default=4,
                    help="frames per run; the first initializes and is not profiled (default 4)")
     p.add_argument("--top", type=int_at_least(0), default=12, help="convolution shapes to list (default 12)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    add_threads_flag(p, default=2)
     add_precision_flag(p, several=True, default="fp32,bf16")
     return p
 

@@ -29,8 +29,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset.synthetic import render_sequence
-from lib.cli import (add_backbone_weights_flag, add_device_flag, add_precision_flag, add_threshold_flag,
-                     image_size, resolve_device)
+from lib.cli import (add_backbone_weights_flag, add_device_flag, add_precision_flag, add_threads_flag,
+                     add_threshold_flag, cpu_threads, image_size, resolve_device)
 from models import build_tracker
 from models.network import GFRTM
 from models.tracker import Tracker
@@ -163,7 +163,11 @@ def report_row(backbone: str, num_objects: int, m: dict[str, dict], precision: s
 
 
 def main(args: argparse.Namespace) -> dict:
-    torch.set_num_threads(args.threads)
+    with cpu_threads(args.threads):
+        return _measure(args)
+
+
+def _measure(args: argparse.Namespace) -> dict:
     device, _ = resolve_device(args.dev)
     h, w = args.size
     precisions = args.precision
@@ -200,7 +204,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3,
                    help="alternating runs of every variant; times are medians over all of them (default 3)")
     add_device_flag(p)
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    add_threads_flag(p, default=2)
     p.add_argument("--configs", type=lambda s: [(b, int(n)) for b, n in (c.split(":") for c in s.split(","))],
                    default=[("resnet18", 1), ("resnet18", 2), ("resnet18", 3), ("resnet101", 1), ("resnet101", 3)],
                    help="comma-separated backbone:objects, e.g. resnet18:1,resnet101:3")

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from lib.cli import add_device_flag, image_size, resolve_device
+from lib.cli import add_device_flag, add_threads_flag, cpu_threads, image_size, resolve_device
 from models.backbone import Backbone
 from models.network import GFRTM
 from models.target_model import TargetModel, TargetModelConfig
@@ -71,8 +71,11 @@ def gradients(step, images, labels, targets, per_frame: bool) -> dict:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    with cpu_threads(args.threads):
+        _measure(args)
+
+
+def _measure(args: argparse.Namespace) -> None:
     device, _ = resolve_device(args.dev)
     h, w = args.size
     images, labels = make_batch(args.batch, args.frames, (h, w), device)
@@ -120,7 +123,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-bias", type=float, default=0.1,
                    help="initial reuse logit bias of the gate (upstream 0.1 vs 2.0 for compute: mostly computing)")
     add_device_flag(p)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    add_threads_flag(p, default=None)
     return p
 
 

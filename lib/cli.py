@@ -8,11 +8,12 @@ exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -146,6 +147,27 @@ def add_num_aug_flag(parser, default: int) -> None:
     parser.add_argument("--num-aug", type=int_at_least(1), default=default,
                         help="first-frame images a target model is trained on: the frame and its augmentations; "
                              "1 = the frame alone (default %(default)s)")
+
+
+def add_threads_flag(parser, default: Optional[int], why: str = "") -> None:
+    """--threads (demo.py's main job: 2; the benchmarks: 2, train_speed None = torch's choice).
+    The script runs its work inside `cpu_threads(args.threads)`."""
+    shown = "torch's choice, every core" if default is None else str(default)
+    parser.add_argument("--threads", type=int_at_least(1), default=default,
+                        help=f"CPU threads (torch.set_num_threads){why} (default: {shown})")
+
+
+@contextlib.contextmanager
+def cpu_threads(count: Optional[int]) -> Iterator[None]:
+    """Run the block on `count` torch CPU threads (None: leave torch's count), then restore
+    torch's count, so that a caller in the same process (a test, a notebook) keeps its own."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def add_data_root_flags(parser) -> None:

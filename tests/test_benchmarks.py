@@ -74,11 +74,16 @@ def test_tracker_speed_compares_precisions_side_by_side(capsys):
 
 
 def test_train_speed_alternates(capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    threads = 1 if before != 1 else 2  # differs from the test's own count
     args = train_speed.get_parser().parse_args(["--size", "64x96", "--batch", "1", "--frames", "2", "--steps", "1",
-                                                "--threads", "1"])
+                                                "--threads", str(threads)])
     train_speed.main(args)
     out = capsys.readouterr().out
     assert "speed-up:" in out and "samples/s" in out
+    assert f"{threads} CPU threads" in out and torch.get_num_threads() == before  # run on --threads, then undone
 
 
 def test_precision_fidelity_compares_with_the_reference(tmp_path, capsys):

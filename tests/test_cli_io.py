@@ -16,7 +16,7 @@ import demo
 import evaluate
 import train
 from lib import fileio
-from lib.cli import UsageError, run
+from lib.cli import UsageError, cpu_threads, run
 from lib.image_io import (read_image, resize_image_area, resize_image_bilinear, resize_labels_nearest,
                           resize_labels_nearest_exact)
 
@@ -82,6 +82,35 @@ def test_shared_flags_are_declared_once_with_one_help_text():
     defaults = {s: p.parse_args(["--dev", "cpu"]) for s, p in parsers.items()}
     assert [defaults[s].num_aug for s in ("evaluate", "demo", "train")] == [5, 5, 15]
     assert defaults["demo"].TH == defaults["evaluate"].TH == 0.7
+
+
+def test_threads_flag_is_shared_and_its_count_is_restored():
+    import torch
+
+    from benchmarks import precision_fidelity, precision_ops, tracker_speed, train_speed
+    parsers = {"demo": demo.get_parser(), "precision_fidelity": precision_fidelity.get_parser(),
+               "precision_ops": precision_ops.get_parser(), "tracker_speed": tracker_speed.get_parser(),
+               "train_speed": train_speed.get_parser()}
+    defaults = {name: p.parse_args(["--model", "x"] if name == "precision_fidelity" else []).threads
+                for name, p in parsers.items()}
+    assert defaults == {"demo": 2, "precision_fidelity": 2, "precision_ops": 2, "tracker_speed": 2,
+                        "train_speed": None}
+    for name, p in parsers.items():
+        action = next(a for a in p._actions if "--threads" in a.option_strings)
+        assert action.help.startswith("CPU threads (torch.set_num_threads)"), name
+        for bad in ("0", "-1", "two"):
+            with pytest.raises(SystemExit):
+                p.parse_args(["--threads", bad])
+    before = torch.get_num_threads()
+    seen = []
+    with cpu_threads(before + 1):
+        seen.append(torch.get_num_threads())
+        with cpu_threads(None):
+            seen.append(torch.get_num_threads())
+    with pytest.raises(RuntimeError):
+        with cpu_threads(1):
+            raise RuntimeError("the block failed")
+    assert seen == [before + 1, before + 1] and torch.get_num_threads() == before
 
 
 def test_atomic_write_fsyncs_and_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
