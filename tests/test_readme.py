@@ -137,6 +137,14 @@ def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
     assert "the gate at TH 0.7" in printed and "still object-frames" in printed
     for seq, paths in out["overlays"].items():
         assert any(p.endswith("overlay.gif") for p in paths) and any(p.endswith("timeline.png") for p in paths)
+    # The timing runs track the same checkpoint with the same decisions as the evaluations.
+    speed = out["speed"]
+    assert set(speed) == {1.0, 0.7}
+    for th, results in ((1.0, plain), (0.7, gated)):
+        assert len(speed[th]["fps_runs"]) == demo.JOB_TIMING_RUNS and speed[th]["reuse_rate"] == results["reuse_rate"]
+        assert speed[th]["fps"] == sorted(speed[th]["fps_runs"])[demo.JOB_TIMING_RUNS // 2]
+    fps_goal = f"{speed[0.7]['fps']:.1f} vs {speed[1.0]['fps']:.1f}"
+    assert fps_goal in goals[2][1] and re.search(r"^FPS: .* median of 3 runs that alternated", printed, flags=re.M)
 
 
 def test_main_job_threads_default():
@@ -154,9 +162,17 @@ def test_main_job_goals():
     def results(th, jf, fps, reuse):
         return {"threshold": th, "J&F": jf, "J": {"mean": jf}, "F": {"mean": jf}, "fps": fps, "reuse_rate": reuse}
 
+    def speed(plain_fps, gated_fps):
+        return {1.0: {"fps": plain_fps, "fps_runs": [plain_fps]}, 0.7: {"fps": gated_fps, "fps_runs": [gated_fps]}}
+
     plain = results(1.0, 0.60, 20.0, 0.0)
-    assert [met for _, met in demo.main_job_goals(plain, results(0.7, 0.58, 25.0, 0.45))] == [True, True, True]
-    assert [met for _, met in demo.main_job_goals(plain, results(0.7, 0.56, 19.0, 0.15))] == [False, False, False]
-    table = demo.side_by_side(plain, results(0.7, 0.58, 25.0, 0.45))
+    faster, slower = speed(20.0, 25.0), speed(20.0, 19.0)
+    assert [met for _, met in demo.main_job_goals(plain, results(0.7, 0.58, 25.0, 0.45), faster)] == [True] * 3
+    assert [met for _, met in demo.main_job_goals(plain, results(0.7, 0.56, 19.0, 0.15), slower)] == [False] * 3
+    # The FPS goal and the table take the alternating timing runs, not evaluate.py's single runs.
+    goals = demo.main_job_goals(plain, results(0.7, 0.58, 25.0, 0.45), slower)
+    assert [met for _, met in goals] == [True, True, False] and "19.0 vs 20.0 (0.95x)" in goals[2][0]
+    table = demo.side_by_side(plain, results(0.7, 0.58, 25.0, 0.45), speed(31.0, 33.0))
     assert re.search(r"^J&F +60\.0 +58\.0$", table, flags=re.M)
+    assert re.search(r"^FPS +31\.0 +33\.0$", table, flags=re.M)
     assert re.search(r"^reuse rate +0\.0% +45\.0%$", table, flags=re.M)
