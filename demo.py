@@ -312,7 +312,7 @@ def _main_job(args: argparse.Namespace) -> dict:
                                seed=args.seed, dev=dev, precision=args.precision) for th in thresholds}
     results = {}
     for step, th in (("3", 1.0), ("4", args.TH)):
-        print(f"[{step}/6] evaluating {checkpoint.name} at TH {th:g} on the synthetic validation videos")
+        print(f"[{step}/6] evaluating {checkpoint.name} at TH {th!r} on the synthetic validation videos")
         results[th] = evaluate.main(evaluations[th])
     plain, gated = results[1.0], results[args.TH]
     print(f"[5/6] timing: the validation videos tracked at TH {' and TH '.join(map(repr, thresholds))} "
