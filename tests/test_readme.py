@@ -148,8 +148,9 @@ def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
     # After one epoch the gate reuses nothing at TH 0.7; at a threshold where it reuses, the timing
     # runs still decide as evaluate.py does.
     from lib.cli import options
-    low = options(evaluate.get_parser(), model=out["checkpoint"], dset="ytvos-layout", data_root=tmp_path / "synthetic-val",
-                  output_root=tmp_path / "low", TH=0.05, backbone_weights="random", dev="cpu")
+    low = options(evaluate.get_parser(), model=out["checkpoint"], dset="ytvos-layout",
+                  data_root=tmp_path / "synthetic-val", output_root=tmp_path / "low", TH=0.05,
+                  backbone_weights="random", dev="cpu")
     reference = evaluate.main(low)
     timed = demo.time_thresholds(low, (1.0, 0.05), 2)
     assert 0 < reference["reuse_rate"] == timed[0.05]["reuse_rate"] and timed[1.0]["reuse_rate"] == 0
