@@ -209,13 +209,12 @@ def time_thresholds(evaluation: argparse.Namespace, thresholds: tuple[float, ...
     frames / tracker time (evaluate.py's FPS), "fps_runs": [...], "reuse_rate": ...}}."""
     import numpy as np
 
-    from lib.evaluation import load_data
-    from models import build_tracker
+    from lib.distributed import Context
+    from lib.evaluation import build_tracker, prepare
 
-    tracker = build_tracker(evaluation.model, device=resolve_device(evaluation.dev)[0], fast=evaluation.fast,
-                            num_aug=evaluation.num_aug, backbone_weights=evaluation.backbone_weights,
-                            seed=evaluation.seed, precision=evaluation.precision)
-    videos = [[seq[t] for t in range(len(seq))] for seq in load_data(evaluation).sequences]
+    job = prepare(evaluation, Context(), *resolve_device(evaluation.dev))  # as evaluate.py, one process
+    tracker = build_tracker(job)
+    videos = [[seq[t] for t in range(len(seq))] for seq in job.data.sequences]
     for th in thresholds:  # untimed warm-up: first calls allocate and pick kernels
         for _ in tracker.track(videos[0][:2], th, keep_probabilities=False):
             pass
