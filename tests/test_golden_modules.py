@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lib.safe_load import load_pth
 from models.checkpoint import from_upstream, load_network_state
 from models.network import GFRTM
 from models.target_model import TargetModel, TargetModelConfig
@@ -23,7 +24,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL, rtol
 
 @pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
 def case(request):
-    return torch.load(request.param, weights_only=False)
+    return load_pth(request.param)
 
 
 def test_golden_files_exist():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lib.safe_load import load_pth
 from models import build_tracker
 
 from conftest import GOLDEN, seeded_backbone_state
@@ -59,7 +60,7 @@ def decision_margin(case, t: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
 def case(request):
-    return torch.load(request.param, weights_only=False)
+    return load_pth(request.param)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lib.safe_load import load_pth
 from models.backbone import Backbone
 from models.checkpoint import from_upstream, load_network_state, to_upstream
 from models.network import GFRTM
@@ -25,7 +26,7 @@ def test_golden_files_exist():
 
 @pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
 def step_result(request):
-    case = torch.load(request.param, weights_only=False)
+    case = load_pth(request.param)
     backbone = Backbone(case["ftext"], seeded_backbone_state(case["ftext"], case["backbone_seed"],
                                                              case["backbone_checksum"]))
     net = GFRTM(case["ftext"])
