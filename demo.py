@@ -90,7 +90,7 @@ def get_parser() -> argparse.ArgumentParser:
                      help="training epochs of 12 samples (default 45: a few minutes on 2 CPU cores; the reuse "
                           "gate starts reusing on still stretches)")
     add_threads_flag(job, default=JOB_THREADS,
-                     why=" for the job's training and evaluation; the README's run used 2: the job's "
+                     why=" for the job's training and evaluation; docs/main-job.md's run used 2: the job's "
                          "floating-point results, and with them whether the gate meets its goals, change with the "
                          "thread count")
     return parser
@@ -184,7 +184,7 @@ def run_own_video(args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Default main job
 
-# The main job's data and training, sized for a few minutes on 2 CPU cores (README: main job).
+# The main job's data and training, sized for a few minutes on 2 CPU cores (docs/main-job.md).
 JOB_SIZE = (120, 216)  # H, W of every frame
 # Training: DAVIS layout, stop-and-go motion with long holds (most frame pairs still), all frames annotated.
 JOB_TRAIN = {"sequences": 4, "frames": 12, "hold": (0.8, 1.0)}
@@ -193,7 +193,7 @@ JOB_TRAIN = {"sequences": 4, "frames": 12, "hold": (0.8, 1.0)}
 JOB_VAL = {"sequences": 3, "frames": 40, "enter_at": 10}
 # train.py options; the learning rate is train.py's (upstream's) 5e-4.
 JOB_TRAIN_OPTIONS = {"batch_size": 2, "samples_per_epoch": 12, "num_aug": 1}
-JOB_THREADS = 2  # the README's report was made with 2 threads; other counts give other floats
+JOB_THREADS = 2  # docs/main-job.md's report was made with 2 threads; other counts give other floats
 # Timing runs per threshold for the FPS goal, alternating TH 1.0 and the gate's (medians): one run
 # each, back to back, was at the mercy of a shared machine's drift (1.08x in one run, 0.97x in the next).
 JOB_TIMING_RUNS = 3
@@ -334,8 +334,8 @@ def _main_job(args: argparse.Namespace) -> dict:
     print(f"masks and metrics: {plain['results_dir']}, {gated['results_dir']}\n"
           f"overlays and reuse timelines: {work / 'overlays'}")
     print("These numbers come from a random backbone trained for a few minutes on synthetic data: they "
-          "show the pipeline and what the reuse gate does, not the paper's results (see README: Reproducing "
-          "the published tables).")
+          "show the pipeline and what the reuse gate does, not the paper's results (see docs/evaluation.md: "
+          "Reproducing the published tables).")
     return {"results": gated, "results_plain": plain, "speed": speed, "goals": goals, "gate": gate,
             "overlays": written, "checkpoint": str(checkpoint)}
 

@@ -384,7 +384,7 @@ class GFRTM(nn.Module):
         deep_score (B, 1, H16, W16) for the deep stages; gate (B, 1), 1 = reuse; x16_prev, delta.
         Returns (logits (B, 1, H, W), next x16_prev). Upstream carries the state forward as
         x16_prev where the gate computed and the fresh deep state where it reused; kept as is
-        because the released weights were trained that way (see README, differences).
+        because the released weights were trained that way (see docs/upstream.md).
         """
         x16 = self.deep_stages(features, deep_score)
         g = gate.view(-1, 1, 1, 1)
