@@ -1,4 +1,4 @@
-"""Evaluate G-FRTM (or FRTM) on a benchmark (SPEC §9): DAVIS, YouTube-VOS, MOSE, LVOS or a folder.
+"""Evaluate G-FRTM (or FRTM) on a benchmark (docs/evaluation.md): DAVIS, YouTube-VOS, MOSE, LVOS or a folder.
 
     python evaluate.py --model gfrtm_rn18.pth --ftext resnet18 --dset dv2017val --dev cuda:0 --TH 0.7
     torchrun --nproc_per_node=4 evaluate.py --model gfrtm_rn18.pth --dset yt2019val --dev cuda

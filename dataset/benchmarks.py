@@ -5,7 +5,7 @@ scored (and by which protocol) and, for benchmarks without public ground truth, 
 the evaluation server's zip. `PRESETS[name].load(args)` checks the whole input before anything
 is tracked and returns an `EvalData`.
 
-Layouts (see README, "Benchmarks"):
+Layouts (see docs/evaluation.md, "Presets"):
 
     dv2016val, dv2017val, dv2017testdev   DAVIS: JPEGImages/480p/<seq>/, Annotations/480p/<seq>/,
                                           ImageSets/<year>/{val,test-dev}.txt

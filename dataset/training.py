@@ -1,4 +1,4 @@
-"""Training samples (SPEC §8): one object of one sequence, the first frame where the object is
+"""Training samples (docs/training.md): one object of one sequence, the first frame where the object is
 visible (the reference frame) and `sample_size - 1` other frames of the sequence drawn at random
 (unsorted, as upstream).
 

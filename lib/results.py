@@ -1,6 +1,6 @@
 """Evaluation results on disk: where they go, how they are written, what they score.
 
-Layout (SPEC §9):
+Layout (docs/evaluation.md):
 
     <output root>/result/<dset>-<model stem>_<TH>[_fast]/        the results directory
         <sequence>/<frame>.png                                    DAVIS-palette label PNGs

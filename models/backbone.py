@@ -1,5 +1,5 @@
 """Frozen torchvision ResNet backbone split into a low part (every frame) and a high part
-(once per frame, only when some object computes) (SPEC §2)."""
+(once per frame, only when some object computes) (FRTM, Robinson et al., CVPR 2020)."""
 from __future__ import annotations
 
 import os
