@@ -29,7 +29,7 @@ from dataset.davis import DAVISDataset, list_davis_sequences, resolve_davis_root
 from dataset.sequence import VOID_LABEL, Sequence, resolve_root
 from dataset.ytvos import YouTubeVOSDataset, read_sequence_list, resolve_ytvos_root, valid_frame_names
 from lib.metrics import LVOS_STEP
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.image_io import read_label_png
 
 # Zip layouts of the evaluation servers: member name of <video>/<frame>.png.

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.fileio import atomic_write_bytes
 from lib.image_io import read_image, read_label_png, resize_image_bilinear, resize_labels_nearest
 

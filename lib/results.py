@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence as SequenceTy
 import numpy as np
 
 from lib.background import BackgroundWriter
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.fileio import UMASK, atomic_write_bytes
 from lib.image_io import read_label_png, write_label_png
 from lib.metrics import (LVOS_STEP, evaluate_lvos_object, evaluate_lvos_sequence, evaluate_results, json_safe,

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import torch
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.image_io import read_image, read_label_png, resize_image_area, resize_labels_nearest_exact
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")

@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.safe_load import load_pth
 
 from .network import BACKBONE_CHANNELS

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 
 from .backbone import Backbone
 from .network import GFRTM
