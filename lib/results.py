@@ -382,7 +382,7 @@ def evaluate_lvos_results_dir(results_directory: str | os.PathLike, sequences: I
     """J&F by LVOS's protocol over sequences whose PNGs are in results_directory.
 
     sequences: iterable of (Sequence, {object id: range}) with range.start, .end, .length from
-    the LVOS meta JSON (dataset.benchmarks.LvosRange); frame names are the frame numbers
+    the LVOS meta JSON (dataset.presets.LvosRange); frame names are the frame numbers
     (LVOS's 8 digits). Each object is scored on frames start, start+5, ... < end.
     """
     per_sequence = {}
