@@ -39,3 +39,21 @@ def test_cli_re_exports_the_same_error():
     from lib import cli, errors
 
     assert cli.UsageError is errors.UsageError and issubclass(errors.UsageError, ValueError)
+
+
+# Requirement names whose import name differs (the rest import under their own name).
+IMPORT_NAMES = {"opencv-python-headless": "cv2", "pillow": "PIL", "tensorboard": "torch.utils.tensorboard",
+                "scikit-image": "skimage"}
+
+
+def test_every_requirement_is_imported():
+    """requirements.txt lists what the code imports, nothing more (a leftover costs every install)."""
+    imported = set()
+    for path in ROOT.rglob("*.py"):
+        if ".venv" not in path.parts:
+            imported |= imported_modules(path)
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        name = line.split("#")[0].split("==")[0].split(">=")[0].strip()
+        if name:
+            module = IMPORT_NAMES.get(name.lower(), name.replace("-", "_"))
+            assert module in imported, f"requirements.txt lists {name}, which nothing imports ({module})"
