@@ -43,6 +43,14 @@ def _prefix(flag: Optional[str]) -> str:
     return f"{flag}: " if flag else ""
 
 
+def _existing(path: str | os.PathLike, flag: Optional[str], what: str) -> Path:
+    """`path` with ~ expanded; FileNotFoundError naming the flag and `what` was expected if missing."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{_prefix(flag)}no such {what}: {path}")
+    return path
+
+
 def natural_key(name: str) -> list:
     """Sort key comparing digit runs as numbers: "f2" < "f10"; zero-padded names sort as usual."""
     return [(0, int(part), part) if part.isdigit() else (1, 0, part.lower())
@@ -97,11 +105,9 @@ class FrameSource:
     """
 
     def __init__(self, path: str | os.PathLike, flag: Optional[str] = None):
-        self.path = Path(path).expanduser()
+        self.path = _existing(path, flag, "video file or frame folder")
         self.flag = flag
         p = _prefix(flag)
-        if not self.path.exists():
-            raise FileNotFoundError(f"{p}no such video file or frame folder: {self.path}")
         self.fps: Optional[float] = None
         if self.path.is_dir():
             self.kind = "folder"
@@ -202,11 +208,9 @@ class MaskSet:
     """
 
     def __init__(self, path: str | os.PathLike, flag: Optional[str] = None):
-        self.path = Path(path).expanduser()
+        self.path = _existing(path, flag, "mask PNG or mask folder")
         self.flag = flag
         p = _prefix(flag)
-        if not self.path.exists():
-            raise FileNotFoundError(f"{p}no such mask PNG or mask folder: {self.path}")
         self.single = not self.path.is_dir()
         if self.single:
             files = [self.path]
