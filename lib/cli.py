@@ -281,7 +281,8 @@ def _run_rank(main: Callable[[argparse.Namespace], object], parser: argparse.Arg
     suffix = f" ({kept})" if kept else ""
     rank = _Rank()
     if _in_main_thread():
-        _watch_sigterm(rank, f"error: stopped by SIGTERM on rank {rank_id} of {world}: torchrun stops every "
+        # On a line of its own: SIGTERM can come while rank 0's progress bar is mid-line.
+        _watch_sigterm(rank, f"\nerror: stopped by SIGTERM on rank {rank_id} of {world}: torchrun stops every "
                              f"process when one fails or dies (see its report){suffix}\n")
     captured = io.StringIO()
     try:
