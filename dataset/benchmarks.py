@@ -27,20 +27,21 @@ import numpy as np
 
 from dataset.davis import DAVISDataset, list_davis_sequences, resolve_davis_root
 from dataset.sequence import VOID_LABEL, Sequence, resolve_root
-from dataset.ytvos import YouTubeVOSDataset, read_sequence_list, resolve_ytvos_root, valid_frame_names
-from lib.metrics import LVOS_STEP
+from dataset.ytvos import SPLITS_DIR, YouTubeVOSDataset, read_sequence_list, resolve_ytvos_root, valid_frame_names
+from lib.metrics import LVOS_STEP, lvos_scored_positions
 from lib.cli import UsageError
 from lib.image_io import read_label_png
 
 # Zip layouts of the evaluation servers: member name of <video>/<frame>.png.
 ZIP_YTVOS = "Annotations/"  # YouTube-VOS (and LVOS test): Annotations/<video>/<frame>.png
 ZIP_DAVIS = ""  # DAVIS test-dev and MOSE: <video>/<frame>.png at the top of the zip
+LVOS_UNSEEN = SPLITS_DIR / "lvos_unseen_videos.txt"
 
 
 @dataclass
 class LvosRange:
-    """An object's frame range from the LVOS meta JSON: frames start, start+5, ... < end are
-    scored; their scores are padded with zeros to `length` (meta "frame_nums")."""
+    """An object's frame range from the LVOS meta JSON: of frames start, start+5, ... < end,
+    lib.metrics.lvos_scored_positions are scored; `length` is the meta "frame_nums"."""
     start: int
     end: int
     length: int
@@ -54,7 +55,8 @@ class EvalData:
     truth: a submission zip). eval_frames: sequence -> the frames J&F is computed on (None:
     every frame). submission_prefix: zip member prefix (ZIP_YTVOS / ZIP_DAVIS) or None for no
     zip; submission_videos: video -> the frames the server expects. lvos_ranges: sequence ->
-    object id -> LvosRange.
+    object id -> LvosRange; lvos_unseen: the
+    videos LVOS scores as unseen (read_lvos_unseen).
     """
     dset: str
     name: str
@@ -65,6 +67,7 @@ class EvalData:
     submission_prefix: Optional[str] = None
     submission_videos: dict[str, list[str]] = field(default_factory=dict)
     lvos_ranges: dict[str, dict[int, LvosRange]] = field(default_factory=dict)
+    lvos_unseen: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,6 +271,8 @@ class LvosPreset(Preset):
     def load(self, args) -> EvalData:
         root = resolve_root(args.lvos_root, "LVOS", "LVOS_ROOT", "set the LVOS root with --lvos-root or the LVOS_ROOT environment variable")
         split = next((root / d for d in self.SPLIT_DIRS if (root / d).is_dir()), root / "valid")
+        if not split.is_dir() and (root / "JPEGImages").is_dir():  # the valid/ folder itself, as lvos-evaluation's --lvos_path
+            split = root
         _require_dirs(split.parent, [f"{split.name}/JPEGImages", f"{split.name}/Annotations"], "--lvos-root",
                       "LVOS valid/")
         meta_path = next((split / m for m in self.META_NAMES if (split / m).is_file()), None)
@@ -289,7 +294,15 @@ class LvosPreset(Preset):
             seq, obj_ranges = _lvos_sequence(name, split, videos[name], meta_path)
             sequences.append(seq)
             ranges[name] = obj_ranges
-        return EvalData(self.name, "lvos-valid", root, sequences, "lvos", lvos_ranges=ranges)
+        return EvalData(self.name, "lvos-valid", root, sequences, "lvos", lvos_ranges=ranges,
+                        lvos_unseen=read_lvos_unseen())
+
+
+def read_lvos_unseen(path: Path = LVOS_UNSEEN) -> list[str]:
+    """The video names of dataset/splits/lvos_unseen_videos.txt (lvos-evaluation's
+    unseen_videos.txt; lines starting with # are comments)."""
+    lines = (line.strip() for line in Path(path).read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def _read_lvos_meta(path: Path) -> dict:
@@ -319,10 +332,11 @@ def _lvos_sequence(name: str, split: Path, info: dict, meta_path: Path) -> tuple
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UsageError(f"{meta_path}: malformed entry for video {name!r}: {exc!r}") from exc
     for obj_id, r in ranges.items():
-        scored = list(range(r.start, r.end, LVOS_STEP))
-        if len(scored) > r.length:
+        in_range = list(range(r.start, r.end, LVOS_STEP))
+        if len(in_range) > r.length:  # lvos-evaluation fails with an IndexError
             raise UsageError(f"{meta_path}: video {name!r} object {obj_id}: frame_nums {r.length} is smaller than "
-                             f"the {len(scored)} scored frames of its range {r.start}..{r.end}")
+                             f"the {len(in_range)} frames of its range {r.start}..{r.end} (every {LVOS_STEP}th)")
+        scored = [in_range[k] for k in lvos_scored_positions(len(in_range), r.length)]
         for number in [r.start] + scored:
             if number not in by_number:
                 raise UsageError(f"{meta_path} does not match the folders: video {name!r} object {obj_id} has frame "

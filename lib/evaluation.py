@@ -301,7 +301,8 @@ def collect_results(job: Job, outcomes: list[dict], computed: list[str]) -> dict
         results = evaluate_results_dir(job.out_dir, [(seq, data.eval_frames.get(seq.name)) for seq in data.sequences])
     elif data.metric == "lvos":
         print("Computing J&F (LVOS protocol) from the written PNGs")
-        results = evaluate_lvos_results_dir(job.out_dir, [(seq, data.lvos_ranges[seq.name]) for seq in data.sequences])
+        results = evaluate_lvos_results_dir(job.out_dir, [(seq, data.lvos_ranges[seq.name]) for seq in data.sequences],
+                                            data.lvos_unseen)
     else:
         results = {"sequences": {name: {} for name in per_sequence}}
     for name, stats in per_sequence.items():
@@ -374,6 +375,21 @@ def _nan_for_none(value):
     return math.nan if value is None else value
 
 
+def summary_line(results: dict) -> str:
+    """The J&F line of the console summary (results as json_safe'd: None for NaN)."""
+    jf = results["J&F"]
+    if results["metric"] != "lvos":
+        return (f"J&F {jf:.4f}  J {results['J']['mean']:.4f}  F {results['F']['mean']:.4f}" if jf is not None
+                else "J&F n/a (no object had a frame to score)")
+    groups = "  ".join(f"{g} J&F {_num(results[g]['J&F'], 4)} ({results[g]['num_objects']} objects)"
+                       for g in ("seen", "unseen"))
+    if jf is None:
+        return (f"J&F n/a: {results['protocol']} averages the seen and the unseen videos' means and one group is "
+                f"empty here ({groups}); over all objects J&F {_num(results['all_objects']['J&F'], 4)}")
+    return (f"J&F ({results['protocol']}: seen and unseen averaged) {jf:.4f}  J {results['J']['mean']:.4f}  "
+            f"F {results['F']['mean']:.4f}  V {_num(results['V'], 4)}  ({groups}; decay null, see results.json)")
+
+
 def report(results: dict) -> None:
     """Print the metrics table (with ground truth), the speed table and the summary lines."""
     shown = _nan_for_none(results)
@@ -386,10 +402,7 @@ def report(results: dict) -> None:
           f"in this run / {shown['wall_seconds']:.2f} s wall time)  reuse rate {_pct(shown['reuse_rate'])} "
           f"({results['reused_object_frames']} of {results['tracked_object_frames']} object-frames)")
     if results.get("metric") is not None:
-        jf = results["J&F"]
-        protocol = " (LVOS protocol)" if results["metric"] == "lvos" else ""
-        print(f"J&F{protocol} {jf:.4f}  J {results['J']['mean']:.4f}  F {results['F']['mean']:.4f}"
-              if jf is not None else "J&F n/a (no object had a frame to score)")
+        print(summary_line(results))
     if "submission" in results:
         sub = results["submission"]
         print(f"submission: {sub['path']} ({sub['videos']} videos, {sub['frames']} frames)")
