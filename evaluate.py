@@ -18,6 +18,7 @@ from dataset.benchmarks import PRESETS
 from lib.cli import (add_backbone_weights_flag, add_data_root_flags, add_device_flag, add_num_aug_flag,
                      add_precision_flag, add_seed_flag, add_threshold_flag, run)
 from lib.evaluation import evaluate
+from lib.score import score_results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +79,12 @@ def get_parser() -> argparse.ArgumentParser:
                    help="skip sequences already finished in the results directory with the same settings "
                         "(their PNGs and timings are reused); the metrics still cover every requested sequence")
 
+    g = parser.add_argument_group("scoring a results folder (no model)")
+    g.add_argument("--score", type=Path, default=None, metavar="RESULTS_DIR",
+                   help="score this folder of <sequence>/<frame>.png label PNGs (any method's results) against "
+                        "--dset's ground truth instead of running a model (--model not needed); writes results.json "
+                        "and results.csv into it. Presets with public ground truth only")
+
     g = parser.add_argument_group("output")
     g.add_argument("--output-root", type=Path, default=None,
                    help="results go to <output root>/result/... (default: $RVOS_OUTPUT, else .)")
@@ -92,7 +99,9 @@ def main(args) -> dict:
     """Run the evaluation described by parsed arguments (lib.evaluation.evaluate): in this process,
     or as one rank of `torchrun --nproc_per_node=N evaluate.py ...`. Returns the results dict
     (as written to results.json; {} on ranks other than 0). Raises FileNotFoundError /
-    UsageError naming the path or flag at fault."""
+    UsageError naming the path or flag at fault. With --score: lib.score.score_results."""
+    if args.score is not None:
+        return score_results(args)
     return evaluate(args)
 
 
