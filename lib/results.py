@@ -319,12 +319,17 @@ def read_prediction(sequence_dir: str | os.PathLike, frame: str, size: Optional[
     return labels
 
 
-def _found_pngs(sequence_dir: Path) -> str:
+def _found_pngs(sequence_dir: Path, frames: SequenceType[str]) -> str:
     """What a results folder holds instead, for the message of a missing PNG: the folder is
-    absent, or its first PNG names (a misnamed frame shows here)."""
+    absent, its PNGs not named like any of `frames` (misnamed), or its first PNGs."""
     if not sequence_dir.is_dir():
         return f" (no folder {sequence_dir.name}/ in {sequence_dir.parent})"
     names = sorted(p.name for p in sequence_dir.glob("*.png"))
+    expected = {f"{f}.png" for f in frames}
+    strays = [n for n in names if n not in expected]
+    if strays:
+        return (f" ({len(strays)} PNG(s) there not named like a frame, e.g. {', '.join(strays[:3])}; frames are named "
+                f"like {sorted(expected)[0]})")
     return f" (found {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else " (no PNG there)"
 
 
@@ -366,7 +371,8 @@ def sequence_volumes(results_directory: str | os.PathLike, sequence,
     pred_dir = Path(results_directory) / sequence.name
     missing = [f for f in frames if not (pred_dir / f"{f}.png").is_file()]
     if missing:
-        raise FileNotFoundError(f"result PNG not found: {pred_dir / (missing[0] + '.png')}{_found_pngs(pred_dir)}")
+        raise FileNotFoundError(f"result PNG not found: {pred_dir / (missing[0] + '.png')}"
+                                f"{_found_pngs(pred_dir, sequence.frame_names)}")
     gt = LazyFrames(sequence.ground_truth_frame, frames)
     pred = LazyFrames(lambda f: read_prediction(pred_dir, f, sequence.size), frames)
     return gt, pred, first_frames
@@ -409,7 +415,7 @@ def evaluate_lvos_results_dir(results_directory: str | os.PathLike, sequences: I
             missing = [f for f in frames if not (pred_dir / f"{f}.png").is_file()]
             if missing:
                 raise FileNotFoundError(f"result PNG not found: {pred_dir / (missing[0] + '.png')}"
-                                        f"{_found_pngs(pred_dir)}")
+                                        f"{_found_pngs(pred_dir, sequence.frame_names)}")
             gt = LazyFrames(sequence.ground_truth_frame, frames)
             pred = LazyFrames(lambda f: read_prediction(pred_dir, f, sequence.size), frames)
             objects[obj_id] = evaluate_lvos_object(gt, pred, obj_id, r.length)
