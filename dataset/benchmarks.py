@@ -151,10 +151,12 @@ def _all_annotated(sequences: list[Sequence]) -> bool:
 
 
 class Preset:
-    """Base of the presets: `name`, `help` and load(args) -> EvalData."""
+    """Base of the presets: `name`, `help`, `ground_truth` (whether its frames have public ground
+    truth, so that J&F can be computed here) and load(args) -> EvalData."""
 
     name = ""
     help = ""
+    ground_truth = True
 
     def load(self, args) -> EvalData:
         raise NotImplementedError
@@ -165,6 +167,7 @@ class DavisPreset(Preset):
 
     def __init__(self, name: str, year: str, split: str, help: str):
         self.name, self.year, self.split, self.help = name, year, split, help
+        self.ground_truth = split != "test-dev"
 
     def load(self, args) -> EvalData:
         root = resolve_davis_root(args.davis_root)
@@ -184,6 +187,7 @@ class YouTubeVOSPreset(Preset):
 
     def __init__(self, name: str, split: str, year: str, help: str):
         self.name, self.split, self.year, self.help = name, split, year, help
+        self.ground_truth = not split.startswith("valid")
 
     def load(self, args) -> EvalData:
         root = resolve_ytvos_root(args.ytvos_root)
@@ -226,6 +230,7 @@ class MosePreset(Preset):
 
     def __init__(self, name: str, split: str, help: str):
         self.name, self.split, self.help = name, split, help
+        self.ground_truth = split == "train"
 
     def load(self, args) -> EvalData:
         root = resolve_root(args.mose_root, "MOSE", "MOSE_ROOT", "set the MOSE root with --mose-root or the MOSE_ROOT environment variable")

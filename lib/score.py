@@ -26,20 +26,24 @@ def score_results(args) -> dict:
     results.csv into the folder, prints the table; returns the results dict. Raises UsageError
     for a preset without public ground truth, FileNotFoundError for a missing folder or PNG,
     UsageError for a PNG of the wrong size."""
-    data = PRESETS[args.dset].load(args)
-    if data.metric is None:
-        with_gt = [name for name, p in PRESETS.items() if "server zip" not in p.help]
+    if not PRESETS[args.dset].ground_truth:
+        with_gt = [name for name, p in PRESETS.items() if p.ground_truth]
         raise UsageError(f"--score: --dset {args.dset} has no public ground truth for its frames (its masks go to the "
                          f"evaluation server); presets that can be scored here: {', '.join(with_gt)}")
+    data = PRESETS[args.dset].load(args)
+    if data.metric is None:
+        raise UsageError(f"--score: not every frame of --dset {args.dset} at {data.root} has an annotation PNG, so "
+                         f"there is no ground truth to score against")
     folder = Path(args.score).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"--score {folder}: no such folder (expected <sequence>/<frame>.png inside)")
     absent = [seq.name for seq in data.sequences if not (folder / seq.name).is_dir()]
     if absent:
         found = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        found_text = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "") if found else "no sequence folder"
         raise FileNotFoundError(f"--score {folder}: no folder {absent[0]}/ for sequence {absent[0]!r} of --dset "
                                 f"{args.dset} ({len(absent)} of {len(data.sequences)} missing; found "
-                                f"{', '.join(found[:4]) + (', ...' if len(found) > 4 else '') or 'no sequence folder'})")
+                                f"{found_text})")
     print(f"scoring {folder} against {args.dset} = {data.name} at {data.root}, {len(data.sequences)} sequence(s)")
     if data.metric == "lvos":
         results = evaluate_lvos_results_dir(folder, [(s, data.lvos_ranges[s.name]) for s in data.sequences],
