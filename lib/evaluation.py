@@ -31,9 +31,8 @@ from lib import distributed
 from lib.background import BackgroundWriter, read_ahead
 from lib.cli import UsageError, resolve_device
 from lib.metrics import format_table, json_safe, write_results
-from lib.results import (SequenceWriter, TrackingStats, evaluate_lvos_results_dir,
-                         evaluate_results_dir, read_sequence_stats, results_dir, sequence_complete,
-                         summarize_tracking, write_json, write_submission_zip)
+from lib.results import (SequenceWriter, TrackingStats, evaluate_data_dir, read_sequence_stats, results_dir,
+                         sequence_complete, summarize_tracking, write_json, write_submission_zip)
 
 FPS_DEFINITION = ("frames / tracker time: object initialization (first-frame augmentation and target-model "
                   "training) included; reading frames from disk and writing PNGs excluded; CUDA synchronized "
@@ -296,13 +295,9 @@ def collect_results(job: Job, outcomes: list[dict], computed: list[str]) -> dict
     overall["wall_seconds"] = wall
     overall["wall_fps"] = frames_now / wall if frames_now and wall > 0 else math.nan
 
-    if data.metric == "davis":
-        print("Computing J&F from the written PNGs")
-        results = evaluate_results_dir(job.out_dir, [(seq, data.eval_frames.get(seq.name)) for seq in data.sequences])
-    elif data.metric == "lvos":
-        print("Computing J&F (LVOS protocol) from the written PNGs")
-        results = evaluate_lvos_results_dir(job.out_dir, [(seq, data.lvos_ranges[seq.name]) for seq in data.sequences],
-                                            data.lvos_unseen)
+    if data.metric is not None:
+        print(f"Computing J&F{' (LVOS protocol)' if data.metric == 'lvos' else ''} from the written PNGs")
+        results = evaluate_data_dir(job.out_dir, data)
     else:
         results = {"sequences": {name: {} for name in per_sequence}}
     for name, stats in per_sequence.items():

@@ -423,6 +423,16 @@ def evaluate_lvos_results_dir(results_directory: str | os.PathLike, sequences: I
     return summarize_lvos(per_sequence, unseen)
 
 
+def evaluate_data_dir(results_directory: str | os.PathLike, data) -> dict:
+    """The metrics of an evaluation's data (dataset.benchmarks.EvalData with metric "davis" or
+    "lvos") from the PNGs in results_directory: evaluate_results_dir on its scored frames, or
+    evaluate_lvos_results_dir with its LVOS ranges and unseen list."""
+    if data.metric == "lvos":
+        return evaluate_lvos_results_dir(results_directory, [(s, data.lvos_ranges[s.name]) for s in data.sequences],
+                                         data.lvos_unseen)
+    return evaluate_results_dir(results_directory, [(s, data.eval_frames.get(s.name)) for s in data.sequences])
+
+
 # ---------------------------------------------------------------------------------------------
 # YouTube-VOS submission
 

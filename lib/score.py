@@ -17,7 +17,7 @@ from dataset.benchmarks import PRESETS
 from lib.cli import UsageError
 from lib.evaluation import _nan_for_none, summary_line
 from lib.metrics import format_table, json_safe, write_results
-from lib.results import evaluate_lvos_results_dir, evaluate_results_dir
+from lib.results import evaluate_data_dir
 
 
 def score_results(args) -> dict:
@@ -45,11 +45,7 @@ def score_results(args) -> dict:
                                 f"{args.dset} ({len(absent)} of {len(data.sequences)} missing; found "
                                 f"{found_text})")
     print(f"scoring {folder} against {args.dset} = {data.name} at {data.root}, {len(data.sequences)} sequence(s)")
-    if data.metric == "lvos":
-        results = evaluate_lvos_results_dir(folder, [(s, data.lvos_ranges[s.name]) for s in data.sequences],
-                                            data.lvos_unseen)
-    else:
-        results = evaluate_results_dir(folder, [(s, data.eval_frames.get(s.name)) for s in data.sequences])
+    results = evaluate_data_dir(folder, data)
     results.update({
         "dset": args.dset, "dataset": data.name, "data_root": str(data.root), "results_dir": str(folder),
         "metric": data.metric, "scored": "--score: masks read from the results folder, no tracking",
