@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence as SequenceType
 
@@ -11,6 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lib.cli import UsageError
 from lib.image_io import read_image, read_label_png
+from lib.video_io import list_files
 
 VOID_LABEL = 255  # DAVIS "void" pixels: never an object
 
@@ -40,18 +42,18 @@ def folder_listing(directory: Path) -> str:
 
 
 def list_frames(image_dir: Path, expected: str = "") -> list[Path]:
-    """The frames of a video folder: its *.jpg, *.jpeg and *.png files (any case), sorted by
-    name. FileNotFoundError naming the folder, the `expected` layout and what it holds when
-    there is none; UsageError when a frame is there twice (e.g. 00000.jpg and 00000.png)."""
-    images = sorted((p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES),
-                    key=lambda p: (p.stem, p.name)) if image_dir.is_dir() else []
+    """The frames of a video folder: its *.jpg, *.jpeg and *.png files (any case), in natural
+    order (lib.video_io.list_files). FileNotFoundError naming the folder, the `expected` layout
+    and what it holds when there is none; UsageError when a frame is there twice (e.g.
+    00000.jpg and 00000.png)."""
+    images = list_files(image_dir, FRAME_SUFFIXES) if image_dir.is_dir() else []
     if not images:
         raise FileNotFoundError(f"no frames (*.jpg, *.jpeg or *.png) in {image_dir}"
                                 f"{f' (expected {expected})' if expected else ''}: found {folder_listing(image_dir)}")
-    twice = [(a, b) for a, b in zip(images, images[1:]) if a.stem == b.stem]
+    stems = Counter(p.stem for p in images)
+    twice = sorted(p.name for p in images if stems[p.stem] > 1)
     if twice:
-        first, second = twice[0]
-        raise UsageError(f"frame {first.stem!r} is in {image_dir} twice ({first.name}, {second.name}): keep one")
+        raise UsageError(f"{image_dir} holds a frame twice ({', '.join(twice[:4])}): keep one of each")
     return images
 
 

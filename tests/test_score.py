@@ -186,6 +186,10 @@ def test_layout_errors_name_the_layout_and_the_folder(tmp_path):
         PRESETS["davis-layout"].load(args("--dset", "davis-layout", "--data-root", str(root)))
     assert f"no frames (*.jpg, *.jpeg or *.png) in {video}" in str(err.value)
     assert "expected the davis-layout layout: JPEGImages[/480p]/" in str(err.value) and "00000.bmp" in str(err.value)
+    shutil.copy(video / "00000.bmp", video / "00000.jpg")
+    shutil.copy(video / "00000.bmp", video / "00000.png")
+    with pytest.raises(ValueError, match=r"holds a frame twice \(00000\.jpg, 00000\.png\)"):
+        PRESETS["davis-layout"].load(args("--dset", "davis-layout", "--data-root", str(root)))
     shutil.rmtree(root / "Annotations")
     with pytest.raises(FileNotFoundError, match=r"does not have the ytvos-layout layout: expected .*Annotations/, "
                                                 r"found JPEGImages/"):
