@@ -63,10 +63,10 @@ def get_parser() -> argparse.ArgumentParser:
                         "(mose-val, mose-train) (default: $MOSE_ROOT)")
     g.add_argument("--lvos-root", type=Path, default=None,
                    help="LVOS (v1 or v2) root with valid/JPEGImages/, valid/Annotations/ and the meta JSON "
-                        "valid/valid_meta.json (lvos-val) (default: $LVOS_ROOT)")
+                        "valid/valid_meta.json, or that valid/ folder itself (lvos-val) (default: $LVOS_ROOT)")
     g.add_argument("--data-root", type=Path, default=None,
-                   help="davis-layout / ytvos-layout: a folder with JPEGImages/[480p/]<video>/*.jpg and "
-                        "Annotations/[480p/]<video>/*.png, e.g. your own annotated videos")
+                   help="davis-layout / ytvos-layout: a folder with JPEGImages/[480p/]<video>/<frame>.jpg (or "
+                        ".jpeg, .png) and Annotations/[480p/]<video>/<frame>.png, e.g. your own annotated videos")
     g.add_argument("--split-file", type=Path, default=None,
                    help="file listing the videos to use, one per line: YouTube-VOS (default: "
                         "dataset/splits/ytvos_jjvalid.txt for yt2018jjval*, every valid video for yt2018val* / "
