@@ -30,7 +30,8 @@ def get_parser() -> argparse.ArgumentParser:
         prog="evaluate.py",
         description="Run G-FRTM (or FRTM) on a benchmark: label PNGs, J&F (where ground truth exists), "
                     "FPS and reuse rate; the evaluation server's zip where it does not. Under torchrun the "
-                    "sequences are shared among the processes.",
+                    "sequences are shared among the processes. With --score, a results folder of any method is "
+                    "scored instead, without a model.",
         epilog="Results: <output root>/result/<dset>-<model stem>_<TH>[_fast]/<sequence>/<frame>.png, with "
                "results.json and results.csv beside the sequence folders. Errors in the input (missing files, "
                "corrupt frames, a checkpoint that does not fit) stop with one line naming the path or flag; "
