@@ -1,4 +1,4 @@
-"""Evaluate G-FRTM (or FRTM) on a benchmark (SPEC §9): DAVIS, YouTube-VOS, MOSE, LVOS or a folder.
+"""Evaluate G-FRTM (or FRTM) on a benchmark (docs/evaluation.md): DAVIS, YouTube-VOS, MOSE, LVOS or a folder.
 
     python evaluate.py --model gfrtm_rn18.pth --ftext resnet18 --dset dv2017val --dev cuda:0 --TH 0.7
     torchrun --nproc_per_node=4 evaluate.py --model gfrtm_rn18.pth --dset yt2019val --dev cuda
@@ -7,14 +7,14 @@ Writes DAVIS-palette label PNGs to `<output root>/result/<dset>-<model stem>_<TH
 computes J&F from those PNGs (benchmarks with ground truth), FPS and reuse rate, and writes
 results.json / results.csv next to the masks; for benchmarks without public ground truth the
 server's submission zip `<results dir>.zip`. The work is done by lib.evaluation (presets in
-dataset.benchmarks); `python evaluate.py --help` lists every option.
+dataset.presets); `python evaluate.py --help` lists every option.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from dataset.benchmarks import PRESETS
+from dataset.presets import PRESETS
 from lib.cli import (add_backbone_weights_flag, add_data_root_flags, add_device_flag, add_num_aug_flag,
                      add_precision_flag, add_seed_flag, add_threshold_flag, run)
 from lib.evaluation import evaluate

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.image_io import read_image, read_label_png
 from lib.video_io import list_files
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from dataset.sequence import Sequence, SequenceList, folder_listing, resolve_root, sequence_frames
-from lib.cli import UsageError
+from lib.errors import UsageError
 
 ROOT_HINT = "set the YouTube-VOS root with --ytvos-root or the YTVOS_ROOT environment variable"
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"

@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from dataset.benchmarks import PRESETS, EvalData
+from dataset.presets import PRESETS, EvalData
 from lib import distributed
 from lib.background import BackgroundWriter, read_ahead
 from lib.cli import UsageError, resolve_device

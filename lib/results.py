@@ -1,6 +1,6 @@
 """Evaluation results on disk: where they go, how they are written, what they score.
 
-Layout (SPEC §9):
+Layout (docs/evaluation.md):
 
     <output root>/result/<dset>-<model stem>_<TH>[_fast]/        the results directory
         <sequence>/<frame>.png                                    DAVIS-palette label PNGs
@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence as SequenceTy
 import numpy as np
 
 from lib.background import BackgroundWriter
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.fileio import UMASK, atomic_write_bytes
 from lib.image_io import read_label_png, write_label_png
 from lib.metrics import (LVOS_STEP, evaluate_lvos_object, evaluate_lvos_sequence, evaluate_results, json_safe,
@@ -399,7 +399,7 @@ def evaluate_lvos_results_dir(results_directory: str | os.PathLike, sequences: I
     whose PNGs are in results_directory.
 
     sequences: iterable of (Sequence, {object id: range}) with range.start, .end, .length (the
-    meta frame_nums) from the LVOS meta JSON (dataset.benchmarks.LvosRange); frame names are
+    meta frame_nums) from the LVOS meta JSON (dataset.presets.LvosRange); frame names are
     the frame numbers (LVOS's 8 digits). An object's frames are start, start+5, ... < end, of
     which lib.metrics.lvos_scored_positions are scored. unseen: the unseen videos' names.
     """
@@ -424,7 +424,7 @@ def evaluate_lvos_results_dir(results_directory: str | os.PathLike, sequences: I
 
 
 def evaluate_data_dir(results_directory: str | os.PathLike, data) -> dict:
-    """The metrics of an evaluation's data (dataset.benchmarks.EvalData with metric "davis" or
+    """The metrics of an evaluation's data (dataset.presets.EvalData with metric "davis" or
     "lvos") from the PNGs in results_directory: evaluate_results_dir on its scored frames, or
     evaluate_lvos_results_dir with its LVOS ranges and unseen list."""
     if data.metric == "lvos":

@@ -33,7 +33,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 
 __all__ = ["load_pth", "Placeholder", "UnsafePickleError", "Unpickler", "load"]
 

@@ -13,7 +13,7 @@ import datetime
 import sys
 from pathlib import Path
 
-from dataset.benchmarks import PRESETS
+from dataset.presets import PRESETS
 from lib.cli import UsageError
 from lib.evaluation import _nan_for_none, summary_line
 from lib.metrics import format_table, json_safe, write_results

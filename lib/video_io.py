@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import torch
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.image_io import read_image, read_label_png, resize_image_area, resize_labels_nearest_exact
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -41,6 +41,14 @@ MASK_SUFFIXES = (".png",)
 
 def _prefix(flag: Optional[str]) -> str:
     return f"{flag}: " if flag else ""
+
+
+def _existing(path: str | os.PathLike, flag: Optional[str], what: str) -> Path:
+    """`path` with ~ expanded; FileNotFoundError naming the flag and `what` was expected if missing."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{_prefix(flag)}no such {what}: {path}")
+    return path
 
 
 def natural_key(name: str) -> list:
@@ -99,11 +107,9 @@ class FrameSource:
     """
 
     def __init__(self, path: str | os.PathLike, flag: Optional[str] = None):
-        self.path = Path(path).expanduser()
+        self.path = _existing(path, flag, "video file or frame folder")
         self.flag = flag
         p = _prefix(flag)
-        if not self.path.exists():
-            raise FileNotFoundError(f"{p}no such video file or frame folder: {self.path}")
         self.fps: Optional[float] = None
         if self.path.is_dir():
             self.kind = "folder"
@@ -204,11 +210,9 @@ class MaskSet:
     """
 
     def __init__(self, path: str | os.PathLike, flag: Optional[str] = None):
-        self.path = Path(path).expanduser()
+        self.path = _existing(path, flag, "mask PNG or mask folder")
         self.flag = flag
         p = _prefix(flag)
-        if not self.path.exists():
-            raise FileNotFoundError(f"{p}no such mask PNG or mask folder: {self.path}")
         self.single = not self.path.is_dir()
         if self.single:
             files = [self.path]

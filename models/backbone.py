@@ -1,5 +1,5 @@
 """Frozen torchvision ResNet backbone split into a low part (every frame) and a high part
-(once per frame, only when some object computes) (SPEC §2)."""
+(once per frame, only when some object computes) (FRTM, Robinson et al., CVPR 2020)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,7 @@ import torchvision
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.safe_load import load_pth
 
 from .network import BACKBONE_CHANNELS

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Union
 import numpy as np
 import torch
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.fileio import atomic_write
 from lib.safe_load import load_pth
 

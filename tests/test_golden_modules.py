@@ -1,4 +1,4 @@
-"""Conformance: every `*_modules.pt` in $RVOS_GOLDEN reproduced module by module (SPEC §3-5).
+"""Conformance: every `*_modules.pt` in $RVOS_GOLDEN reproduced module by module.
 
 Tolerances from golden/README.md: atol 1e-4, rtol 1e-3; target model: atol 1e-3.
 """

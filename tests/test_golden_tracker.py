@@ -1,4 +1,4 @@
-"""Conformance: every `*_tracker*.pt` in $RVOS_GOLDEN reproduced end to end (SPEC §5-6).
+"""Conformance: every `*_tracker*.pt` in $RVOS_GOLDEN reproduced end to end.
 
 Everything comes from the vector and the rules of golden/README.md ("rn18_tracker*.pt"): which
 objects start on which frame (`start_frames`), the image size, the frame count, the settings

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset.benchmarks import PRESETS
+from dataset.presets import PRESETS
 from dataset.synthetic import make_ytvos_like
 from dataset.synthetic_layouts import make_davis_testdev_like, make_folder_like, make_lvos_like, make_mose_like
 from evaluate import get_parser, main

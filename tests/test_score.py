@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dataset.benchmarks import PRESETS
+from dataset.presets import PRESETS
 from dataset.synthetic import _write_jpeg, make_ytvos_like
 from dataset.synthetic_layouts import make_folder_like, make_lvos_scoring_set, make_mose_like
 from evaluate import get_parser, main

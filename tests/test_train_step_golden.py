@@ -1,4 +1,4 @@
-"""Conformance: every `*_train_step.pt` in $RVOS_GOLDEN (one training batch, SPEC §8):
+"""Conformance: every `*_train_step.pt` in $RVOS_GOLDEN (one training batch):
 per-frame average losses and accuracy, gradients of the summed losses for every learnable
 parameter, and batch-norm running statistics after the step (atol 1e-4, rtol 1e-3)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training (SPEC §8) on the CPU with tiny synthetic data and random backbones: the loss goes
+"""Training (docs/training.md) on the CPU with tiny synthetic data and random backbones: the loss goes
 down on a fixed batch; checkpoints are complete, atomic, load in the tracker and resume (also
 after SIGKILL); torchrun with 2 processes ends with identical weights, rank 0 writing alone;
 bad input is reported or skipped; the data set's visibility rules and the gate's pieces."""

@@ -5,7 +5,7 @@ scored (and by which protocol) and, for benchmarks without public ground truth, 
 the evaluation server's zip. `PRESETS[name].load(args)` checks the whole input before anything
 is tracked and returns an `EvalData`.
 
-Layouts (see README, "Benchmarks"):
+Layouts (see docs/evaluation.md, "Presets"):
 
     dv2016val, dv2017val, dv2017testdev   DAVIS: JPEGImages/480p/<seq>/, Annotations/480p/<seq>/,
                                           ImageSets/<year>/{val,test-dev}.txt
@@ -29,7 +29,7 @@ from dataset.davis import DAVISDataset, list_davis_sequences, resolve_davis_root
 from dataset.sequence import VOID_LABEL, Sequence, folder_listing, list_frames, resolve_root
 from dataset.ytvos import SPLITS_DIR, YouTubeVOSDataset, read_sequence_list, resolve_ytvos_root, valid_frame_names
 from lib.metrics import LVOS_STEP, lvos_scored_positions
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.image_io import read_label_png
 
 # Zip layouts of the evaluation servers: member name of <video>/<frame>.png.
