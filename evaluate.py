@@ -18,6 +18,7 @@ from dataset.presets import PRESETS
 from lib.cli import (add_backbone_weights_flag, add_data_root_flags, add_device_flag, add_num_aug_flag,
                      add_precision_flag, add_seed_flag, add_threshold_flag, run)
 from lib.evaluation import evaluate
+from lib.score import score_results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -29,7 +30,8 @@ def get_parser() -> argparse.ArgumentParser:
         prog="evaluate.py",
         description="Run G-FRTM (or FRTM) on a benchmark: label PNGs, J&F (where ground truth exists), "
                     "FPS and reuse rate; the evaluation server's zip where it does not. Under torchrun the "
-                    "sequences are shared among the processes.",
+                    "sequences are shared among the processes. With --score, a results folder of any method is "
+                    "scored instead, without a model.",
         epilog="Results: <output root>/result/<dset>-<model stem>_<TH>[_fast]/<sequence>/<frame>.png, with "
                "results.json and results.csv beside the sequence folders. Errors in the input (missing files, "
                "corrupt frames, a checkpoint that does not fit) stop with one line naming the path or flag; "
@@ -62,10 +64,10 @@ def get_parser() -> argparse.ArgumentParser:
                         "(mose-val, mose-train) (default: $MOSE_ROOT)")
     g.add_argument("--lvos-root", type=Path, default=None,
                    help="LVOS (v1 or v2) root with valid/JPEGImages/, valid/Annotations/ and the meta JSON "
-                        "valid/valid_meta.json (lvos-val) (default: $LVOS_ROOT)")
+                        "valid/valid_meta.json, or that valid/ folder itself (lvos-val) (default: $LVOS_ROOT)")
     g.add_argument("--data-root", type=Path, default=None,
-                   help="davis-layout / ytvos-layout: a folder with JPEGImages/[480p/]<video>/*.jpg and "
-                        "Annotations/[480p/]<video>/*.png, e.g. your own annotated videos")
+                   help="davis-layout / ytvos-layout: a folder with JPEGImages/[480p/]<video>/<frame>.jpg (or "
+                        ".jpeg, .png) and Annotations/[480p/]<video>/<frame>.png, e.g. your own annotated videos")
     g.add_argument("--split-file", type=Path, default=None,
                    help="file listing the videos to use, one per line: YouTube-VOS (default: "
                         "dataset/splits/ytvos_jjvalid.txt for yt2018jjval*, every valid video for yt2018val* / "
@@ -77,6 +79,12 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true",
                    help="skip sequences already finished in the results directory with the same settings "
                         "(their PNGs and timings are reused); the metrics still cover every requested sequence")
+
+    g = parser.add_argument_group("scoring a results folder (no model)")
+    g.add_argument("--score", type=Path, default=None, metavar="RESULTS_DIR",
+                   help="score this folder of <sequence>/<frame>.png label PNGs (any method's results) against "
+                        "--dset's ground truth instead of running a model (--model not needed); writes results.json "
+                        "and results.csv into it. Presets with public ground truth only")
 
     g = parser.add_argument_group("output")
     g.add_argument("--output-root", type=Path, default=None,
@@ -92,7 +100,9 @@ def main(args) -> dict:
     """Run the evaluation described by parsed arguments (lib.evaluation.evaluate): in this process,
     or as one rank of `torchrun --nproc_per_node=N evaluate.py ...`. Returns the results dict
     (as written to results.json; {} on ranks other than 0). Raises FileNotFoundError /
-    UsageError naming the path or flag at fault."""
+    UsageError naming the path or flag at fault. With --score: lib.score.score_results."""
+    if args.score is not None:
+        return score_results(args)
     return evaluate(args)
 
 

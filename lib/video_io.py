@@ -57,7 +57,9 @@ def natural_key(name: str) -> list:
             for part in re.split(r"(\d+)", name) if part != ""]
 
 
-def _list_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+def list_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files of folder with one of the (lower-case) suffixes, any case, hidden files left
+    out, in natural order (frame2 before frame10)."""
     files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes
              and not p.name.startswith(".")]
     return sorted(files, key=lambda p: natural_key(p.name))
@@ -112,7 +114,7 @@ class FrameSource:
         if self.path.is_dir():
             self.kind = "folder"
             self.name = self.path.resolve().name
-            self._files = _list_files(self.path, IMAGE_SUFFIXES)
+            self._files = list_files(self.path, IMAGE_SUFFIXES)
             if not self._files:
                 raise UsageError(f"{p}frame folder {self.path} holds no image files "
                                  f"({', '.join(IMAGE_SUFFIXES)})")
@@ -215,7 +217,7 @@ class MaskSet:
         if self.single:
             files = [self.path]
         else:
-            files = _list_files(self.path, MASK_SUFFIXES)
+            files = list_files(self.path, MASK_SUFFIXES)
             if not files:
                 raise UsageError(f"{p}mask folder {self.path} holds no .png files")
         self.keys = [("" if self.single else f.stem) for f in files]

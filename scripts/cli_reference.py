@@ -71,6 +71,10 @@ def _default(action: argparse.Action) -> str:
         default = "x".join(str(v) for v in default)
     elif isinstance(default, (list, tuple)):
         default = " ".join(str(v) for v in default)
+    elif isinstance(default, Path) and default.is_absolute():
+        # A default built from the checkout's location is shown relative to the repository
+        # root, so that the page is the same in every clone.
+        default = os.path.relpath(default, ROOT)
     return f"`{default}`"
 
 

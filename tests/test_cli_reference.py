@@ -33,3 +33,10 @@ def test_reference_lists_every_flag_with_its_default():
     assert "`--TH`, `--tau`" in evaluate and "`--fast`, `--no-fast`" in evaluate
     flags = sum(len(cli_reference.documented_actions(cli_reference.parser_of(c))) for c in cli_reference.SCRIPTS)
     assert text.count("\n| `") == flags
+
+
+def test_reference_is_the_same_in_every_clone():
+    """Defaults built from the checkout's location appear relative to it, never as this machine's path."""
+    text = cli_reference.reference()
+    assert str(ROOT.parent) not in text
+    assert "| `../shared/data/davis-sample` |" in text
