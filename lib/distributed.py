@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional, Sequence as SequenceType
 import torch
 import torch.distributed as dist
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 
 
 @dataclass(frozen=True)
