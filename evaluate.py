@@ -107,4 +107,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, get_parser(), interrupted="interrupted (finished sequences are kept; continue with --resume)")
+    run(main, get_parser(), kept="finished sequences are kept; continue with --resume")

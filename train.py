@@ -196,4 +196,4 @@ def _train(args, rank: int, world: int, dev) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, get_parser(), interrupted="interrupted: resume with the same command (the last epoch's checkpoint is kept)")
+    run(main, get_parser(), kept="the last epoch's checkpoint is kept; resume with the same command")

@@ -255,9 +255,10 @@ USER_ERRORS = (UsageError, FileNotFoundError)
 
 def exchange_outcomes(job: Job, outcome: dict) -> list[dict]:
     """Gather every rank's outcome (a barrier). When a rank failed: in one process the original
-    error with the sequence named; over several ranks rank 0 raises UsageError naming the rank
-    and sequence, the failed rank re-raises a non-input error (for its traceback), and the
-    other ranks exit with status 2."""
+    error with the sequence named; over several ranks each failed rank raises UsageError naming
+    the first failed rank and its sequence (the same text on each; lib.cli.run prints it once)
+    or re-raises a non-input error (for its traceback), and the other ranks exit with status 2
+    silently."""
     exception = outcome.pop("exception", None)
     if not job.ctx.distributed:
         if exception is not None:
@@ -271,11 +272,11 @@ def exchange_outcomes(job: Job, outcome: dict) -> list[dict]:
     message = distributed.first_failure(outcomes, job.ctx.world_size)
     if message is None:
         return outcomes
-    if exception is not None and not isinstance(exception, USER_ERRORS):
+    if exception is None:
+        raise SystemExit(2)  # a rank that failed says so (lib.cli.run prints one line for the job)
+    if not isinstance(exception, USER_ERRORS):
         raise exception
-    if job.ctx.is_main:
-        raise UsageError(message)
-    raise SystemExit(2)
+    raise UsageError(message) from exception
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,13 +416,7 @@ def evaluate(args) -> dict:
     """Run the evaluation described by evaluate.py's parsed arguments, in this process or as one
     torchrun rank. Returns the results dict (as written to results.json) on rank 0, {} on the
     other ranks. Raises FileNotFoundError / UsageError naming the path or flag at fault."""
-    ctx = distributed.launch_context()
-    try:
-        return _evaluate(args, ctx)
-    except USER_ERRORS:
-        if not ctx.is_main:  # every rank meets the same bad input: rank 0 alone says so
-            raise SystemExit(2)
-        raise
+    return _evaluate(args, distributed.launch_context())
 
 
 def _evaluate(args, ctx: distributed.Context) -> dict:

@@ -192,6 +192,11 @@ def davis_gt(davis_root, seq, merge=False) -> np.ndarray:
     return np.stack(frames)
 
 
+def png_bytes(results_dir: Path) -> dict[str, bytes]:
+    """Every sequence's PNGs, by <sequence>/<frame>.png."""
+    return {str(p.relative_to(results_dir)): p.read_bytes() for p in sorted(results_dir.glob("*/*.png"))}
+
+
 def read_pngs(seq_dir: Path, frames) -> np.ndarray:
     return np.stack([np.array(Image.open(seq_dir / f"{f}.png")) for f in frames])
 
@@ -513,7 +518,8 @@ def test_missing_annotation_and_empty_first_mask(checkpoint, davis_root, tmp_pat
 def test_corrupt_jpeg_keeps_finished_sequences(checkpoint, davis_root, dv2017, tmp_path):
     davis = copy_davis(davis_root, tmp_path)
     bad = davis / "JPEGImages" / "480p" / "motocross-jump" / "00003.jpg"
-    bad.write_bytes(bad.read_bytes()[:200])
+    good = bad.read_bytes()
+    bad.write_bytes(good[:200])  # fails in the read-ahead thread, raised at frame 3
 
     # Fresh output: car-shadow (sorted first) finishes, motocross-jump fails and leaves nothing.
     out = tmp_path / "fresh"
@@ -526,6 +532,15 @@ def test_corrupt_jpeg_keeps_finished_sequences(checkpoint, davis_root, dv2017, t
     assert (results_dir / "car-shadow" / STATS_FILE).is_file()
     assert not (results_dir / "motocross-jump").exists()
     no_partials(results_dir)
+    kept = {p.name: p.stat().st_mtime_ns for p in (results_dir / "car-shadow").iterdir()}
+
+    # The frame repaired, --resume tracks motocross-jump alone: the bytes of an uninterrupted run.
+    bad.write_bytes(good)
+    resumed = run(checkpoint, out, *davis_args(davis), "--resume")
+    assert resumed["sequences_computed"] == ["motocross-jump"]
+    assert {p.name: p.stat().st_mtime_ns for p in (results_dir / "car-shadow").iterdir()} == kept
+    assert png_bytes(results_dir) == png_bytes(dv2017[0])
+    bad.write_bytes(good[:200])
 
     # Over complete earlier results: the failed recomputation leaves the old copy as it was.
     out = tmp_path / "over"
@@ -538,7 +553,8 @@ def test_corrupt_jpeg_keeps_finished_sequences(checkpoint, davis_root, dv2017, t
     no_partials(out / "result" / dv2017[0].name)
 
 
-def test_a_png_write_error_stops_the_run_naming_the_path(checkpoint, davis_root, tmp_path, monkeypatch):
+def test_a_png_write_error_stops_the_run_naming_the_path(checkpoint, davis_root, dv2017, tmp_path, monkeypatch):
+    """ENOSPC in the background PNG writer mid-sequence; --resume then completes the run."""
     import lib.results
 
     write = lib.results.write_label_png
@@ -555,6 +571,12 @@ def test_a_png_write_error_stops_the_run_naming_the_path(checkpoint, davis_root,
     results_dir = tmp_path / "result" / "dv2017val-rn18_0.5_fast"
     check_pngs(results_dir / "car-shadow", [f"{i:05d}" for i in range(DAVIS_FRAMES)], [1])  # finished before
     assert not (results_dir / "motocross-jump").exists()
+    no_partials(results_dir)
+
+    monkeypatch.setattr(lib.results, "write_label_png", write)  # space again
+    resumed = run(checkpoint, tmp_path, *davis_args(davis_root), "--resume")
+    assert resumed["sequences_computed"] == ["motocross-jump"]
+    assert png_bytes(results_dir) == png_bytes(dv2017[0])
     no_partials(results_dir)
 
 

@@ -205,6 +205,42 @@ def test_torchrun_two_processes(synthetic_root, tmp_path):
     assert len(list((tmp_path / "tb" / "t").glob("events.out.tfevents.*"))) == 1
 
 
+# train.py whose loss is NaN on rank 1 alone.
+NAN_ON_RANK_1 = f"""import os, runpy, sys
+sys.path.insert(0, {str(ROOT)!r})
+from trainers.gfrtm_step import GFRTMStep
+loss = GFRTMStep.loss
+
+def nan_loss(self, *args, **kwargs):
+    value, stats = loss(self, *args, **kwargs)
+    return value * float("nan") if os.environ["RANK"] == "1" else value, stats
+
+GFRTMStep.loss = nan_loss
+sys.argv[0] = {str(ROOT / "train.py")!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("fault", ["missing --initPth", "NaN on rank 1"])
+def test_torchrun_failure_is_reported_once(synthetic_root, tmp_path, fault):
+    """A mistake every process meets (--initPth missing) and a failure on one process (its loss
+    is NaN): one `error:` line for the job, from the process that knows, and no checkpoint."""
+    script, extra = ROOT / "train.py", ["--initPth", str(tmp_path / "missing.pth")]
+    if fault == "NaN on rank 1":
+        script, extra = tmp_path / "nan_train.py", []
+        script.write_text(NAN_ON_RANK_1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), *cli(tmp_path, synthetic_root, "--batch-size", "1", "--workers", "0",
+                                            "--epochs", "1", *extra)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out.stderr[-3000:]
+    assert ("missing.pth does not exist" if fault.startswith("missing") else "non-finite loss (nan)") in errors[0]
+    assert not checkpoint_files(tmp_path / "ck" / "t", "t")
+
+
 # ---------------------------------------------------------------------------------------------
 # Faults and bad input
 
