@@ -41,6 +41,22 @@ def number_in(low: float, high: float, what: str = "") -> Callable[[str], float]
 threshold = number_in(0.0, 1.0, " (reuse iff p_reuse > TH; 1 never reuses)")
 
 
+def threshold_list(text: str) -> float | tuple[float, ...]:
+    """argparse type: one threshold (a float, as `threshold`) or a comma-separated list of
+    distinct thresholds (a tuple, in the order given), e.g. 1.0,0.9,0.8."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"must be a threshold in [0, 1] or a comma-separated list of them, "
+                                         f"got {text!r}")
+    values = tuple(threshold(p) for p in parts)
+    if len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"lists a threshold twice: {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+threshold_list.__name__ = "threshold or comma-separated thresholds"
+
+
 def int_in(low: int, high: Optional[int] = None, what: str = "") -> Callable[[str], int]:
     """argparse type: an integer in [low, high] (high None: no upper bound)."""
     wanted = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
@@ -179,12 +195,15 @@ def add_data_root_flags(parser) -> None:
                              "(each split that is used) (default: $YTVOS_ROOT)")
 
 
-def add_threshold_flag(parser) -> None:
-    """--TH, alias --tau (evaluate.py, demo.py)."""
-    parser.add_argument("--TH", "--tau", dest="TH", type=threshold, default=0.7, metavar="TH",
+def add_threshold_flag(parser, several: str = "") -> None:
+    """--TH, alias --tau (evaluate.py, demo.py, the benchmarks). `several`: what a comma-separated
+    list of thresholds does (then args.TH is a float, or a tuple for a list)."""
+    parser.add_argument("--TH", "--tau", dest="TH", type=threshold_list if several else threshold, default=0.7,
+                        metavar="TH",
                         help="reuse-gate threshold tau in [0, 1]: an object reuses the previous frame's result "
                              "when its reuse probability exceeds TH; 1.0 never reuses (plain FRTM) "
-                             "(default: 0.7, upstream's)")
+                             "(default: 0.7, upstream's)" + (f"; a comma-separated list, e.g. 1.0,0.9,0.8,0.7,0.6, "
+                                                             f"{several}" if several else ""))
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # models.precision maps them to dtypes and checks the device
