@@ -70,9 +70,7 @@ def get_parser() -> argparse.ArgumentParser:
     own.add_argument("--out", type=Path, default=None,
                      help="output folder (default ./demo_out/<video name>): masks/<frame>.png, "
                           "overlay.mp4, overlay.gif, timeline.json, timeline.png")
-    add_threshold_flag(own, several="main job only: evaluated and timed together with TH 1.0 by evaluate.py's "
-                                    "threshold sweep (curve.csv, curve.png in <work>/result/), the goals checked "
-                                    "at the first")
+    add_threshold_flag(own, several=True)
     add_device_flag(own)
     add_precision_flag(own)  # also the main job's training and evaluation
     add_num_aug_flag(own, default=5)  # also the main job's evaluation

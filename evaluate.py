@@ -49,9 +49,7 @@ def get_parser() -> argparse.ArgumentParser:
     add_num_aug_flag(g, default=5)
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="fewer target-model optimizer steps, as upstream always evaluated (default: --fast)")
-    add_threshold_flag(g, several="each evaluated into its own results directory (frames decoded once), with "
-                                  "curve.csv and curve.png (J&F against FPS and GFLOPs per frame) in "
-                                  "<output root>/result/<dset>-<model stem>_curve[_fast]/")
+    add_threshold_flag(g, several=True)
     g.add_argument("--timing-runs", type=int_at_least(0), default=3,
                    help="with several --TH: timed runs over all thresholds in turn, after the results are written; "
                         "curve.csv's FPS are their medians (default 3; 0: each threshold's own results run)")

@@ -195,15 +195,19 @@ def add_data_root_flags(parser) -> None:
                              "(each split that is used) (default: $YTVOS_ROOT)")
 
 
-def add_threshold_flag(parser, several: str = "") -> None:
-    """--TH, alias --tau (evaluate.py, demo.py, the benchmarks). `several`: what a comma-separated
-    list of thresholds does (then args.TH is a float, or a tuple for a list)."""
+def add_threshold_flag(parser, several: bool = False) -> None:
+    """--TH, alias --tau (evaluate.py, demo.py, the benchmarks); with `several` it also takes a
+    comma-separated list (then args.TH is a float, or a tuple for a list)."""
     parser.add_argument("--TH", "--tau", dest="TH", type=threshold_list if several else threshold, default=0.7,
                         metavar="TH",
                         help="reuse-gate threshold tau in [0, 1]: an object reuses the previous frame's result "
                              "when its reuse probability exceeds TH; 1.0 never reuses (plain FRTM) "
-                             "(default: 0.7, upstream's)" + (f"; a comma-separated list, e.g. 1.0,0.9,0.8,0.7,0.6, "
-                                                             f"{several}" if several else ""))
+                             "(default: 0.7, upstream's)" + (
+                                 "; a comma-separated list, e.g. 1.0,0.9,0.8,0.7,0.6, is a threshold sweep: each "
+                                 "evaluated into its own results directory, then timed in turn, with curve.csv and "
+                                 "curve.png (J&F against FPS and GFLOPs per frame) in <output root>/result/<dset>-"
+                                 "<model stem>_curve[_fast]/ (evaluate.py; demo.py: its main job, with TH 1.0, "
+                                 "the goals checked at the first)" if several else ""))
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # models.precision maps them to dtypes and checks the device

@@ -210,7 +210,7 @@ def format_curve(rows: Sequence[Mapping]) -> str:
     def num(v, digits=1):
         return "n/a" if v is None or math.isnan(v) else f"{v:.{digits}f}"
     header = ("tau", "J&F", "J", "F", "reuse %", "FPS", "wall FPS", "GFLOPs/frame")
-    lines = [header] + [(f"{r['tau']:g}", pct(r["J&F"]), pct(r["J"]), pct(r["F"]), pct(r["reuse_rate"]),
+    lines = [header] + [(repr(float(r['tau'])), pct(r["J&F"]), pct(r["J"]), pct(r["F"]), pct(r["reuse_rate"]),
                          num(r["fps"]), num(r["wall_fps"]), num(r["gflops_per_frame"], 2)) for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
