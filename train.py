@@ -1,4 +1,4 @@
-"""Train G-FRTM (SPEC §8), as upstream:
+"""Train G-FRTM as upstream (docs/training.md):
 
     python train.py --name x --ftext resnet18 --dset all --dev cuda:0 --m1 1.0 --m2 0
 

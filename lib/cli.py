@@ -1,5 +1,6 @@
-"""What the scripts share: argument types, the flags several scripts take (declared once here),
-device resolution, and the error handling of `run`.
+"""What the scripts share: the flags several scripts take (declared once here), device
+resolution, and the error handling of `run`; argument types (`lib.argtypes`) and `UsageError`
+(`lib.errors`) are re-exported from here.
 
 User mistakes (a wrong flag value, a missing or unusable file) raise `UsageError` (or
 FileNotFoundError): `run` prints them as one `error: ...` line and exits with status 2. Any other
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import sys
 from pathlib import Path
@@ -17,24 +17,9 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-
-class UsageError(ValueError):
-    """A mistake in the user's input (flag, path, data file); the message says which flag or path
-    fixes it. A ValueError, so library callers can catch it as one."""
-
-
-def number_in(low: float, high: float, what: str = "") -> Callable[[str], float]:
-    """argparse type: a float in [low, high] (NaN rejected)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number in [{low:g}, {high:g}], got {text!r}")
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}]{what}, got {text!r}")
-        return value
-    parse.__name__ = f"number in [{low:g}, {high:g}]"
-    return parse
+from lib.argtypes import image_size, int_at_least, int_in, number_in, positive_float  # noqa: F401 (re-exported)
+from lib.errors import UsageError  # noqa: F401 (re-exported: scripts and tests import it from here)
+from models.precision import PRECISIONS
 
 
 # The reuse threshold TH (upstream parsed it as a string).
@@ -55,52 +40,6 @@ def threshold_list(text: str) -> float | tuple[float, ...]:
 
 
 threshold_list.__name__ = "threshold or comma-separated thresholds"
-
-
-def int_in(low: int, high: Optional[int] = None, what: str = "") -> Callable[[str], int]:
-    """argparse type: an integer in [low, high] (high None: no upper bound)."""
-    wanted = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {wanted}{what}, got {text!r}")
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {wanted}{what}, got {text!r}")
-        return value
-    parse.__name__ = wanted[3:]
-    return parse
-
-
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """argparse type: an integer >= minimum."""
-    return int_in(minimum)
-
-
-def image_size(minimum: int = 16) -> Callable[[str], tuple[int, int]]:
-    """argparse type: HxW, e.g. 480x854, each side >= minimum -> (H, W)."""
-    def parse(text: str) -> tuple[int, int]:
-        try:
-            h, w = (int(v) for v in text.lower().split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be HxW, e.g. 480x854, got {text!r}")
-        if h < minimum or w < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}x{minimum}, got {text!r}")
-        return h, w
-    parse.__name__ = "HxW size"
-    return parse
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
 
 
 def resolve_device(dev: Optional[str]) -> tuple[torch.device, str]:
@@ -208,9 +147,6 @@ def add_threshold_flag(parser, several: bool = False) -> None:
                                  "curve.png (J&F against FPS and GFLOPs per frame) in <output root>/result/<dset>-"
                                  "<model stem>_curve[_fast]/ (evaluate.py; demo.py: its main job, with TH 1.0, "
                                  "the goals checked at the first)" if several else ""))
-
-
-PRECISIONS = ("fp32", "bf16", "fp16")  # models.precision maps them to dtypes and checks the device
 
 
 def precision_list(text: str) -> list[str]:

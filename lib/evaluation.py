@@ -26,14 +26,13 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from dataset.benchmarks import PRESETS, EvalData
+from dataset.presets import PRESETS, EvalData
 from lib import distributed
 from lib.background import BackgroundWriter, read_ahead
 from lib.cli import UsageError, resolve_device
 from lib.metrics import format_table, json_safe, write_results
-from lib.results import (SequenceWriter, TrackingStats, evaluate_lvos_results_dir,
-                         evaluate_results_dir, read_sequence_stats, results_dir, sequence_complete,
-                         summarize_tracking, write_json, write_submission_zip)
+from lib.results import (SequenceWriter, TrackingStats, evaluate_data_dir, read_sequence_stats, results_dir,
+                         sequence_complete, summarize_tracking, write_json, write_submission_zip)
 
 FPS_DEFINITION = ("frames / tracker time: object initialization (first-frame augmentation and target-model "
                   "training) included; reading frames from disk and writing PNGs excluded; CUDA synchronized "
@@ -299,12 +298,9 @@ def collect_results(job: Job, outcomes: list[dict], computed: list[str]) -> dict
     overall["wall_seconds"] = wall
     overall["wall_fps"] = frames_now / wall if frames_now and wall > 0 else math.nan
 
-    if data.metric == "davis":
-        print("Computing J&F from the written PNGs")
-        results = evaluate_results_dir(job.out_dir, [(seq, data.eval_frames.get(seq.name)) for seq in data.sequences])
-    elif data.metric == "lvos":
-        print("Computing J&F (LVOS protocol) from the written PNGs")
-        results = evaluate_lvos_results_dir(job.out_dir, [(seq, data.lvos_ranges[seq.name]) for seq in data.sequences])
+    if data.metric is not None:
+        print(f"Computing J&F{' (LVOS protocol)' if data.metric == 'lvos' else ''} from the written PNGs")
+        results = evaluate_data_dir(job.out_dir, data)
     else:
         results = {"sequences": {name: {} for name in per_sequence}}
     for name, stats in per_sequence.items():
@@ -377,6 +373,21 @@ def _nan_for_none(value):
     return math.nan if value is None else value
 
 
+def summary_line(results: dict) -> str:
+    """The J&F line of the console summary (results as json_safe'd: None for NaN)."""
+    jf = results["J&F"]
+    if results["metric"] != "lvos":
+        return (f"J&F {jf:.4f}  J {results['J']['mean']:.4f}  F {results['F']['mean']:.4f}" if jf is not None
+                else "J&F n/a (no object had a frame to score)")
+    groups = "  ".join(f"{g} J&F {_num(results[g]['J&F'], 4)} ({results[g]['num_objects']} objects)"
+                       for g in ("seen", "unseen"))
+    if jf is None:
+        return (f"J&F n/a: {results['protocol']} averages the seen and the unseen videos' means and one group is "
+                f"empty here ({groups}); over all objects J&F {_num(results['all_objects']['J&F'], 4)}")
+    return (f"J&F ({results['protocol']}: seen and unseen averaged) {jf:.4f}  J {results['J']['mean']:.4f}  "
+            f"F {results['F']['mean']:.4f}  V {_num(results['V'], 4)}  ({groups}; decay null, see results.json)")
+
+
 def report(results: dict) -> None:
     """Print the metrics table (with ground truth), the speed table and the summary lines."""
     shown = _nan_for_none(results)
@@ -389,10 +400,7 @@ def report(results: dict) -> None:
           f"in this run / {shown['wall_seconds']:.2f} s wall time)  reuse rate {_pct(shown['reuse_rate'])} "
           f"({results['reused_object_frames']} of {results['tracked_object_frames']} object-frames)")
     if results.get("metric") is not None:
-        jf = results["J&F"]
-        protocol = " (LVOS protocol)" if results["metric"] == "lvos" else ""
-        print(f"J&F{protocol} {jf:.4f}  J {results['J']['mean']:.4f}  F {results['F']['mean']:.4f}"
-              if jf is not None else "J&F n/a (no object had a frame to score)")
+        print(summary_line(results))
     if "submission" in results:
         sub = results["submission"]
         print(f"submission: {sub['path']} ({sub['videos']} videos, {sub['frames']} frames)")

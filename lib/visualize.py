@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.fileio import atomic_write_bytes
 from lib.image_io import resize_image_area
 from lib.palette import DAVIS_PALETTE

@@ -26,30 +26,11 @@ for seq in ytvos-own-0 ytvos-own-1 ytvos-own-2; do
     cp "$WORK/samples/$seq/timeline.png" "sample/main_job_${seq}_timeline.png"
 done
 # The threshold sweep on the DAVIS sample with the main job's checkpoint: sample/curve_davis_sample.png
-# (the sample's 2017 val sequences at 427x240; DAVIS: the sample folder, default ../shared/data/davis-sample).
+# (the sample's 2017 val sequences, 854x480; DAVIS: the sample folder, default ../shared/data/davis-sample).
 DAVIS="${DAVIS:-$ROOT/../shared/data/davis-sample}"
-"$PY" - "$DAVIS" "$WORK/davis-sample-427x240" <<'PY'
-import sys
-from pathlib import Path
-from PIL import Image
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
-val = (src / "ImageSets/2017/val.txt").read_text()
-for seq in val.split():
-    for kind, suffix, resample in (("JPEGImages", "jpg", Image.BILINEAR), ("Annotations", "png", Image.NEAREST)):
-        (dst / kind / "480p" / seq).mkdir(parents=True, exist_ok=True)
-        for p in sorted((src / kind / "480p" / seq).glob(f"*.{suffix}")):
-            im = Image.open(p)
-            small = im.resize((427, 240), resample)
-            if kind == "Annotations":
-                small.putpalette(im.getpalette())
-            small.save(dst / kind / "480p" / seq / p.name, **({"quality": 95} if suffix == "jpg" else {}))
-for year in ("2016", "2017"):
-    (dst / "ImageSets" / year).mkdir(parents=True, exist_ok=True)
-    (dst / "ImageSets" / year / "val.txt").write_text(val)
-PY
 CKPT="$(ls "$WORK"/checkpoints/demo/demo_ep*.pth | tail -n 1)"
-"$PY" evaluate.py --model "$CKPT" --dset dv2017val --davis-root "$WORK/davis-sample-427x240" \
-    --backbone-weights random --num-aug 1 --dev cpu --TH 1.0,0.8,0.7,0.6 --timing-runs 1 --output-root "$WORK" \
+"$PY" evaluate.py --model "$CKPT" --dset dv2017val --davis-root "$DAVIS" \
+    --backbone-weights random --num-aug 1 --dev cpu --TH 1.0,0.8,0.7,0.6 --timing-runs 3 --output-root "$WORK" \
     | tee "$WORK/curve.txt"
 cp "$WORK"/result/dv2017val-demo_ep*_curve_fast/curve.png sample/curve_davis_sample.png
 

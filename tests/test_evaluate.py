@@ -30,6 +30,9 @@ from lib.palette import DAVIS_PALETTE
 from lib.results import STATS_FILE, SequenceWriter, results_dir_name, sequence_complete
 from lib.visualize import load_timeline
 from models import precision
+from models.checkpoint import build_network
+
+from forged_checkpoints import PAYLOADS, malicious_checkpoint, upstream_trainer_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 120, 216
@@ -575,3 +578,34 @@ def test_cli_error_exit(checkpoint, davis_root, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert str(missing) in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_upstream_trainer_checkpoint_gives_the_same_pngs(checkpoint, davis_root, dv2017, tmp_path):
+    """A checkpoint saved as upstream's trainer saves it (name, epoch, stats of upstream's
+    lib.utils.AverageMeter, optimizer, scheduler; upstream key names) evaluates exactly as ours."""
+    net, _ = build_network(checkpoint)
+    upstream = upstream_trainer_checkpoint(net, tmp_path / "upstream_like.pth")
+    run(checkpoint, tmp_path, *davis_args(davis_root), "--sequences", "car-shadow", model=upstream)
+    ours = dv2017[0] / "car-shadow"
+    got = tmp_path / "result" / "dv2017val-upstream_like_0.5_fast" / "car-shadow"
+    pngs = sorted(p.name for p in ours.glob("*.png"))
+    assert len(pngs) == DAVIS_FRAMES and sorted(p.name for p in got.glob("*.png")) == pngs
+    assert all((got / name).read_bytes() == (ours / name).read_bytes() for name in pngs)
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_malicious_checkpoint_runs_nothing(payload, checkpoint, davis_root, tmp_path):
+    """--model and --backbone-weights: one error line naming the file and the global, exit 2,
+    and the payload's marker file is never created."""
+    marker = tmp_path / "MARKER"
+    evil = malicious_checkpoint(tmp_path / "evil.pth", payload, marker)
+    base = [sys.executable, str(ROOT / "evaluate.py"), "--dset", "dv2017val", "--davis-root", str(davis_root),
+            "--dev", "cpu", "--num-aug", "1", "--output-root", str(tmp_path / "out")]
+    flags = (["--model", str(evil), "--backbone-weights", "random"],
+             ["--model", str(checkpoint), "--backbone-weights", str(evil)])
+    for flag in flags[:1] if payload != "os.system" else flags:
+        proc = subprocess.run(base + flag, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+        assert f"{evil} was not loaded: it would call {payload.replace('os.', 'posix.')}" in proc.stderr
+        assert not marker.exists()

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from dataset.training import SAMPLE_SIZE, References, TrainingSamples, epoch_samples
-from lib.cli import UsageError
+from lib.errors import UsageError
 from models.checkpoint import check_backbone, load_network_state, network_state, read_checkpoint, save_checkpoint
 from models.precision import autocast, check_precision
 
