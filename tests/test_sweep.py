@@ -183,6 +183,7 @@ def test_demo_main_job_sweeps_a_threshold_list(tmp_path, monkeypatch, capsys):
     """demo.py --TH 0.7,0.5: the main job evaluates and times TH 1.0, 0.7 and 0.5 in one sweep
     (training replaced by a prepared checkpoint, a smaller validation set, one timing run)."""
     import demo
+    import main_job
     import train
     from benchmarks.parallel_eval import make_checkpoint
 
@@ -190,8 +191,8 @@ def test_demo_main_job_sweeps_a_threshold_list(tmp_path, monkeypatch, capsys):
         (args.checkpoints / "demo").mkdir(parents=True)
         make_checkpoint(args.checkpoints / "demo" / f"demo_ep{args.epochs:04d}.pth")
     monkeypatch.setattr(train, "main", fake_training)
-    monkeypatch.setattr(demo, "JOB_VAL", {"sequences": 1, "frames": 8, "enter_at": 3})
-    monkeypatch.setattr(demo, "JOB_TIMING_RUNS", 1)
+    monkeypatch.setattr(main_job, "JOB_VAL", {"sequences": 1, "frames": 8, "enter_at": 3})
+    monkeypatch.setattr(main_job, "JOB_TIMING_RUNS", 1)
     out = demo.main(demo.get_parser().parse_args(["--work", str(tmp_path), "--epochs", "1", "--dev", "cpu",
                                                   "--TH", "0.7,0.5", "--num-aug", "1", "--threads", "1"]))
     assert set(out["speed"]) == {1.0, 0.7, 0.5} and out["results"]["threshold"] == 0.7
