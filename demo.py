@@ -70,7 +70,7 @@ def get_parser() -> argparse.ArgumentParser:
     own.add_argument("--out", type=Path, default=None,
                      help="output folder (default ./demo_out/<video name>): masks/<frame>.png, "
                           "overlay.mp4, overlay.gif, timeline.json, timeline.png")
-    add_threshold_flag(own)
+    add_threshold_flag(own, several=True)
     add_device_flag(own)
     add_precision_flag(own)  # also the main job's training and evaluation
     add_num_aug_flag(own, default=5)  # also the main job's evaluation
@@ -113,6 +113,9 @@ def run_own_video(args: argparse.Namespace) -> dict:
         raise UsageError("--mask is required with --video (the first frame's label PNG or a folder of them)")
     if args.model is None:
         raise UsageError("--model is required with --video (a G-FRTM checkpoint)")
+    if isinstance(args.TH, tuple):
+        raise UsageError(f"--TH: one threshold with --video, got {len(args.TH)} (a list of thresholds is for "
+                         f"the main job, or evaluate.py on annotated videos)")
     if not Path(args.model).expanduser().is_file():
         raise FileNotFoundError(f"--model: checkpoint not found: {args.model}")
     bw = args.backbone_weights

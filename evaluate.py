@@ -2,12 +2,14 @@
 
     python evaluate.py --model gfrtm_rn18.pth --ftext resnet18 --dset dv2017val --dev cuda:0 --TH 0.7
     torchrun --nproc_per_node=4 evaluate.py --model gfrtm_rn18.pth --dset yt2019val --dev cuda
+    python evaluate.py --model gfrtm_rn18.pth --dset dv2017val --TH 1.0,0.9,0.8,0.7,0.6   # the trade-off curve
 
 Writes DAVIS-palette label PNGs to `<output root>/result/<dset>-<model stem>_<TH>[_fast]/<seq>/`,
 computes J&F from those PNGs (benchmarks with ground truth), FPS and reuse rate, and writes
 results.json / results.csv next to the masks; for benchmarks without public ground truth the
-server's submission zip `<results dir>.zip`. The work is done by lib.evaluation (presets in
-dataset.presets); `python evaluate.py --help` lists every option.
+server's submission zip `<results dir>.zip`. Several thresholds (lib.sweep) add curve.csv,
+curve.json and curve.png beside the results directories. The work is done by lib.evaluation
+(presets in dataset.presets); `python evaluate.py --help` lists every option.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from dataset.presets import PRESETS
 from lib.cli import (add_backbone_weights_flag, add_data_root_flags, add_device_flag, add_num_aug_flag,
-                     add_precision_flag, add_seed_flag, add_threshold_flag, run)
+                     add_precision_flag, add_seed_flag, add_threshold_flag, int_at_least, run)
 from lib.evaluation import evaluate
 from lib.score import score_results
 
@@ -49,7 +51,10 @@ def get_parser() -> argparse.ArgumentParser:
     add_num_aug_flag(g, default=5)
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="fewer target-model optimizer steps, as upstream always evaluated (default: --fast)")
-    add_threshold_flag(g)
+    add_threshold_flag(g, several=True)
+    g.add_argument("--timing-runs", type=int_at_least(0), default=3,
+                   help="with several --TH: timed runs over all thresholds in turn, after the results are written; "
+                        "curve.csv's FPS are their medians (default 3; 0: each threshold's own results run)")
     add_seed_flag(g)
     add_device_flag(g)
     add_precision_flag(g)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from lib.cli import cpu_threads, options, resolve_device
 from lib.gate_report import format_summary, gate_report
-from lib.results import TrackingStats
 
 
 # The main job's data and training, sized for a few minutes on 2 CPU cores (docs/main-job.md).
@@ -33,31 +32,19 @@ GOAL_JF_POINTS = 3.0  # J&F at the gate's threshold at most this many points bel
 
 def time_thresholds(evaluation: argparse.Namespace, thresholds: tuple[float, ...], runs: int) -> dict[float, dict]:
     """The speed of evaluate.py's tracker (the checkpoint and settings of `evaluation`, evaluate.py
-    options) at each threshold, measured as the benchmarks measure: the videos, decoded once into
-    memory, are tracked at each threshold in turn, `runs` times, so that the drift of a shared
-    machine hits every threshold alike. -> {threshold: {"fps": the median over the runs of
-    frames / tracker time (evaluate.py's FPS), "fps_runs": [...], "reuse_rate": ...}}."""
-    import numpy as np
-
+    options) at each threshold, measured as evaluate.py's threshold sweeps measure it
+    (lib.sweep.timed_runs): the videos, decoded once into memory, are tracked at each threshold in
+    turn, `runs` times, so that the drift of a shared machine hits every threshold alike.
+    -> {threshold: {"fps": the median over the runs of frames / tracker time (evaluate.py's FPS),
+    "fps_runs": [...], "reuse_rate": ...}}."""
     from lib.distributed import Context
     from lib.evaluation import build_tracker, prepare
+    from lib.sweep import combine_timings, timed_runs
 
     job = prepare(evaluation, Context(), *resolve_device(evaluation.dev))  # as evaluate.py, one process
-    tracker = build_tracker(job)
-    videos = [[seq[t] for t in range(len(seq))] for seq in job.data.sequences]
-    for th in thresholds:  # untimed warm-up: first calls allocate and pick kernels
-        for _ in tracker.track(videos[0][:2], th, keep_probabilities=False):
-            pass
-    stats: dict[float, list[TrackingStats]] = {th: [] for th in thresholds}
-    for _ in range(runs):
-        for th in thresholds:
-            run_stats = TrackingStats()
-            for frames in videos:
-                for frame in tracker.track(frames, th, keep_probabilities=False):
-                    run_stats.add(frame)
-            stats[th].append(run_stats)
-    return {th: {"fps": float(np.median([s.fps for s in runs_of_th])), "fps_runs": [s.fps for s in runs_of_th],
-                 "reuse_rate": runs_of_th[0].reuse_rate} for th, runs_of_th in stats.items()}
+    videos = {seq.name: [seq[t] for t in range(len(seq))] for seq in job.data.sequences}
+    speed = combine_timings([timed_runs(build_tracker(job), videos, thresholds, runs)], thresholds)
+    return {th: {k: speed[th][k] for k in ("fps", "fps_runs", "reuse_rate")} for th in thresholds}
 
 
 def _fps_runs(th: float, speed: dict) -> str:
@@ -135,19 +122,29 @@ def _main_job(args: argparse.Namespace) -> dict:
         backbone_weights="random",
         seed=args.seed, dev=dev, precision=args.precision, **JOB_TRAIN_OPTIONS))
     checkpoint = work / "checkpoints" / "demo" / f"demo_ep{args.epochs:04d}.pth"
-    thresholds = tuple(dict.fromkeys((1.0, args.TH)))
-    evaluations = {th: options(evaluate.get_parser(), model=str(checkpoint), dset="ytvos-layout", data_root=val_data,
-                               output_root=work, TH=th, num_aug=args.num_aug, backbone_weights="random",
-                               seed=args.seed, dev=dev, precision=args.precision) for th in thresholds}
-    results = {}
-    for step, th in (("3", 1.0), ("4", args.TH)):
-        print(f"[{step}/6] evaluating {checkpoint.name} at TH {th!r} on the synthetic validation videos")
-        results[th] = evaluate.main(evaluations[th])
-    plain, gated = results[1.0], results[args.TH]
-    print(f"[5/6] timing: the validation videos tracked at TH {' and TH '.join(map(repr, thresholds))} "
-          f"in turn, {JOB_TIMING_RUNS} times each (FPS: the median run)")
-    speed = time_thresholds(evaluations[args.TH], thresholds, JOB_TIMING_RUNS)
-    print(f"[6/6] overlays and reuse timelines (TH {args.TH:g})")
+    listed = args.TH if isinstance(args.TH, tuple) else (args.TH,)
+    gate_th = next((th for th in listed if th < 1.0), listed[0])  # the goals are checked here
+    thresholds = tuple(dict.fromkeys((1.0,) + listed))
+
+    def evaluation(th) -> argparse.Namespace:  # evaluate.py's options at TH th (a float, or a tuple: a sweep)
+        return options(evaluate.get_parser(), model=str(checkpoint), dset="ytvos-layout", data_root=val_data,
+                       output_root=work, TH=th, num_aug=args.num_aug, backbone_weights="random", seed=args.seed,
+                       dev=dev, precision=args.precision, timing_runs=JOB_TIMING_RUNS)
+    if len(listed) > 1:
+        print(f"[3-5/6] evaluating and timing {checkpoint.name} at TH {', '.join(map(repr, thresholds))} on the "
+              f"synthetic validation videos (evaluate.py's threshold sweep: {JOB_TIMING_RUNS} timing runs)")
+        swept = evaluate.main(evaluation(thresholds))
+        results, speed = swept["thresholds"], swept["timing"]
+    else:
+        results = {}
+        for step, th in (("3", 1.0), ("4", gate_th)):
+            print(f"[{step}/6] evaluating {checkpoint.name} at TH {th!r} on the synthetic validation videos")
+            results[th] = evaluate.main(evaluation(th))
+        print(f"[5/6] timing: the validation videos tracked at TH {' and TH '.join(map(repr, thresholds))} "
+              f"in turn, {JOB_TIMING_RUNS} times each (FPS: the median run)")
+        speed = time_thresholds(evaluation(gate_th), thresholds, JOB_TIMING_RUNS)
+    plain, gated = results[1.0], results[gate_th]
+    print(f"[6/6] overlays and reuse timelines (TH {gate_th:g})")
     written = visualize.main(options(visualize.get_parser(), results=Path(gated["results_dir"]),
                                      frames=val_data / "JPEGImages", out=work / "overlays"))
     goals = main_job_goals(plain, gated, speed)
@@ -159,7 +156,7 @@ def _main_job(args: argparse.Namespace) -> dict:
     print("goals:")
     for line, met in goals:
         print(f"  [{'met' if met else 'NOT met'}] {line}")
-    print(f"the gate at TH {args.TH:g} (lib.gate_report):")
+    print(f"the gate at TH {gate_th:g} (lib.gate_report):")
     print("\n".join("  " + line for line in format_summary(gate).splitlines()))
     print(f"masks and metrics: {plain['results_dir']}, {gated['results_dir']}\n"
           f"overlays and reuse timelines: {work / 'overlays'}")

@@ -31,6 +31,22 @@ from models.precision import PRECISIONS
 threshold = number_in(0.0, 1.0, " (reuse iff p_reuse > TH; 1 never reuses)")
 
 
+def threshold_list(text: str) -> float | tuple[float, ...]:
+    """argparse type: one threshold (a float, as `threshold`) or a comma-separated list of
+    distinct thresholds (a tuple, in the order given), e.g. 1.0,0.9,0.8."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"must be a threshold in [0, 1] or a comma-separated list of them, "
+                                         f"got {text!r}")
+    values = tuple(threshold(p) for p in parts)
+    if len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"lists a threshold twice: {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+threshold_list.__name__ = "threshold or comma-separated thresholds"
+
+
 def resolve_device(dev: Optional[str]) -> tuple[torch.device, str]:
     """(device, description) for --dev. None / "auto": cuda:0 if available, else cpu."""
     if dev is None or dev == "auto":
@@ -123,12 +139,19 @@ def add_data_root_flags(parser) -> None:
                              "(each split that is used) (default: $YTVOS_ROOT)")
 
 
-def add_threshold_flag(parser) -> None:
-    """--TH, alias --tau (evaluate.py, demo.py)."""
-    parser.add_argument("--TH", "--tau", dest="TH", type=threshold, default=0.7, metavar="TH",
+def add_threshold_flag(parser, several: bool = False) -> None:
+    """--TH, alias --tau (evaluate.py, demo.py, the benchmarks); with `several` it also takes a
+    comma-separated list (then args.TH is a float, or a tuple for a list)."""
+    parser.add_argument("--TH", "--tau", dest="TH", type=threshold_list if several else threshold, default=0.7,
+                        metavar="TH",
                         help="reuse-gate threshold tau in [0, 1]: an object reuses the previous frame's result "
                              "when its reuse probability exceeds TH; 1.0 never reuses (plain FRTM) "
-                             "(default: 0.7, upstream's)")
+                             "(default: 0.7, upstream's)" + (
+                                 "; a comma-separated list, e.g. 1.0,0.9,0.8,0.7,0.6, is a threshold sweep: each "
+                                 "evaluated into its own results directory, then timed in turn, with curve.csv and "
+                                 "curve.png (J&F against FPS and GFLOPs per frame) in <output root>/result/<dset>-"
+                                 "<model stem>_curve[_fast]/ (evaluate.py; demo.py: its main job, with TH 1.0, "
+                                 "the goals checked at the first)" if several else ""))
 
 
 def precision_list(text: str) -> list[str]:

@@ -181,10 +181,10 @@ class WriteError(UsageError):
     """A result file could not be written (disk full, permissions): names the path."""
 
 
-def track_sequence(job: Job, tracker, seq) -> dict:
-    """Track one sequence: frames decoded ahead in a thread, PNGs written by a background writer
-    that is flushed and checked before the sequence folder is moved into place. Returns the
-    statistics written with it."""
+def track_sequence(job: Job, tracker, seq, frames=None) -> dict:
+    """Track one sequence: frames decoded ahead in a thread (or `frames`, the sequence's frames
+    already in memory), PNGs written by a background writer that is flushed and checked before
+    the sequence folder is moved into place. Returns the statistics written with it."""
     args = job.args
     stats = TrackingStats()
     started = time.perf_counter()
@@ -193,7 +193,7 @@ def track_sequence(job: Job, tracker, seq) -> dict:
                 BackgroundWriter(PENDING_WRITES) as pngs, \
                 tqdm(total=len(seq), desc=seq.name, unit="frame", file=sys.stderr, dynamic_ncols=True,
                      disable=not job.ctx.is_main) as bar, \
-                closing(read_ahead(seq, PREFETCH_FRAMES)) as frames:
+                closing(read_ahead(seq if frames is None else frames, PREFETCH_FRAMES)) as frames:
             for t, frame in enumerate(tracker.track(frames, args.TH, keep_probabilities=False)):
                 name, labels = seq.frame_names[t], frame.labels.numpy()
                 pngs.submit(writer.tmp_dir / f"{name}.png", partial(writer.write, name, labels))
@@ -214,15 +214,18 @@ def track_sequence(job: Job, tracker, seq) -> dict:
     return result
 
 
-def track_sequences(job: Job, sequences: list) -> dict:
-    """Track this rank's sequences, stopping at the first failure. Returns this rank's outcome:
-    {"rank", "sequences", "frames", "tracker_seconds", "wall_seconds", "failure"} with failure
-    None or {"sequence", "error"}; `error` (the exception) is kept for the caller."""
+def track_sequences(job: Job, sequences: list, tracker=None, frames: Optional[dict] = None) -> dict:
+    """Track this rank's sequences, stopping at the first failure (with `tracker`, else a new
+    one; `frames`: {sequence name: its frames in memory} for those not to be read from disk).
+    Returns this rank's outcome: {"rank", "sequences", "frames", "tracker_seconds",
+    "wall_seconds", "failure"} with failure None or {"sequence", "error"}; `error` (the
+    exception) is kept for the caller."""
     outcome = {"rank": job.ctx.rank, "sequences": [], "frames": 0, "tracker_seconds": 0.0, "wall_seconds": 0.0,
                "failure": None}
     if not sequences:
         return outcome
-    tracker = build_tracker(job)
+    tracker = build_tracker(job) if tracker is None else tracker
+    frames = frames or {}
     if job.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as upstream
         # Untimed warm-up (CUDA context, cuDNN autotuning), like upstream's speedrun.
@@ -233,7 +236,7 @@ def track_sequences(job: Job, sequences: list) -> dict:
     started = time.perf_counter()
     for seq in sequences:
         try:
-            stats = track_sequence(job, tracker, seq)
+            stats = track_sequence(job, tracker, seq, frames.get(seq.name))
         except Exception as exc:
             outcome["failure"] = {"sequence": seq.name, "error": _with_context(str(exc), seq.name, job.out_dir)}
             outcome["exception"] = exc
@@ -412,6 +415,14 @@ def report(results: dict) -> None:
 # The whole evaluation
 
 
+def announce(job: Job) -> None:
+    """Print the device, checkpoint and data of a job (rank 0)."""
+    ctx, args = job.ctx, job.args
+    print(f"device: {job.device_text}" + (f" (rank 0 of {ctx.world_size}, {ctx.backend})" if ctx.distributed else ""))
+    print(f"checkpoint: {job.checkpoint} ({job.backbone}, {'G-FRTM' if job.has_gate else 'FRTM: no reuse gate'})")
+    print(f"data: {args.dset} = {job.data.name} at {job.data.root}, {len(job.data.sequences)} sequence(s)")
+
+
 def evaluate(args) -> dict:
     """Run the evaluation described by evaluate.py's parsed arguments, in this process or as one
     torchrun rank. Returns the results dict (as written to results.json) on rank 0, {} on the
@@ -423,12 +434,12 @@ def _evaluate(args, ctx: distributed.Context) -> dict:
     device, device_text = resolve_device(distributed.rank_device(ctx, args.dev))
     ctx = distributed.init(ctx, device)
     try:
+        if isinstance(args.TH, (tuple, list)):  # several thresholds: the trade-off curve
+            from lib.sweep import sweep
+            return sweep(args, ctx, device, device_text)
         job = prepare(args, ctx, device, device_text)
         if ctx.is_main:
-            print(f"device: {device_text}" + (f" (rank 0 of {ctx.world_size}, {ctx.backend})" if ctx.distributed else ""))
-            print(f"checkpoint: {job.checkpoint} ({job.backbone}, "
-                  f"{'G-FRTM' if job.has_gate else 'FRTM: no reuse gate'})")
-            print(f"data: {args.dset} = {job.data.name} at {job.data.root}, {len(job.data.sequences)} sequence(s)")
+            announce(job)
             print(f"results: {job.out_dir}")
         todo = pending(job, args.resume)
         if args.resume and ctx.is_main:

@@ -59,6 +59,11 @@ def results_dir_name(dset: str, model: str | os.PathLike, threshold: float, fast
     return f"{dset}-{Path(model).stem}_{format_threshold(threshold)}{'_fast' if fast else ''}"
 
 
+def curve_dir_name(dset: str, model: str | os.PathLike, fast: bool) -> str:
+    """`<dset>-<model stem>_curve[_fast]`: a threshold sweep's curve, beside its results directories."""
+    return f"{dset}-{Path(model).stem}_curve{'_fast' if fast else ''}"
+
+
 def results_dir(output_root: str | os.PathLike, dset: str, model: str | os.PathLike, threshold: float,
                 fast: bool) -> Path:
     """`<output root>/result/<dset>-<model stem>_<TH>[_fast]`."""

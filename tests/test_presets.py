@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from lib.cli import UsageError
 import torch
 from PIL import Image
 
@@ -266,6 +268,6 @@ def test_options_call_main_from_python(checkpoint, data, tmp_path):
     with pytest.raises(TypeError, match="no option davis"):
         options(get_parser(), davis=data)
     import visualize
-    with pytest.raises(TypeError, match="results, frames required"):
-        options(visualize.get_parser(), out=tmp_path)
+    with pytest.raises(UsageError, match="--results and --frames are required"):  # optional with `curve`
+        visualize.main(options(visualize.get_parser(), out=tmp_path))
 
