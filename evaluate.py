@@ -19,7 +19,7 @@ from pathlib import Path
 from dataset.presets import PRESETS
 from lib.cli import (add_backbone_weights_flag, add_data_root_flags, add_device_flag, add_num_aug_flag,
                      add_precision_flag, add_seed_flag, add_threshold_flag, int_at_least, run)
-from lib.evaluation import evaluate
+from lib.evaluation import EvalConfig, evaluate
 from lib.score import score_results
 
 
@@ -101,14 +101,20 @@ def get_parser() -> argparse.ArgumentParser:
 # Main
 
 
-def main(args) -> dict:
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    """The parsed flags as the library's evaluation config (each flag's destination is a field)."""
+    return EvalConfig(**vars(args))
+
+
+def main(args: argparse.Namespace) -> dict:
     """Run the evaluation described by parsed arguments (lib.evaluation.evaluate): in this process,
     or as one rank of `torchrun --nproc_per_node=N evaluate.py ...`. Returns the results dict
     (as written to results.json; {} on ranks other than 0). Raises FileNotFoundError /
     UsageError naming the path or flag at fault. With --score: lib.score.score_results."""
-    if args.score is not None:
-        return score_results(args)
-    return evaluate(args)
+    config = config_from_args(args)
+    if config.score is not None:
+        return score_results(config)
+    return evaluate(config)
 
 
 if __name__ == "__main__":

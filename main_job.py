@@ -2,14 +2,17 @@
 synthetic data -> brief training -> evaluation at TH 1.0 and at the gate's TH -> timing ->
 overlays and the gate report, printed side by side with three goals (docs/main-job.md).
 
-demo.py parses the flags (--work, --epochs, --threads, --TH, ...) and calls `run_main_job(args)`.
+demo.py parses the flags (--work, --epochs, --threads, --TH, ...) and calls `run_main_job(args)`,
+which builds the training and evaluation configs and calls the library (trainers.trainer.
+run_training, lib.evaluation.evaluate, lib.visualize.write_visuals).
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from lib.cli import cpu_threads, options, resolve_device
+from lib.cli import cpu_threads, resolve_device
+from lib.evaluation import EvalConfig
 from lib.gate_report import format_summary, gate_report
 
 
@@ -20,7 +23,7 @@ JOB_TRAIN = {"sequences": 4, "frames": 12, "hold": (0.8, 1.0)}
 # Validation: folder in the YouTube-VOS layout, every frame annotated (J&F on every frame), the
 # second object entering at frame `enter_at`.
 JOB_VAL = {"sequences": 3, "frames": 40, "enter_at": 10}
-# train.py options; the learning rate is train.py's (upstream's) 5e-4.
+# Training config values (trainers.trainer.TrainConfig); the learning rate is train.py's (upstream's) 5e-4.
 JOB_TRAIN_OPTIONS = {"batch_size": 2, "samples_per_epoch": 12, "num_aug": 1}
 JOB_THREADS = 2  # docs/main-job.md's report was made with 2 threads; other counts give other floats
 # Timing runs per threshold for the FPS goal, alternating TH 1.0 and the gate's (medians): one run
@@ -30,11 +33,11 @@ GOAL_REUSE = 0.20  # reuse rate at the gate's threshold at least this
 GOAL_JF_POINTS = 3.0  # J&F at the gate's threshold at most this many points below TH 1.0
 
 
-def time_thresholds(evaluation: argparse.Namespace, thresholds: tuple[float, ...], runs: int) -> dict[float, dict]:
-    """The speed of evaluate.py's tracker (the checkpoint and settings of `evaluation`, evaluate.py
-    options) at each threshold, measured as evaluate.py's threshold sweeps measure it
-    (lib.sweep.timed_runs): the videos, decoded once into memory, are tracked at each threshold in
-    turn, `runs` times, so that the drift of a shared machine hits every threshold alike.
+def time_thresholds(evaluation: EvalConfig, thresholds: tuple[float, ...], runs: int) -> dict[float, dict]:
+    """The speed of evaluate.py's tracker (the checkpoint and settings of `evaluation`) at each
+    threshold, measured as evaluate.py's threshold sweeps measure it (lib.sweep.timed_runs): the
+    videos, decoded once into memory, are tracked at each threshold in turn, `runs` times, so that
+    the drift of a shared machine hits every threshold alike.
     -> {threshold: {"fps": the median over the runs of frames / tracker time (evaluate.py's FPS),
     "fps_runs": [...], "reuse_rate": ...}}."""
     from lib.distributed import Context
@@ -52,7 +55,7 @@ def _fps_runs(th: float, speed: dict) -> str:
 
 
 def main_job_goals(plain: dict, gated: dict, speed: dict[float, dict]) -> list[tuple[str, bool]]:
-    """The main job's goals, as (line, met) pairs, from evaluate.main's results at TH 1.0 (plain)
+    """The main job's goals, as (line, met) pairs, from the evaluation's results at TH 1.0 (plain)
     and at the gate's threshold (gated), and the FPS of both from time_thresholds (speed)."""
     th = gated["threshold"]
     reuse = gated["reuse_rate"]
@@ -94,11 +97,11 @@ def run_main_job(args: argparse.Namespace) -> dict:
 
 
 def _main_job(args: argparse.Namespace) -> dict:
-    import evaluate
-    import train
-    import visualize
     from dataset.synthetic import make_davis_like
     from dataset.synthetic_layouts import make_folder_like
+    from lib.evaluation import evaluate
+    from lib.visualize import write_visuals
+    from trainers.trainer import TrainConfig, run_training
 
     work = Path(args.work)
     train_data, val_data = work / "synthetic-train", work / "synthetic-val"
@@ -115,38 +118,36 @@ def _main_job(args: argparse.Namespace) -> dict:
                         hold=JOB_TRAIN["hold"])
     print(f"[2/6] training for {args.epochs} short epochs on the synthetic set (random backbone; "
           f"{args.threads} CPU threads, --threads)")
-    train.main(options(
-        train.get_parser(), name="demo", dset="synthetic", synthetic_root=train_data,
+    run_training(TrainConfig(
+        name="demo", dset="synthetic", synthetic_root=train_data,
         checkpoints=work / "checkpoints", tensorboard=work / "tensorboard", tmcache=work / "tmcache",
         cache_dir=work / "cache", size=JOB_SIZE, epochs=args.epochs, keep_checkpoints=1, workers=0,
-        backbone_weights="random",
-        seed=args.seed, dev=dev, precision=args.precision, **JOB_TRAIN_OPTIONS))
+        backbone_weights="random", seed=args.seed, dev=dev, precision=args.precision, **JOB_TRAIN_OPTIONS))
     checkpoint = work / "checkpoints" / "demo" / f"demo_ep{args.epochs:04d}.pth"
     listed = args.TH if isinstance(args.TH, tuple) else (args.TH,)
     gate_th = next((th for th in listed if th < 1.0), listed[0])  # the goals are checked here
     thresholds = tuple(dict.fromkeys((1.0,) + listed))
 
-    def evaluation(th) -> argparse.Namespace:  # evaluate.py's options at TH th (a float, or a tuple: a sweep)
-        return options(evaluate.get_parser(), model=str(checkpoint), dset="ytvos-layout", data_root=val_data,
-                       output_root=work, TH=th, num_aug=args.num_aug, backbone_weights="random", seed=args.seed,
-                       dev=dev, precision=args.precision, timing_runs=JOB_TIMING_RUNS)
+    def evaluation(th) -> EvalConfig:  # the evaluation at TH th (a float, or a tuple: a sweep)
+        return EvalConfig(model=str(checkpoint), dset="ytvos-layout", data_root=val_data, output_root=work, TH=th,
+                          num_aug=args.num_aug, backbone_weights="random", seed=args.seed, dev=dev,
+                          precision=args.precision, timing_runs=JOB_TIMING_RUNS)
     if len(listed) > 1:
         print(f"[3-5/6] evaluating and timing {checkpoint.name} at TH {', '.join(map(repr, thresholds))} on the "
               f"synthetic validation videos (evaluate.py's threshold sweep: {JOB_TIMING_RUNS} timing runs)")
-        swept = evaluate.main(evaluation(thresholds))
+        swept = evaluate(evaluation(thresholds))
         results, speed = swept["thresholds"], swept["timing"]
     else:
         results = {}
         for step, th in (("3", 1.0), ("4", gate_th)):
             print(f"[{step}/6] evaluating {checkpoint.name} at TH {th!r} on the synthetic validation videos")
-            results[th] = evaluate.main(evaluation(th))
+            results[th] = evaluate(evaluation(th))
         print(f"[5/6] timing: the validation videos tracked at TH {' and TH '.join(map(repr, thresholds))} "
               f"in turn, {JOB_TIMING_RUNS} times each (FPS: the median run)")
         speed = time_thresholds(evaluation(gate_th), thresholds, JOB_TIMING_RUNS)
     plain, gated = results[1.0], results[gate_th]
     print(f"[6/6] overlays and reuse timelines (TH {gate_th:g})")
-    written = visualize.main(options(visualize.get_parser(), results=Path(gated["results_dir"]),
-                                     frames=val_data / "JPEGImages", out=work / "overlays"))
+    written = write_visuals(gated["results_dir"], val_data / "JPEGImages", work / "overlays")
     goals = main_job_goals(plain, gated, speed)
     gate = gate_report(gated["results_dir"], plain["results_dir"], val_data / "Annotations")
     print("\n" + side_by_side(plain, gated, speed))

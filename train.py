@@ -10,26 +10,13 @@ with the same --name resumes from the newest one (or from --resume PATH).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-
-from dataset.synthetic import make_davis_like
-from dataset.training import SAMPLE_SIZE, build_sources
+from dataset.training import SAMPLE_SIZE
 from lib.cli import (add_backbone_weights_flag, add_data_root_flags, add_device_flag, add_num_aug_flag,
-                     add_precision_flag, add_seed_flag, image_size, int_at_least, positive_float, resolve_device, run)
-from models.backbone import Backbone
-from models.checkpoint import check_backbone, load_network_state, network_state, read_checkpoint
-from models.network import GFRTM
-from models.precision import check_precision
-from trainers.gfrtm_step import GateLossConfig, GFRTMStep
-from trainers.tmcache import TargetModelCache
-from trainers.trainer import Trainer, setup_distributed
-
-GATE_LAST_BIAS = (0.1, 2.0)  # upstream's initial (reuse, compute) bias: the gate starts mostly computing
+                     add_precision_flag, add_seed_flag, image_size, int_at_least, positive_float, run)
+from trainers.trainer import TrainConfig, run_training
 
 
 def non_negative_float(text: str) -> float:
@@ -110,89 +97,14 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_network(args) -> GFRTM:
-    """A fresh network (seeded by --seed without touching the global RNG; the gate's last bias as
-    upstream), optionally initialized from --initPth."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        net = GFRTM(args.ftext)
-    with torch.no_grad():
-        net.reuse_gate.conv2.bias.copy_(torch.tensor(GATE_LAST_BIAS))
-    if args.initPth is not None:
-        state, backbone, has_gate = network_state(read_checkpoint(args.initPth))
-        check_backbone(backbone, args.ftext, f"--initPth {args.initPth}")
-        if not has_gate:  # FRTM: decoder and upsampler only, the gate parts stay fresh
-            state = {**{k: v for k, v in net.state_dict().items() if k not in state}, **state}
-        load_network_state(net, state)
-        print(f"initialized from {args.initPth} ({'G-FRTM' if has_gate else 'FRTM: decoder and upsampler'})")
-    return net
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The parsed flags as the library's training config (each flag's destination is a field)."""
+    return TrainConfig(**vars(args))
 
 
-def build_optimizer(network: GFRTM, args):
-    """Adam (amsgrad), weight decay except on the reuse gate, and StepLR, as upstream."""
-    gate_params = list(network.reuse_gate.parameters())
-    other_params = [p for n, p in network.named_parameters() if not n.startswith("reuse_gate.")]
-    optimizer = torch.optim.Adam([{"params": gate_params, "weight_decay": 0.0},
-                                  {"params": other_params, "weight_decay": args.weight_decay}],
-                                 lr=args.lr, betas=(0.9, 0.999), amsgrad=True)
-    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step, gamma=args.lr_gamma)
-
-
-def _rank0_first(fn, rank: int, world: int):
-    """Run fn on rank 0 first (it writes caches), then on the others (they read them)."""
-    if world > 1 and rank != 0:
-        dist.barrier()
-    result = fn()
-    if world > 1 and rank == 0:
-        dist.barrier()
-    return result
-
-
-def main(args) -> dict:
-    rank, world, dev = setup_distributed(args.dev)
-    # Rank 0 reports; the others only warn (with their rank).
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(levelname)s %(message)s" if world == 1 else f"%(levelname)s [rank {rank}] %(message)s")
-    try:
-        return _train(args, rank, world, dev)
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _train(args, rank: int, world: int, dev) -> dict:
-    device, description = resolve_device(dev)
-    check_precision(args.precision, device)  # before any data is prepared
-    if rank == 0:
-        print(f"device: {description}; {world} process(es)", flush=True)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed training size, as upstream
-
-    davis_root = args.davis_root
-    if args.dset == "synthetic":
-        davis_root = str(args.synthetic_root)
-
-        def generate():
-            if not (args.synthetic_root / "ImageSets").is_dir():
-                print(f"writing the synthetic training set to {args.synthetic_root}", flush=True)
-                make_davis_like(args.synthetic_root, num_sequences=1, num_frames=max(12, args.frames + 2),
-                                size=args.size, num_objects=2, seed=args.seed, num_train_sequences=3)
-        _rank0_first(generate, rank, world)
-    sources = _rank0_first(lambda: build_sources(args.dset, davis_root, args.ytvos_root, args.cache_dir, args.size,
-                                                 args.frames, ytvos_split_file=args.ytvos_split_file), rank, world)
-    if rank == 0:
-        print("training data: " + ", ".join(f"{s.name} ({len(s.objects)} objects in {len(s.reference)} sequences)"
-                                            for s in sources), flush=True)
-
-    backbone = Backbone(args.ftext, args.backbone_weights, seed=args.seed).to(device)
-    network = build_network(args).to(device)
-    step = GFRTMStep(network, backbone, GateLossConfig(args.m1, args.m2, args.marginEp, args.apply_margin))
-    optimizer, scheduler = build_optimizer(network, args)
-    cache = TargetModelCache(args.tmcache, backbone, device, num_aug=args.num_aug, seed=args.seed)
-    trainer = Trainer(step, optimizer, scheduler, sources, cache, args, device, args.checkpoints / args.name,
-                      args.tensorboard / args.name, rank, world)
-    trainer.resume(args.resume)
-    return trainer.train()
+def main(args: argparse.Namespace) -> dict:
+    """Train as the parsed flags say (trainers.trainer.run_training); the last epoch's statistics."""
+    return run_training(config_from_args(args))
 
 
 if __name__ == "__main__":

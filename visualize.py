@@ -17,14 +17,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Optional
 
 from lib.cli import UsageError, int_at_least, number_in, positive_float, run
-from lib.image_io import read_image, read_label_png, resize_labels_nearest_exact
-from lib.video_io import natural_key, same_aspect
-from lib.visualize import GIF_MAX_WIDTH, load_timeline, save_curve_png, save_timeline_png, write_overlays
-
-FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+from lib.visualize import GIF_MAX_WIDTH, save_curve_png, write_visuals
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -66,47 +61,6 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _mask_files(folder: Path) -> list[Path]:
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png"
-             and not p.name.startswith(".")]
-    return sorted(files, key=lambda p: natural_key(p.name))
-
-
-def list_sequences(results: Path, skip: Optional[Path] = None) -> list[str]:
-    """Folders of `results` that hold label PNGs, sorted (the output folder excluded)."""
-    skip_resolved = skip.resolve() if skip is not None else None
-    names = []
-    for d in results.iterdir():
-        if not d.is_dir() or d.name.startswith("."):
-            continue
-        if skip_resolved is not None and d.resolve() == skip_resolved:
-            continue
-        if _mask_files(d):
-            names.append(d.name)
-    return sorted(names, key=natural_key)
-
-
-def _frame_path(frames: Path, seq: str, stem: str) -> Path:
-    for suffix in FRAME_SUFFIXES:
-        path = frames / seq / f"{stem}{suffix}"
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"--frames: no frame {frames / seq / stem}.jpg (or .jpeg / .png) for the "
-                            f"result mask {seq}/{stem}.png")
-
-
-def _pairs(results: Path, frames: Path, seq: str):
-    for mask_path in _mask_files(results / seq):
-        image = read_image(_frame_path(frames, seq, mask_path.stem))
-        labels = read_label_png(mask_path)
-        if labels.shape != image.shape[:2]:
-            if not same_aspect(labels.shape, image.shape[:2]):
-                raise UsageError(f"--results: mask {mask_path} is {labels.shape[1]}x{labels.shape[0]} but its "
-                                 f"frame is {image.shape[1]}x{image.shape[0]} (another resolution of the frames?)")
-            labels = resize_labels_nearest_exact(labels, image.shape[:2])
-        yield image, labels
-
-
 def draw_curves(args: argparse.Namespace) -> Path:
     """`visualize.py curve`: the sweeps' curves in one figure; returns its path."""
     from lib.sweep import read_curve
@@ -129,8 +83,8 @@ def draw_curves(args: argparse.Namespace) -> Path:
 
 
 def main(args: argparse.Namespace):
-    """Write the overlays and timelines; return {seq: [written paths]}. With `curve`: the
-    curves' figure (draw_curves); returns its path."""
+    """Write the overlays and timelines (lib.visualize.write_visuals); return {seq: [written
+    paths]}. With `curve`: the curves' figure (draw_curves); returns its path."""
     if args.command == "curve":
         return draw_curves(args)
     if args.curves or args.labels:
@@ -138,50 +92,8 @@ def main(args: argparse.Namespace):
                          f"`curve` command (python visualize.py curve RESULTS_DIR...)")
     if args.results is None or args.frames is None:
         raise UsageError("--results and --frames are required (or use `python visualize.py curve RESULTS_DIR...`)")
-    results, frames = Path(args.results), Path(args.frames)
-    if not results.is_dir():
-        raise FileNotFoundError(f"--results: no such directory: {results}")
-    if not frames.is_dir():
-        raise FileNotFoundError(f"--frames: no such directory: {frames}")
-    out = Path(args.out) if args.out is not None else results / "vis"
-    if out.resolve() == results.resolve() or (out.is_dir() and _mask_files(out)):
-        raise UsageError(f"--out {out} must not be the results directory or a folder of label PNGs "
-                         f"(its outputs would be taken for results)")
-    if args.sequences:
-        sequences = list(args.sequences)
-        for seq in sequences:
-            if not (results / seq).is_dir():
-                raise FileNotFoundError(f"--sequences: no results for {seq!r} ({results / seq} does not exist)")
-            if not _mask_files(results / seq):
-                raise UsageError(f"--sequences: {results / seq} holds no label PNGs")
-    else:
-        sequences = list_sequences(results, skip=out)
-        if not sequences:
-            raise UsageError(f"--results: {results} has no <seq>/ folder holding label PNGs")
-    for seq in sequences:
-        if not (frames / seq).is_dir():
-            raise FileNotFoundError(f"--frames: no frame folder {frames / seq} for sequence {seq}")
-
-    written: dict[str, list[str]] = {}
-    for seq in sequences:
-        target = out / seq
-        target.mkdir(parents=True, exist_ok=True)
-        paths = []
-        mp4 = target / "overlay.mp4" if args.mp4 else None
-        gif = target / "overlay.gif" if args.gif else None
-        if mp4 is not None or gif is not None:
-            count = write_overlays(_pairs(results, frames, seq), mp4, gif, args.fps_out, args.alpha,
-                                   args.gif_width)
-            paths += [str(p) for p in (mp4, gif) if p is not None]
-        else:
-            count = len(_mask_files(results / seq))
-        timeline_json = results / seq / "timeline.json"
-        if args.timeline and timeline_json.is_file():
-            save_timeline_png(target / "timeline.png", load_timeline(timeline_json), seq)
-            paths.append(str(target / "timeline.png"))
-        written[seq] = paths
-        print(f"{seq}: {count} frames -> {', '.join(paths) if paths else 'nothing (all outputs off)'}")
-    return written
+    return write_visuals(args.results, args.frames, args.out, args.sequences, mp4=args.mp4, gif=args.gif,
+                         timeline=args.timeline, fps_out=args.fps_out, alpha=args.alpha, gif_width=args.gif_width)
 
 
 if __name__ == "__main__":

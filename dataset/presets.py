@@ -2,8 +2,8 @@
 
 Each preset knows its layout, the flag / environment variable of its root, which frames are
 scored (and by which protocol) and, for benchmarks without public ground truth, the layout of
-the evaluation server's zip. `PRESETS[name].load(args)` checks the whole input before anything
-is tracked and returns an `EvalData`.
+the evaluation server's zip. `PRESETS[config.dset].load(config)` (a `DataConfig`) checks the whole
+input before anything is tracked and returns an `EvalData`.
 
 Layouts (see docs/evaluation.md, "Presets"):
 
@@ -36,6 +36,21 @@ from lib.image_io import read_label_png
 ZIP_YTVOS = "Annotations/"  # YouTube-VOS (and LVOS test): Annotations/<video>/<frame>.png
 ZIP_DAVIS = ""  # DAVIS test-dev and MOSE: <video>/<frame>.png at the top of the zip
 LVOS_UNSEEN = SPLITS_DIR / "lvos_unseen_videos.txt"
+
+
+@dataclass
+class DataConfig:
+    """Which benchmark and where its data is (evaluate.py's data flags). A root left None is read
+    from its environment variable ($DAVIS_ROOT, $YTVOS_ROOT, $MOSE_ROOT, $LVOS_ROOT) when loaded.
+    sequences: names to use (space or comma separated items), None for all."""
+    dset: str = "dv2016val"
+    davis_root: Optional[Path] = None
+    ytvos_root: Optional[Path] = None
+    mose_root: Optional[Path] = None
+    lvos_root: Optional[Path] = None
+    data_root: Optional[Path] = None
+    split_file: Optional[Path] = None
+    sequences: Optional[list[str]] = None
 
 
 @dataclass
@@ -74,11 +89,11 @@ class EvalData:
 # Helpers
 
 
-def requested_sequences(args) -> Optional[list[str]]:
+def requested_sequences(config: DataConfig) -> Optional[list[str]]:
     """--sequences as a de-duplicated list (space or comma separated), None when not given."""
-    if not getattr(args, "sequences", None):
+    if not config.sequences:
         return None
-    names = [n.strip() for item in args.sequences for n in item.split(",") if n.strip()]
+    names = [n.strip() for item in config.sequences for n in item.split(",") if n.strip()]
     return list(dict.fromkeys(names)) or None
 
 
@@ -152,13 +167,13 @@ def _all_annotated(sequences: list[Sequence]) -> bool:
 
 class Preset:
     """Base of the presets: `name`, `help`, `ground_truth` (whether its frames have public ground
-    truth, so that J&F can be computed here) and load(args) -> EvalData."""
+    truth, so that J&F can be computed here) and load(config: DataConfig) -> EvalData."""
 
     name = ""
     help = ""
     ground_truth = True
 
-    def load(self, args) -> EvalData:
+    def load(self, config: DataConfig) -> EvalData:
         raise NotImplementedError
 
 
@@ -169,10 +184,10 @@ class DavisPreset(Preset):
         self.name, self.year, self.split, self.help = name, year, split, help
         self.ground_truth = split != "test-dev"
 
-    def load(self, args) -> EvalData:
-        root = resolve_davis_root(args.davis_root)
+    def load(self, config: DataConfig) -> EvalData:
+        root = resolve_davis_root(config.davis_root)
         imageset = root / "ImageSets" / self.year / f"{self.split}.txt"
-        names = select_sequences(requested_sequences(args), list_davis_sequences(root, self.year, self.split),
+        names = select_sequences(requested_sequences(config), list_davis_sequences(root, self.year, self.split),
                                  str(imageset))
         dataset = DAVISDataset(root, self.year, self.split, sequences=names)
         sequences = [dataset.sequence(n) for n in dataset.sequence_names]
@@ -189,13 +204,13 @@ class YouTubeVOSPreset(Preset):
         self.name, self.split, self.year, self.help = name, split, year, help
         self.ground_truth = not split.startswith("valid")
 
-    def load(self, args) -> EvalData:
-        root = resolve_ytvos_root(args.ytvos_root)
-        split_file = args.split_file
+    def load(self, config: DataConfig) -> EvalData:
+        root = resolve_ytvos_root(config.ytvos_root)
+        split_file = config.split_file
         if split_file is not None and not Path(split_file).expanduser().is_file():
             raise FileNotFoundError(f"--split-file {split_file} not found")
         full = YouTubeVOSDataset(root, self.split, split_file=split_file, year=self.year)
-        requested = requested_sequences(args)
+        requested = requested_sequences(config)
         where = str(split_file) if split_file else f"the YouTube-VOS {self.split} video list"
         names = select_sequences(requested, full.sequence_names, where)
         dataset = full if requested is None else YouTubeVOSDataset(root, self.split, sequences=names,
@@ -232,12 +247,12 @@ class MosePreset(Preset):
         self.name, self.split, self.help = name, split, help
         self.ground_truth = split == "train"
 
-    def load(self, args) -> EvalData:
-        root = resolve_root(args.mose_root, "MOSE", "MOSE_ROOT", "set the MOSE root with --mose-root or the MOSE_ROOT environment variable")
+    def load(self, config: DataConfig) -> EvalData:
+        root = resolve_root(config.mose_root, "MOSE", "MOSE_ROOT", "set the MOSE root with --mose-root or the MOSE_ROOT environment variable")
         _require_dirs(root, [f"{self.split}/JPEGImages", f"{self.split}/Annotations"], "--mose-root", "MOSE")
         image_root, anno_root = root / self.split / "JPEGImages", root / self.split / "Annotations"
         listed = sorted(p.name for p in image_root.iterdir() if p.is_dir())
-        names = select_sequences(requested_sequences(args), listed, str(image_root))
+        names = select_sequences(requested_sequences(config), listed, str(image_root))
         missing = [n for n in names if not (anno_root / n).is_dir()]
         if missing:
             raise FileNotFoundError(f"video {missing[0]!r} has no first mask: {anno_root / missing[0]} not found")
@@ -262,8 +277,8 @@ class LvosPreset(Preset):
     def __init__(self, name: str = "lvos-val", help: str = ""):
         self.name, self.help = name, help
 
-    def load(self, args) -> EvalData:
-        root = resolve_root(args.lvos_root, "LVOS", "LVOS_ROOT", "set the LVOS root with --lvos-root or the LVOS_ROOT environment variable")
+    def load(self, config: DataConfig) -> EvalData:
+        root = resolve_root(config.lvos_root, "LVOS", "LVOS_ROOT", "set the LVOS root with --lvos-root or the LVOS_ROOT environment variable")
         split = next((root / d for d in self.SPLIT_DIRS if (root / d).is_dir()), root / "valid")
         if not split.is_dir() and (root / "JPEGImages").is_dir():
             split = root  # the valid/ folder itself, as lvos-evaluation's --lvos_path
@@ -283,7 +298,7 @@ class LvosPreset(Preset):
                              + (f"videos without a folder: {', '.join(absent[:5])}" if absent else "")
                              + ("; " if absent and unlisted else "")
                              + (f"folders not in the meta JSON: {', '.join(unlisted[:5])}" if unlisted else ""))
-        names = select_sequences(requested_sequences(args), folders, str(meta_path))
+        names = select_sequences(requested_sequences(config), folders, str(meta_path))
         sequences, ranges = [], {}
         for name in names:
             seq, obj_ranges = _lvos_sequence(name, split, videos[name], meta_path)
@@ -379,19 +394,19 @@ class FolderPreset(Preset):
             images, annos = images / "480p", annos / "480p"
         return images, annos
 
-    def load(self, args) -> EvalData:
-        root = _data_root(args.data_root, self.name)
+    def load(self, config: DataConfig) -> EvalData:
+        root = _data_root(config.data_root, self.name)
         _require_dirs(root, ["JPEGImages", "Annotations"], "--data-root", self.name)
         image_root, anno_root = self._dirs(root)
         imageset = root / "ImageSets" / "2017" / "val.txt"
-        if args.split_file is not None:
-            listed, where = read_sequence_list(Path(args.split_file).expanduser()), f"--split-file {args.split_file}"
+        if config.split_file is not None:
+            listed, where = read_sequence_list(Path(config.split_file).expanduser()), f"--split-file {config.split_file}"
         elif self.layout == "davis" and imageset.is_file():
             listed, where = read_sequence_list(imageset), str(imageset)
         else:
             listed = sorted(p.name for p in image_root.iterdir() if p.is_dir())
             where = str(image_root)
-        names = select_sequences(requested_sequences(args), listed, where)
+        names = select_sequences(requested_sequences(config), listed, where)
         sequences = []
         for name in names:
             image_dir, anno_dir = image_root / name, anno_root / name

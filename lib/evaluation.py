@@ -1,12 +1,13 @@
 """Evaluation as a library: evaluate.py's job in small named steps.
 
-    job = prepare(args, ctx)                 paths, checkpoint, data set, results directory
-    todo = pending(job, args.resume, ctx)    sequences still to track (the same list on every rank)
+    job = prepare(config, ctx, ...)          paths, checkpoint, data set, results directory
+    todo = pending(job, config.resume)       sequences still to track (the same list on every rank)
     outcome = track_sequences(job, mine)     this rank's share: PNGs, timeline, statistics on disk
     results = collect_results(job, outcomes) J&F from the PNGs, FPS, reuse rate, metadata, zip
     report(results)                          the console summary
 
-`evaluate(args)` runs them, one process or one per torchrun rank (lib.distributed): the
+`evaluate(config)` (an `EvalConfig`) runs them, one process or one per torchrun rank
+(lib.distributed): the
 sequences are sharded over the ranks, each rank writes its own sequences, and rank 0 alone
 collects, writes results.json / results.csv / the zip and reports.
 """
@@ -18,7 +19,7 @@ import os
 import sys
 import time
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -26,7 +27,7 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from dataset.presets import PRESETS, EvalData
+from dataset.presets import PRESETS, DataConfig, EvalData
 from lib import distributed
 from lib.background import BackgroundWriter, read_ahead
 from lib.cli import UsageError, resolve_device
@@ -46,6 +47,38 @@ REUSE_DEFINITION = ("reused object-frames / tracked object-frames, an object bei
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pth.tar")
 PREFETCH_FRAMES = 4  # frames decoded ahead of the tracker
 PENDING_WRITES = 8  # PNGs queued for the writer thread
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class EvalConfig(DataConfig):
+    """An evaluation (evaluate.py's flags, docs/evaluation.md): the data (DataConfig's fields), the
+    model and how it runs, and where results go. TH is one threshold, or a tuple of them for a
+    threshold sweep (lib.sweep). A path left None is read from the environment when the job is
+    prepared (models_dir: $RVOS_MODELS, else ./weights; output_root: $RVOS_OUTPUT, else .).
+    score: a results folder to score instead of running a model (lib.score)."""
+    model: Optional[str] = None
+    models_dir: Optional[Path] = None
+    ftext: Optional[str] = None
+    backbone_weights: str = "imagenet"
+    num_aug: int = 5
+    fast: bool = True
+    TH: float | tuple[float, ...] = 0.7
+    timing_runs: int = 3
+    seed: int = 0
+    dev: Optional[str] = None
+    precision: str = "fp32"
+    resume: bool = False
+    score: Optional[Path] = None
+    output_root: Optional[Path] = None
+
+
+def config_arguments(config: EvalConfig) -> dict:
+    """The config as results.json records it ("args"): every field, paths as strings."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,10 +130,10 @@ def load_checkpoint(path: Path, ftext: Optional[str]) -> tuple[dict, str, bool]:
     return ckpt, backbone, has_gate
 
 
-def load_data(args) -> EvalData:
+def load_data(config: DataConfig) -> EvalData:
     """The --dset preset's data, checked before anything is tracked: every evaluated frame of a
     data set with ground truth has its annotation."""
-    data = PRESETS[args.dset].load(args)
+    data = PRESETS[config.dset].load(config)
     if data.metric == "davis":
         for seq in data.sequences:
             seq.check_ground_truth(data.eval_frames.get(seq.name))
@@ -110,7 +143,7 @@ def load_data(args) -> EvalData:
 @dataclass
 class Job:
     """Everything the steps share: resolved paths, checkpoint, data, device and settings."""
-    args: object
+    config: EvalConfig
     ctx: distributed.Context
     device: torch.device
     device_text: str
@@ -123,18 +156,18 @@ class Job:
     settings: dict
 
 
-def prepare(args, ctx: distributed.Context, device: torch.device, device_text: str) -> Job:
+def prepare(config: EvalConfig, ctx: distributed.Context, device: torch.device, device_text: str) -> Job:
     """Resolve paths (flags, then environment), read the checkpoint and check the data set."""
-    models_dir = Path(args.models_dir if args.models_dir is not None else os.environ.get("RVOS_MODELS") or "weights")
-    output_root = Path(args.output_root if args.output_root is not None else os.environ.get("RVOS_OUTPUT") or ".")
-    checkpoint = resolve_model(args.model, models_dir)
-    ckpt, backbone, has_gate = load_checkpoint(checkpoint, args.ftext)
-    data = load_data(args)
-    out_dir = results_dir(output_root, args.dset, checkpoint, args.TH, args.fast).resolve()
-    settings = {"checkpoint": str(checkpoint), "threshold": float(args.TH), "fast": bool(args.fast),
-                "num_aug": int(args.num_aug), "seed": int(args.seed), "backbone_weights": str(args.backbone_weights),
-                "precision": str(args.precision)}
-    return Job(args, ctx, device, device_text, checkpoint, ckpt, backbone, has_gate, data, out_dir, settings)
+    models_dir = Path(config.models_dir if config.models_dir is not None else os.environ.get("RVOS_MODELS") or "weights")
+    output_root = Path(config.output_root if config.output_root is not None else os.environ.get("RVOS_OUTPUT") or ".")
+    checkpoint = resolve_model(config.model, models_dir)
+    ckpt, backbone, has_gate = load_checkpoint(checkpoint, config.ftext)
+    data = load_data(config)
+    out_dir = results_dir(output_root, config.dset, checkpoint, config.TH, config.fast).resolve()
+    settings = {"checkpoint": str(checkpoint), "threshold": float(config.TH), "fast": bool(config.fast),
+                "num_aug": int(config.num_aug), "seed": int(config.seed), "backbone_weights": str(config.backbone_weights),
+                "precision": str(config.precision)}
+    return Job(config, ctx, device, device_text, checkpoint, ckpt, backbone, has_gate, data, out_dir, settings)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,11 +201,11 @@ def my_share(job: Job, todo: list[str]) -> list:
 def build_tracker(job: Job):
     from models import build_tracker as build
 
-    args = job.args
+    config = job.config
     try:
-        return build(job.ckpt, device=job.device, fast=args.fast, num_aug=args.num_aug,
-                     backbone_weights=args.backbone_weights, ftext=args.ftext, seed=args.seed,
-                     precision=args.precision)
+        return build(job.ckpt, device=job.device, fast=config.fast, num_aug=config.num_aug,
+                     backbone_weights=config.backbone_weights, ftext=config.ftext, seed=config.seed,
+                     precision=config.precision)
     except KeyError as exc:
         raise UsageError(f"checkpoint {job.checkpoint} (--model): {exc.args[0]}") from exc
 
@@ -185,7 +218,7 @@ def track_sequence(job: Job, tracker, seq, frames=None) -> dict:
     """Track one sequence: frames decoded ahead in a thread (or `frames`, the sequence's frames
     already in memory), PNGs written by a background writer that is flushed and checked before
     the sequence folder is moved into place. Returns the statistics written with it."""
-    args = job.args
+    config = job.config
     stats = TrackingStats()
     started = time.perf_counter()
     try:
@@ -194,7 +227,7 @@ def track_sequence(job: Job, tracker, seq, frames=None) -> dict:
                 tqdm(total=len(seq), desc=seq.name, unit="frame", file=sys.stderr, dynamic_ncols=True,
                      disable=not job.ctx.is_main) as bar, \
                 closing(read_ahead(seq if frames is None else frames, PREFETCH_FRAMES)) as frames:
-            for t, frame in enumerate(tracker.track(frames, args.TH, keep_probabilities=False)):
+            for t, frame in enumerate(tracker.track(frames, config.TH, keep_probabilities=False)):
                 name, labels = seq.frame_names[t], frame.labels.numpy()
                 pngs.submit(writer.tmp_dir / f"{name}.png", partial(writer.write, name, labels))
                 stats.add(frame, name)
@@ -230,7 +263,7 @@ def track_sequences(job: Job, sequences: list, tracker=None, frames: Optional[di
         torch.backends.cudnn.benchmark = True  # as upstream
         # Untimed warm-up (CUDA context, cuDNN autotuning), like upstream's speedrun.
         first = sequences[0]
-        for _ in tracker.track((first[i] for i in range(min(2, len(first)))), job.args.TH, keep_probabilities=False):
+        for _ in tracker.track((first[i] for i in range(min(2, len(first)))), job.config.TH, keep_probabilities=False):
             pass
     job.out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -289,7 +322,7 @@ def exchange_outcomes(job: Job, outcome: dict) -> list[dict]:
 def collect_results(job: Job, outcomes: list[dict], computed: list[str]) -> dict:
     """Rank 0: per-sequence statistics from disk, J&F from the PNGs, overall FPS / wall FPS /
     reuse rate, the metadata block; writes results.json (and results.csv, the zip)."""
-    args, data = job.args, job.data
+    config, data = job.config, job.data
     per_sequence = {seq.name: read_sequence_stats(job.out_dir, seq.name) for seq in data.sequences}
     for stats in per_sequence.values():
         stats.pop("settings", None)
@@ -320,15 +353,15 @@ def collect_results(job: Job, outcomes: list[dict], computed: list[str]) -> dict
 
 
 def _metadata(job: Job, computed: list[str], outcomes: list[dict]) -> dict:
-    args = job.args
+    config = job.config
     return {
-        "dset": args.dset, "dataset": job.data.name, "data_root": str(job.data.root), "results_dir": str(job.out_dir),
+        "dset": config.dset, "dataset": job.data.name, "data_root": str(job.data.root), "results_dir": str(job.out_dir),
         "metric": job.data.metric, "checkpoint": str(job.checkpoint), "backbone": job.backbone, "gate": job.has_gate,
-        "threshold": float(args.TH), "fast": bool(args.fast), "num_aug": args.num_aug, "seed": args.seed,
-        "precision": str(args.precision),
-        "backbone_weights": str(args.backbone_weights), "device": str(job.device),
+        "threshold": float(config.TH), "fast": bool(config.fast), "num_aug": config.num_aug, "seed": config.seed,
+        "precision": str(config.precision),
+        "backbone_weights": str(config.backbone_weights), "device": str(job.device),
         "device_description": job.device_text, "torch_version": torch.__version__,
-        "cuda_version": torch.version.cuda, "command": [sys.executable] + sys.argv, "args": vars(args),
+        "cuda_version": torch.version.cuda, "command": [sys.executable] + sys.argv, "args": config_arguments(config),
         "world_size": job.ctx.world_size, "backend": job.ctx.backend,
         "ranks": [{k: o[k] for k in ("rank", "sequences", "frames", "tracker_seconds", "wall_seconds")}
                   for o in outcomes],
@@ -417,32 +450,32 @@ def report(results: dict) -> None:
 
 def announce(job: Job) -> None:
     """Print the device, checkpoint and data of a job (rank 0)."""
-    ctx, args = job.ctx, job.args
+    ctx, config = job.ctx, job.config
     print(f"device: {job.device_text}" + (f" (rank 0 of {ctx.world_size}, {ctx.backend})" if ctx.distributed else ""))
     print(f"checkpoint: {job.checkpoint} ({job.backbone}, {'G-FRTM' if job.has_gate else 'FRTM: no reuse gate'})")
-    print(f"data: {args.dset} = {job.data.name} at {job.data.root}, {len(job.data.sequences)} sequence(s)")
+    print(f"data: {config.dset} = {job.data.name} at {job.data.root}, {len(job.data.sequences)} sequence(s)")
 
 
-def evaluate(args) -> dict:
-    """Run the evaluation described by evaluate.py's parsed arguments, in this process or as one
-    torchrun rank. Returns the results dict (as written to results.json) on rank 0, {} on the
+def evaluate(config: EvalConfig) -> dict:
+    """Run the evaluation `config` describes (with one threshold, or a sweep over several), in
+    this process or as one torchrun rank. Returns the results dict (as written to results.json) on rank 0, {} on the
     other ranks. Raises FileNotFoundError / UsageError naming the path or flag at fault."""
-    return _evaluate(args, distributed.launch_context())
+    return _evaluate(config, distributed.launch_context())
 
 
-def _evaluate(args, ctx: distributed.Context) -> dict:
-    device, device_text = resolve_device(distributed.rank_device(ctx, args.dev))
+def _evaluate(config: EvalConfig, ctx: distributed.Context) -> dict:
+    device, device_text = resolve_device(distributed.rank_device(ctx, config.dev))
     ctx = distributed.init(ctx, device)
     try:
-        if isinstance(args.TH, (tuple, list)):  # several thresholds: the trade-off curve
+        if isinstance(config.TH, (tuple, list)):  # several thresholds: the trade-off curve
             from lib.sweep import sweep
-            return sweep(args, ctx, device, device_text)
-        job = prepare(args, ctx, device, device_text)
+            return sweep(config, ctx, device, device_text)
+        job = prepare(config, ctx, device, device_text)
         if ctx.is_main:
             announce(job)
             print(f"results: {job.out_dir}")
-        todo = pending(job, args.resume)
-        if args.resume and ctx.is_main:
+        todo = pending(job, config.resume)
+        if config.resume and ctx.is_main:
             print(f"resume: {len(job.data.sequences) - len(todo)} sequence(s) already finished, {len(todo)} to run")
         outcome = track_sequences(job, my_share(job, todo))
         outcomes = exchange_outcomes(job, outcome)

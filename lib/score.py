@@ -15,26 +15,26 @@ from pathlib import Path
 
 from dataset.presets import PRESETS
 from lib.cli import UsageError
-from lib.evaluation import _nan_for_none, summary_line
+from lib.evaluation import EvalConfig, _nan_for_none, summary_line
 from lib.metrics import format_table, json_safe, write_results
 from lib.results import evaluate_data_dir
 
 
-def score_results(args) -> dict:
-    """Score the folder args.score against the ground truth of preset args.dset (its data root
-    flags as for an evaluation, --sequences to score a subset). Writes results.json and
+def score_results(config: EvalConfig) -> dict:
+    """Score the folder config.score against the ground truth of preset config.dset (config: a
+    lib.evaluation.EvalConfig; its data roots as for an evaluation, its sequences to score a subset). Writes results.json and
     results.csv into the folder, prints the table; returns the results dict. Raises UsageError
     for a preset without public ground truth, FileNotFoundError for a missing folder or PNG,
     UsageError for a PNG of the wrong size."""
-    if not PRESETS[args.dset].ground_truth:
+    if not PRESETS[config.dset].ground_truth:
         with_gt = [name for name, p in PRESETS.items() if p.ground_truth]
-        raise UsageError(f"--score: --dset {args.dset} has no public ground truth for its frames (its masks go to the "
+        raise UsageError(f"--score: --dset {config.dset} has no public ground truth for its frames (its masks go to the "
                          f"evaluation server); presets that can be scored here: {', '.join(with_gt)}")
-    data = PRESETS[args.dset].load(args)
+    data = PRESETS[config.dset].load(config)
     if data.metric is None:
-        raise UsageError(f"--score: not every frame of --dset {args.dset} at {data.root} has an annotation PNG, so "
+        raise UsageError(f"--score: not every frame of --dset {config.dset} at {data.root} has an annotation PNG, so "
                          f"there is no ground truth to score against")
-    folder = Path(args.score).expanduser()
+    folder = Path(config.score).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"--score {folder}: no such folder (expected <sequence>/<frame>.png inside)")
     absent = [seq.name for seq in data.sequences if not (folder / seq.name).is_dir()]
@@ -42,12 +42,12 @@ def score_results(args) -> dict:
         found = sorted(p.name for p in folder.iterdir() if p.is_dir())
         found_text = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "") if found else "no sequence folder"
         raise FileNotFoundError(f"--score {folder}: no folder {absent[0]}/ for sequence {absent[0]!r} of --dset "
-                                f"{args.dset} ({len(absent)} of {len(data.sequences)} missing; found "
+                                f"{config.dset} ({len(absent)} of {len(data.sequences)} missing; found "
                                 f"{found_text})")
-    print(f"scoring {folder} against {args.dset} = {data.name} at {data.root}, {len(data.sequences)} sequence(s)")
+    print(f"scoring {folder} against {config.dset} = {data.name} at {data.root}, {len(data.sequences)} sequence(s)")
     results = evaluate_data_dir(folder, data)
     results.update({
-        "dset": args.dset, "dataset": data.name, "data_root": str(data.root), "results_dir": str(folder),
+        "dset": config.dset, "dataset": data.name, "data_root": str(data.root), "results_dir": str(folder),
         "metric": data.metric, "scored": "--score: masks read from the results folder, no tracking",
         "command": [sys.executable] + sys.argv,
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

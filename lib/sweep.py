@@ -12,7 +12,6 @@ Under torchrun every rank tracks its share of the sequences in every step.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -222,9 +221,9 @@ def format_curve(rows: Sequence[Mapping]) -> str:
 
 def for_threshold(job, th: float):
     """`job` (lib.evaluation.Job) as a single-threshold run at `th` would prepare it."""
-    args = argparse.Namespace(**{**vars(job.args), "TH": float(th)})
-    out_dir = job.out_dir.parent / results_dir_name(args.dset, job.checkpoint, th, args.fast)
-    return dataclasses.replace(job, args=args, out_dir=out_dir, settings={**job.settings, "threshold": float(th)})
+    config = dataclasses.replace(job.config, TH=float(th))
+    out_dir = job.out_dir.parent / results_dir_name(config.dset, job.checkpoint, th, config.fast)
+    return dataclasses.replace(job, config=config, out_dir=out_dir, settings={**job.settings, "threshold": float(th)})
 
 
 def _finished(job, todo: list[str]) -> Optional[dict]:
@@ -237,17 +236,17 @@ def _finished(job, todo: list[str]) -> Optional[dict]:
     return results if results.get("sequences_requested") == [s.name for s in job.data.sequences] else None
 
 
-def sweep(args, ctx: distributed.Context, device, device_text: str) -> dict:
-    """evaluate.py with several thresholds (args.TH a tuple): see the module's docstring.
+def sweep(config, ctx: distributed.Context, device, device_text: str) -> dict:
+    """An evaluation with several thresholds (config, a lib.evaluation.EvalConfig: TH a tuple): see the module's docstring.
     Returns {"thresholds": {th: results dict}, "rows": curve rows, "curve_dir"} on rank 0,
     {} elsewhere."""
     from lib import evaluation as ev
     from lib.visualize import save_curve_png
 
-    thresholds = [float(th) for th in args.TH]
-    base = ev.prepare(argparse.Namespace(**{**vars(args), "TH": thresholds[0]}), ctx, device, device_text)
+    thresholds = [float(th) for th in config.TH]
+    base = ev.prepare(dataclasses.replace(config, TH=thresholds[0]), ctx, device, device_text)
     jobs = {th: for_threshold(base, th) for th in thresholds}
-    out_dir = base.out_dir.parent / curve_dir_name(args.dset, base.checkpoint, args.fast)
+    out_dir = base.out_dir.parent / curve_dir_name(config.dset, base.checkpoint, config.fast)
     try:
         if ctx.is_main:
             ev.announce(base)
@@ -264,8 +263,8 @@ def sweep(args, ctx: distributed.Context, device, device_text: str) -> dict:
         results = {}
         for step, th in enumerate(thresholds, 1):
             job = jobs[th]
-            todo = ev.pending(job, args.resume)
-            done = _finished(job, todo) if args.resume else None
+            todo = ev.pending(job, config.resume)
+            done = _finished(job, todo) if config.resume else None
             if done is not None:
                 results[th] = done
                 if ctx.is_main:
@@ -279,12 +278,12 @@ def sweep(args, ctx: distributed.Context, device, device_text: str) -> dict:
                 ev.report(results[th])
 
         speed = None
-        if args.timing_runs:
+        if config.timing_runs:
             if ctx.is_main:
-                print(f"timing: TH {', '.join(map(repr, thresholds))} in turn, {args.timing_runs} run(s) each "
+                print(f"timing: TH {', '.join(map(repr, thresholds))} in turn, {config.timing_runs} run(s) each "
                       f"(FPS: the median run)")
             videos = {seq.name: frames.get(seq.name, seq) for seq in mine}
-            timing = timed_runs(tracker, videos, thresholds, args.timing_runs)
+            timing = timed_runs(tracker, videos, thresholds, config.timing_runs)
             for th in thresholds:  # the timed runs must decide as the results runs did
                 entry = timing[th]
                 entry["matches_results"] = entry["stable"] and all(
@@ -302,9 +301,9 @@ def sweep(args, ctx: distributed.Context, device, device_text: str) -> dict:
         for th in thresholds:
             total, count = sequence_flops(tracker, jobs[th].out_dir, base.data.sequences, flops_cache)
             flops[th] = total / count / 1e9 if count else math.nan
-            rows.append(curve_row(th, results[th], speed[th] if speed else None, flops[th], args.timing_runs))
-        info = {"dset": args.dset, "checkpoint": str(base.checkpoint), "device": str(device),
-                "device_description": device_text, "world_size": ctx.world_size, "timing_runs": args.timing_runs,
+            rows.append(curve_row(th, results[th], speed[th] if speed else None, flops[th], config.timing_runs))
+        info = {"dset": config.dset, "checkpoint": str(base.checkpoint), "device": str(device),
+                "device_description": device_text, "world_size": ctx.world_size, "timing_runs": config.timing_runs,
                 "timing": {str(th): speed[th] for th in thresholds} if speed else None,
                 "path_flops": {f"{h}x{w}": paths for (h, w), paths in flops_cache.items()},
                 "fps_definition": TIMING_FPS_DEFINITION if speed else ev.FPS_DEFINITION,
@@ -314,7 +313,7 @@ def sweep(args, ctx: distributed.Context, device, device_text: str) -> dict:
         wrote = [out_dir / "curve.csv", out_dir / "curve.json"]
         if any(r["J&F"] is not None for r in rows):
             save_curve_png(out_dir / "curve.png", [(base.checkpoint.stem, rows)],
-                           title=f"{args.dset}: J&F against speed and FLOPs over the reuse threshold")
+                           title=f"{config.dset}: J&F against speed and FLOPs over the reuse threshold")
             wrote.append(out_dir / "curve.png")
         print("\n" + format_curve(rows))
         if speed and not all(speed[th]["matches_results"] for th in thresholds):

@@ -30,12 +30,14 @@ from PIL import Image, ImageDraw, ImageFont
 
 from lib.errors import UsageError
 from lib.fileio import atomic_write_bytes
-from lib.image_io import resize_image_area
+from lib.image_io import read_image, read_label_png, resize_image_area, resize_labels_nearest_exact
 from lib.palette import DAVIS_PALETTE
 from lib.results import TrackingStats, timeline_entry
+from lib.video_io import natural_key, same_aspect
 
 GIF_MAX_WIDTH = 427
 GIF_MAX_FRAMES = 200
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 # ---------------------------------------------------------------------------------------------
 # Overlays
@@ -411,3 +413,102 @@ def save_curve_png(path: str | os.PathLike, curves: Sequence[tuple[str, Sequence
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# A results directory's overlays and timelines (visualize.py)
+
+
+def _mask_files(folder: Path) -> list[Path]:
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".png"
+             and not p.name.startswith(".")]
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def list_sequences(results: Path, skip: Optional[Path] = None) -> list[str]:
+    """Folders of `results` that hold label PNGs, sorted (the output folder excluded)."""
+    skip_resolved = skip.resolve() if skip is not None else None
+    names = []
+    for d in results.iterdir():
+        if not d.is_dir() or d.name.startswith("."):
+            continue
+        if skip_resolved is not None and d.resolve() == skip_resolved:
+            continue
+        if _mask_files(d):
+            names.append(d.name)
+    return sorted(names, key=natural_key)
+
+
+def _frame_path(frames: Path, seq: str, stem: str) -> Path:
+    for suffix in FRAME_SUFFIXES:
+        path = frames / seq / f"{stem}{suffix}"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"--frames: no frame {frames / seq / stem}.jpg (or .jpeg / .png) for the "
+                            f"result mask {seq}/{stem}.png")
+
+
+def _pairs(results: Path, frames: Path, seq: str):
+    for mask_path in _mask_files(results / seq):
+        image = read_image(_frame_path(frames, seq, mask_path.stem))
+        labels = read_label_png(mask_path)
+        if labels.shape != image.shape[:2]:
+            if not same_aspect(labels.shape, image.shape[:2]):
+                raise UsageError(f"--results: mask {mask_path} is {labels.shape[1]}x{labels.shape[0]} but its "
+                                 f"frame is {image.shape[1]}x{image.shape[0]} (another resolution of the frames?)")
+            labels = resize_labels_nearest_exact(labels, image.shape[:2])
+        yield image, labels
+
+
+def write_visuals(results: str | os.PathLike, frames: str | os.PathLike, out: Optional[str | os.PathLike] = None,
+                  sequences: Optional[Sequence[str]] = None, *, mp4: bool = True, gif: bool = True,
+                  timeline: bool = True, fps_out: float = 10.0, alpha: float = 0.5,
+                  gif_width: int = GIF_MAX_WIDTH) -> dict[str, list[str]]:
+    """Overlays (<out>/<seq>/overlay.mp4 / .gif) and reuse timelines (<out>/<seq>/timeline.png)
+    of a results directory (<seq>/<frame>.png label PNGs, <seq>/timeline.json), frames read from
+    <frames>/<seq>/; out defaults to <results>/vis, sequences to every folder holding PNGs.
+    Returns {seq: [written paths]}; FileNotFoundError / UsageError name the argument at fault."""
+    results, frames = Path(results), Path(frames)
+    if not results.is_dir():
+        raise FileNotFoundError(f"--results: no such directory: {results}")
+    if not frames.is_dir():
+        raise FileNotFoundError(f"--frames: no such directory: {frames}")
+    out = Path(out) if out is not None else results / "vis"
+    if out.resolve() == results.resolve() or (out.is_dir() and _mask_files(out)):
+        raise UsageError(f"--out {out} must not be the results directory or a folder of label PNGs "
+                         f"(its outputs would be taken for results)")
+    if sequences:
+        sequences = list(sequences)
+        for seq in sequences:
+            if not (results / seq).is_dir():
+                raise FileNotFoundError(f"--sequences: no results for {seq!r} ({results / seq} does not exist)")
+            if not _mask_files(results / seq):
+                raise UsageError(f"--sequences: {results / seq} holds no label PNGs")
+    else:
+        sequences = list_sequences(results, skip=out)
+        if not sequences:
+            raise UsageError(f"--results: {results} has no <seq>/ folder holding label PNGs")
+    for seq in sequences:
+        if not (frames / seq).is_dir():
+            raise FileNotFoundError(f"--frames: no frame folder {frames / seq} for sequence {seq}")
+
+    written: dict[str, list[str]] = {}
+    for seq in sequences:
+        target = out / seq
+        target.mkdir(parents=True, exist_ok=True)
+        paths = []
+        mp4_path = target / "overlay.mp4" if mp4 else None
+        gif_path = target / "overlay.gif" if gif else None
+        if mp4_path is not None or gif_path is not None:
+            count = write_overlays(_pairs(results, frames, seq), mp4_path, gif_path, fps_out, alpha, gif_width)
+            paths += [str(p) for p in (mp4_path, gif_path) if p is not None]
+        else:
+            count = len(_mask_files(results / seq))
+        timeline_json = results / seq / "timeline.json"
+        if timeline and timeline_json.is_file():
+            save_timeline_png(target / "timeline.png", load_timeline(timeline_json), seq)
+            paths.append(str(target / "timeline.png"))
+        written[seq] = paths
+        print(f"{seq}: {count} frames -> {', '.join(paths) if paths else 'nothing (all outputs off)'}")
+    return written
+

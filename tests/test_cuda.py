@@ -14,6 +14,7 @@ import torch
 
 import train
 from models.tracker import merge_probabilities
+from trainers.trainer import run_training
 
 from test_tracker_fast import checkpoint, clip, tracker_for  # noqa: F401 (checkpoint is a fixture)
 from test_training import ROOT, cli, parse, synthetic_root  # noqa: F401 (synthetic_root is a fixture)
@@ -95,7 +96,7 @@ def test_bf16_follows_fp32_on_cuda(checkpoint):  # noqa: F811
 def test_one_training_step_on_cuda(synthetic_root, tmp_path, precision):  # noqa: F811
     args = parse(tmp_path, synthetic_root, "--epochs", "1", "--dev", DEV, *(
         ["--precision", precision] if "--precision" in train.get_parser().format_help() else []))
-    train.main(args)
+    run_training(args)
     assert (tmp_path / "ck" / "t" / "t_ep0001.pth").is_file()
 
 

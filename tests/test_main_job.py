@@ -19,13 +19,14 @@ def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(main_job, "JOB_TRAIN", {"sequences": 2, "frames": 8, "hold": (0.6, 1.0)})
     monkeypatch.setattr(main_job, "JOB_VAL", {"sequences": 1, "frames": 11, "enter_at": 4})
     monkeypatch.setattr(main_job, "JOB_TRAIN_OPTIONS", {"batch_size": 2, "samples_per_epoch": 2, "num_aug": 1})
-    import evaluate
     import torch
-    import train
+
+    import lib.evaluation
+    import trainers.trainer
     seen_threads = []
-    for script in (train, evaluate):
-        monkeypatch.setattr(script, "main", lambda args, main=script.main: seen_threads.append(torch.get_num_threads())
-                            or main(args))
+    for module, name in ((trainers.trainer, "run_training"), (lib.evaluation, "evaluate")):
+        monkeypatch.setattr(module, name, lambda config, run=getattr(module, name):
+                            seen_threads.append(torch.get_num_threads()) or run(config))
     threads = torch.get_num_threads()
     job_threads = 1 if threads != 1 else 2  # differs from the test's own count
     out = demo.main(demo.get_parser().parse_args(["--work", str(tmp_path), "--epochs", "1", "--dev", "cpu",
@@ -71,11 +72,9 @@ def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
     assert fps_goal in goals[2][1] and re.search(r"^FPS: .* median of 3 runs that alternated", printed, flags=re.M)
     # After one epoch the gate reuses nothing at TH 0.7; at a threshold where it reuses, the timing
     # runs still decide as evaluate.py does.
-    from lib.cli import options
-    low = options(evaluate.get_parser(), model=out["checkpoint"], dset="ytvos-layout",
-                  data_root=tmp_path / "synthetic-val", output_root=tmp_path / "low", TH=0.05,
-                  backbone_weights="random", dev="cpu")
-    reference = evaluate.main(low)
+    low = lib.evaluation.EvalConfig(model=out["checkpoint"], dset="ytvos-layout", data_root=tmp_path / "synthetic-val",
+                                    output_root=tmp_path / "low", TH=0.05, backbone_weights="random", dev="cpu")
+    reference = lib.evaluation.evaluate(low)
     timed = main_job.time_thresholds(low, (1.0, 0.05), 2)
     assert 0 < reference["reuse_rate"] == timed[0.05]["reuse_rate"] and timed[1.0]["reuse_rate"] == 0
 

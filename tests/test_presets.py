@@ -255,19 +255,22 @@ def test_finished_sequences_kept_on_error(checkpoint, data, tmp_path):
     assert (results_dir / videos[0] / STATS_FILE).is_file() and not (results_dir / videos[1]).exists()
 
 
-def test_options_call_main_from_python(checkpoint, data, tmp_path):
-    """lib.cli.options: the parser's defaults with keyword values, as demo.py calls the scripts."""
-    from lib.cli import options
+def test_config_calls_the_library_from_python(checkpoint, data, tmp_path):
+    """lib.evaluation.EvalConfig: evaluate.py's defaults, keyword values set over them, as the main
+    job and any Python caller build it; the script maps its flags to the same config."""
+    from evaluate import config_from_args
+    from lib.evaluation import EvalConfig, evaluate
 
-    args = options(get_parser(), model=str(checkpoint), dset="dv2017testdev", davis_root=data / "davis",
-                   output_root=tmp_path, backbone_weights="random", num_aug=1, dev="cpu", TH=TH,
-                   sequences=["synth-testdev-00"])
-    assert args.fast is True and args.seed == 0 and args.resume is False  # the parser's defaults
-    results = main(args)
+    config = EvalConfig(model=str(checkpoint), dset="dv2017testdev", davis_root=data / "davis", output_root=tmp_path,
+                        backbone_weights="random", num_aug=1, dev="cpu", TH=TH, sequences=["synth-testdev-00"])
+    assert config.fast is True and config.seed == 0 and config.resume is False  # evaluate.py's defaults
+    assert config_from_args(get_parser().parse_args([])) == EvalConfig()  # the flags' defaults are the config's
+    results = evaluate(config)
     assert list(results["sequences"]) == ["synth-testdev-00"]
-    with pytest.raises(TypeError, match="no option davis"):
-        options(get_parser(), davis=data)
+    assert results["args"]["davis_root"] == str(data / "davis") and results["args"]["sequences"] == ["synth-testdev-00"]
+    with pytest.raises(TypeError, match="davis"):
+        EvalConfig(davis=data)
     import visualize
     with pytest.raises(UsageError, match="--results and --frames are required"):  # optional with `curve`
-        visualize.main(options(visualize.get_parser(), out=tmp_path))
+        visualize.main(visualize.get_parser().parse_args(["--out", str(tmp_path)]))
 

@@ -18,7 +18,7 @@ import pytest
 from dataset.presets import PRESETS
 from dataset.synthetic import _write_jpeg, make_ytvos_like
 from dataset.synthetic_layouts import make_folder_like, make_lvos_scoring_set, make_mose_like
-from evaluate import get_parser, main
+from evaluate import config_from_args, get_parser, main
 from lib.image_io import read_label_png, write_label_png
 from lib.metrics import evaluate_results
 from tests.test_evaluate import _clean_env  # noqa: F401  (no data roots from the environment)
@@ -28,11 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def args(*argv):
-    return get_parser().parse_args(list(argv))
+    """evaluate.py's flags as its evaluation config (which the presets load)."""
+    return config_from_args(get_parser().parse_args(list(argv)))
 
 
 def score(*argv) -> dict:
-    return main(args(*argv))
+    return main(get_parser().parse_args(list(argv)))
 
 
 def shifted_copy(anno_dir: Path, out_dir: Path) -> None:

@@ -184,13 +184,13 @@ def test_demo_main_job_sweeps_a_threshold_list(tmp_path, monkeypatch, capsys):
     (training replaced by a prepared checkpoint, a smaller validation set, one timing run)."""
     import demo
     import main_job
-    import train
+    import trainers.trainer
     from benchmarks.parallel_eval import make_checkpoint
 
-    def fake_training(args):
-        (args.checkpoints / "demo").mkdir(parents=True)
-        make_checkpoint(args.checkpoints / "demo" / f"demo_ep{args.epochs:04d}.pth")
-    monkeypatch.setattr(train, "main", fake_training)
+    def fake_training(config):
+        (config.checkpoints / "demo").mkdir(parents=True)
+        make_checkpoint(config.checkpoints / "demo" / f"demo_ep{config.epochs:04d}.pth")
+    monkeypatch.setattr(trainers.trainer, "run_training", fake_training)
     monkeypatch.setattr(main_job, "JOB_VAL", {"sequences": 1, "frames": 8, "enter_at": 3})
     monkeypatch.setattr(main_job, "JOB_TIMING_RUNS", 1)
     out = demo.main(demo.get_parser().parse_args(["--work", str(tmp_path), "--epochs", "1", "--dev", "cpu",

@@ -4,7 +4,6 @@ after SIGKILL); torchrun with 2 processes ends with identical weights, rank 0 wr
 bad input is reported or skipped; the data set's visibility rules and the gate's pieces."""
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -31,7 +30,7 @@ from models.checkpoint import GATE_MODULES, read_checkpoint, save_checkpoint
 from models.network import GFRTM
 from trainers.gfrtm_step import GateLossConfig, GFRTMStep, gate_target, straight_through_gate
 from trainers.tmcache import TargetModelCache
-from trainers.trainer import Trainer, checkpoint_files
+from trainers.trainer import TrainConfig, Trainer, build_network, build_optimizer, checkpoint_files, run_training
 
 from forged_checkpoints import malicious_checkpoint, upstream_trainer_checkpoint
 
@@ -56,8 +55,10 @@ def cli(tmp_path: Path, synthetic_root: Path, *extra: str) -> list[str]:
             "--num-aug", "1", "--backbone-weights", "random", "--dev", "cpu", *extra]
 
 
-def parse(tmp_path: Path, synthetic_root: Path, *extra: str) -> argparse.Namespace:
-    return train.get_parser().parse_args(cli(tmp_path, synthetic_root, "--batch-size", "2", "--workers", "0", *extra))
+def parse(tmp_path: Path, synthetic_root: Path, *extra: str) -> TrainConfig:
+    """The training config of train.py's flags `cli(...)` (as train.py maps them)."""
+    args = train.get_parser().parse_args(cli(tmp_path, synthetic_root, "--batch-size", "2", "--workers", "0", *extra))
+    return train.config_from_args(args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,9 +76,9 @@ def test_loss_decreases_on_a_fixed_batch(synthetic_root, tmp_path):
     targets = [cache.get(s.sequence, s.frames[0], s.object_id, frames[0][b], masks[0][b])
                for b, s in enumerate(data.specs)]
     args = parse(tmp_path, synthetic_root)
-    net = train.build_network(args).train()
+    net = build_network(args).train()
     step = GFRTMStep(net, backbone, GateLossConfig())
-    optimizer, _ = train.build_optimizer(net, args)
+    optimizer, _ = build_optimizer(net, args)
     losses = []
     for _ in range(6):
         loss, stats = step.loss(frames, masks, targets, 1)
@@ -96,7 +97,7 @@ def test_reduced_precision_training(synthetic_root, tmp_path, monkeypatch):
     """bf16: the step under autocast, fp32 weights and optimizer; fp16 (allowed here by pretending
     the CPU has fp16 kernels): a GradScaler whose state the checkpoint keeps; refused where the
     device cannot run it, before any work."""
-    stats = train.main(parse(tmp_path / "bf16", synthetic_root, "--epochs", "1", "--precision", "bf16"))
+    stats = run_training(parse(tmp_path / "bf16", synthetic_root, "--epochs", "1", "--precision", "bf16"))
     assert math.isfinite(stats["loss"])
     ckpt = read_checkpoint(tmp_path / "bf16" / "ck" / "t" / "t_ep0001.pth")
     assert {v.dtype for v in ckpt["model"].values() if v.is_floating_point()} == {torch.float32}
@@ -104,20 +105,20 @@ def test_reduced_precision_training(synthetic_root, tmp_path, monkeypatch):
 
     from models import precision
     monkeypatch.setattr(precision, "_cpu_supports_fp16", lambda: True)
-    train.main(parse(tmp_path / "fp16", synthetic_root, "--epochs", "1", "--precision", "fp16"))
+    run_training(parse(tmp_path / "fp16", synthetic_root, "--epochs", "1", "--precision", "fp16"))
     ckpt = read_checkpoint(tmp_path / "fp16" / "ck" / "t" / "t_ep0001.pth")
     assert ckpt["grad_scaler"]["scale"] > 0
     monkeypatch.setattr(precision, "_cpu_supports_fp16", lambda: False)
     with pytest.raises(UsageError, match="--precision fp16"):
-        train.main(parse(tmp_path / "fp16", synthetic_root, "--epochs", "2", "--precision", "fp16"))
+        run_training(parse(tmp_path / "fp16", synthetic_root, "--epochs", "2", "--precision", "fp16"))
 
 
 @pytest.fixture(scope="module")
 def first_run(synthetic_root, tmp_path_factory):
-    """One epoch of train.main, in process."""
+    """One epoch of run_training, in process."""
     tmp_path = tmp_path_factory.mktemp("run")
     before = torch.random.get_rng_state()
-    stats = train.main(parse(tmp_path, synthetic_root, "--epochs", "1"))
+    stats = run_training(parse(tmp_path, synthetic_root, "--epochs", "1"))
     assert torch.equal(torch.random.get_rng_state(), before), "training reseeded the global RNG"
     return tmp_path, stats
 
@@ -132,7 +133,7 @@ def test_epoch_writes_a_complete_checkpoint_logs_and_cache(first_run):
     assert {"model", "optimizer", "scheduler", "epoch", "args", "format", "backbone"} <= set(ckpt)
     assert ckpt["epoch"] == 1 and ckpt["args"]["frames"] == FRAMES
     assert set(torch.load(path, weights_only=True)) == set(ckpt)  # plain types only
-    assert isinstance(ckpt["args"]["checkpoints"], str)  # a Path in the Namespace
+    assert isinstance(ckpt["args"]["checkpoints"], str)  # a Path in the config
     assert build_tracker(path, backbone_weights="random", num_aug=1).network.has_gate
     entries = list((tmp_path / "tm" / "resnet18-c32_gTrue").rglob("*.layer4.pth"))
     assert entries and all(e.name.count(".") == 3 for e in entries)  # NNNNN.<object>.layer4.pth
@@ -146,8 +147,8 @@ def test_resume_restores_epoch_optimizer_and_scheduler(first_run, synthetic_root
     tmp_path, _ = first_run
     saved = read_checkpoint(tmp_path / "ck" / "t" / "t_ep0001.pth")
     args = parse(tmp_path, synthetic_root, "--epochs", "2")
-    net = train.build_network(args)
-    optimizer, scheduler = train.build_optimizer(net, args)
+    net = build_network(args)
+    optimizer, scheduler = build_optimizer(net, args)
     trainer = Trainer(GFRTMStep(net, Backbone("resnet18", "random", seed=0), GateLossConfig()), optimizer,
                       scheduler, [], None, args, torch.device("cpu"), tmp_path / "ck" / "t", tmp_path / "tb2")
     trainer.resume()
@@ -160,7 +161,7 @@ def test_resume_restores_epoch_optimizer_and_scheduler(first_run, synthetic_root
     assert all(torch.equal(net.state_dict()[k], v) for k, v in saved["model"].items())
 
     capsys.readouterr()
-    train.main(args)  # picks up the newest checkpoint of --name by itself
+    run_training(args)  # picks up the newest checkpoint of --name by itself
     assert "continuing with epoch 2" in capsys.readouterr().out
     assert read_checkpoint(tmp_path / "ck" / "t" / "t_ep0002.pth")["epoch"] == 2
 
@@ -254,7 +255,7 @@ def test_nan_loss_stops_with_the_batch(synthetic_root, tmp_path, monkeypatch):
 
     monkeypatch.setattr(GFRTMStep, "loss", nan_loss)
     with pytest.raises(FloatingPointError, match=r"epoch 1, batch 0: synthetic:synth-train-0\d/object \d/frames"):
-        train.main(parse(tmp_path, synthetic_root, "--epochs", "1"))
+        run_training(parse(tmp_path, synthetic_root, "--epochs", "1"))
     assert not checkpoint_files(tmp_path / "ck" / "t", "t")
 
 
@@ -384,22 +385,22 @@ def test_init_from_frtm_and_gfrtm_checkpoints(tmp_path, synthetic_root):
         source = GFRTM("resnet18")
     frtm = {"model": {k: v for k, v in source.state_dict().items() if k.split(".")[0] not in GATE_MODULES}}
     torch.save(frtm, tmp_path / "frtm.pth")
-    net = train.build_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "frtm.pth")))
-    fresh = train.build_network(parse(tmp_path, synthetic_root))
+    net = build_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "frtm.pth")))
+    fresh = build_network(parse(tmp_path, synthetic_root))
     assert torch.equal(net.decoder.TSE.layer4.reduce[0].weight, source.decoder.TSE.layer4.reduce[0].weight)
     assert torch.equal(net.upsampler.conv1.weight, source.upsampler.conv1.weight)
     assert torch.equal(net.template_matching.key[0].weight, fresh.template_matching.key[0].weight)  # fresh
     assert torch.equal(net.reuse_gate.conv2.bias, torch.tensor([0.1, 2.0]))
     save_checkpoint(tmp_path / "gfrtm.pth", source)
-    net = train.build_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "gfrtm.pth")))
+    net = build_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "gfrtm.pth")))
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in net.state_dict().items())
     # As upstream's trainer saves (stats of upstream's lib.utils.AverageMeter, upstream key names).
     upstream_trainer_checkpoint(source, tmp_path / "upstream_like.pth")
-    net = train.build_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "upstream_like.pth")))
+    net = build_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "upstream_like.pth")))
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in net.state_dict().items())
     save_checkpoint(tmp_path / "rn101.pth", GFRTM("resnet101"))
     with pytest.raises(ValueError, match="resnet101"):
-        train.build_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "rn101.pth")))
+        build_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "rn101.pth")))
 
 
 def test_target_model_cache_hits_and_retrains_corrupt_entries(tmp_path, caplog):
@@ -482,13 +483,15 @@ def test_every_flag_has_help_and_a_working_type(tmp_path):
     assert (defaults.epochs, defaults.batch_size, defaults.lr, defaults.lr_step, defaults.size, defaults.frames,
             defaults.num_aug, defaults.marginEp, defaults.apply_margin) == (260, 8, 5e-4, 127, (480, 854), 6, 15,
                                                                              120, False)
+    assert train.config_from_args(defaults) == TrainConfig()  # the flags' defaults are the config's
+    assert train.config_from_args(args).initPth == Path("a.pth")
 
 
 def test_keep_checkpoints_deletes_only_older_ones(synthetic_root, tmp_path):
     """--keep-checkpoints 2: after 3 epochs the newest two remain, and resume finds the newest."""
     from trainers.trainer import checkpoint_files
     args = parse(tmp_path, synthetic_root, "--epochs", "3", "--keep-checkpoints", "2", "--samples-per-epoch", "2")
-    train.main(args)
+    run_training(args)
     kept = checkpoint_files(args.checkpoints / args.name, args.name)
     assert [p.name for p in kept] == [f"{args.name}_ep0002.pth", f"{args.name}_ep0003.pth"]
     assert torch.load(kept[-1], weights_only=True)["epoch"] == 3  # plain types only

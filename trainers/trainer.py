@@ -1,7 +1,10 @@
-"""The training loop: optimizer, scheduler, checkpoints, resume, TensorBoard, distributed.
+"""Training G-FRTM: its config (`TrainConfig`, train.py's flags), the network and optimizer
+builders, `run_training(config)` (one process or one torchrun rank), and the loop (`Trainer`):
+optimizer, scheduler, checkpoints, resume, TensorBoard, distributed.
 
 The step (`trainers.gfrtm_step.GFRTMStep`) computes the loss; only this loop calls backward,
-steps, clips and logs. Checkpoints are complete (model, optimizer, scheduler, epoch, args) and
+steps, clips and logs. Checkpoints are complete (model, optimizer, scheduler, epoch, args: the
+config) and
 written atomically by rank 0 after every epoch as `<checkpoint_dir>/<name>_epNNNN.pth`; a run
 resumes from the newest one. Under torchrun (DistributedDataParallel) every process trains on
 its own share of each epoch's samples; only rank 0 writes checkpoints and logs.
@@ -13,6 +16,7 @@ import logging
 import math
 import os
 import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -23,15 +27,155 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
-from dataset.training import SAMPLE_SIZE, References, TrainingSamples, epoch_samples
+from dataset.synthetic import make_davis_like
+from dataset.training import SAMPLE_SIZE, References, TrainingSamples, build_sources, epoch_samples
+from lib.cli import resolve_device
 from lib.errors import UsageError
+from models.backbone import Backbone
 from models.checkpoint import check_backbone, load_network_state, network_state, read_checkpoint, save_checkpoint
+from models.network import GFRTM
 from models.precision import autocast, check_precision
 
-from .gfrtm_step import STAT_KEYS, GFRTMStep
+from .gfrtm_step import STAT_KEYS, GateLossConfig, GFRTMStep
 from .tmcache import TargetModelCache
 
 log = logging.getLogger(__name__)
+
+GATE_LAST_BIAS = (0.1, 2.0)  # upstream's initial (reuse, compute) bias: the gate starts mostly computing
+
+
+def _env_path(name: str, default: str):
+    """A dataclass default: $name, else `default`, read when the config is made."""
+    return field(default_factory=lambda: Path(os.environ.get(name, default)))
+
+
+@dataclass
+class TrainConfig:
+    """A training run (train.py's flags, docs/training.md). Roots left None are read from the
+    environment ($DAVIS_ROOT, $YTVOS_ROOT); the output roots default to $RVOS_CHECKPOINTS,
+    $RVOS_TENSORBOARD, $RVOS_TMCACHE and $RVOS_CACHE, else ./save_dir[/cache]. size: (H, W)."""
+    name: str = "All_RN18_m1000_b8seq6"
+    ftext: str = "resnet18"
+    dset: str = "all"
+    m1: float = 1.0
+    m2: float = 0.0
+    marginEp: int = 120
+    apply_margin: bool = False
+    initPth: Optional[Path] = None
+    resume: Optional[Path] = None
+    davis_root: Optional[Path] = None
+    ytvos_root: Optional[Path] = None
+    ytvos_split_file: Optional[str] = None
+    synthetic_root: Path = Path("./save_dir/synthetic")
+    checkpoints: Path = _env_path("RVOS_CHECKPOINTS", "./save_dir")
+    tensorboard: Path = _env_path("RVOS_TENSORBOARD", "./save_dir")
+    tmcache: Path = _env_path("RVOS_TMCACHE", "./save_dir")
+    cache_dir: Path = _env_path("RVOS_CACHE", "./save_dir/cache")
+    size: tuple[int, int] = (480, 854)
+    frames: int = SAMPLE_SIZE
+    epochs: int = 260
+    keep_checkpoints: Optional[int] = None
+    batch_size: int = 8
+    lr: float = 5e-4
+    weight_decay: float = 1e-5
+    lr_step: int = 127
+    lr_gamma: float = 0.1
+    samples_per_epoch: Optional[int] = None
+    clip_grad: float = 0.0
+    workers: int = 4
+    dev: Optional[str] = None
+    precision: str = "fp32"
+    num_aug: int = 15
+    backbone_weights: str = "imagenet"
+    seed: int = 0
+
+
+def build_network(config: TrainConfig) -> GFRTM:
+    """A fresh network (seeded by config.seed without touching the global RNG; the gate's last
+    bias as upstream), optionally initialized from config.initPth."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        net = GFRTM(config.ftext)
+    with torch.no_grad():
+        net.reuse_gate.conv2.bias.copy_(torch.tensor(GATE_LAST_BIAS))
+    if config.initPth is not None:
+        state, backbone, has_gate = network_state(read_checkpoint(config.initPth))
+        check_backbone(backbone, config.ftext, f"--initPth {config.initPth}")
+        if not has_gate:  # FRTM: decoder and upsampler only, the gate parts stay fresh
+            state = {**{k: v for k, v in net.state_dict().items() if k not in state}, **state}
+        load_network_state(net, state)
+        print(f"initialized from {config.initPth} ({'G-FRTM' if has_gate else 'FRTM: decoder and upsampler'})")
+    return net
+
+
+def build_optimizer(network: GFRTM, config: TrainConfig):
+    """Adam (amsgrad), weight decay except on the reuse gate, and StepLR, as upstream."""
+    gate_params = list(network.reuse_gate.parameters())
+    other_params = [p for n, p in network.named_parameters() if not n.startswith("reuse_gate.")]
+    optimizer = torch.optim.Adam([{"params": gate_params, "weight_decay": 0.0},
+                                  {"params": other_params, "weight_decay": config.weight_decay}],
+                                 lr=config.lr, betas=(0.9, 0.999), amsgrad=True)
+    return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+
+
+def _rank0_first(fn, rank: int, world: int):
+    """Run fn on rank 0 first (it writes caches), then on the others (they read them)."""
+    if world > 1 and rank != 0:
+        dist.barrier()
+    result = fn()
+    if world > 1 and rank == 0:
+        dist.barrier()
+    return result
+
+
+def run_training(config: TrainConfig) -> dict:
+    """Train as `config` says, in this process or as one torchrun rank (DistributedDataParallel);
+    returns the last epoch's statistics. Checkpoints: <checkpoints>/<name>/<name>_epNNNN.pth."""
+    rank, world, dev = setup_distributed(config.dev)
+    # Rank 0 reports; the others only warn (with their rank).
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(levelname)s %(message)s" if world == 1 else f"%(levelname)s [rank {rank}] %(message)s")
+    try:
+        return _train(config, rank, world, dev)
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(config: TrainConfig, rank: int, world: int, dev) -> dict:
+    device, description = resolve_device(dev)
+    check_precision(config.precision, device)  # before any data is prepared
+    if rank == 0:
+        print(f"device: {description}; {world} process(es)", flush=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed training size, as upstream
+
+    davis_root = config.davis_root
+    if config.dset == "synthetic":
+        davis_root = str(config.synthetic_root)
+
+        def generate():
+            if not (Path(config.synthetic_root) / "ImageSets").is_dir():
+                print(f"writing the synthetic training set to {config.synthetic_root}", flush=True)
+                make_davis_like(config.synthetic_root, num_sequences=1, num_frames=max(12, config.frames + 2),
+                                size=config.size, num_objects=2, seed=config.seed, num_train_sequences=3)
+        _rank0_first(generate, rank, world)
+    sources = _rank0_first(lambda: build_sources(config.dset, davis_root, config.ytvos_root, config.cache_dir,
+                                                 config.size, config.frames, ytvos_split_file=config.ytvos_split_file),
+                           rank, world)
+    if rank == 0:
+        print("training data: " + ", ".join(f"{s.name} ({len(s.objects)} objects in {len(s.reference)} sequences)"
+                                            for s in sources), flush=True)
+
+    backbone = Backbone(config.ftext, config.backbone_weights, seed=config.seed).to(device)
+    network = build_network(config).to(device)
+    step = GFRTMStep(network, backbone, GateLossConfig(config.m1, config.m2, config.marginEp, config.apply_margin))
+    optimizer, scheduler = build_optimizer(network, config)
+    cache = TargetModelCache(config.tmcache, backbone, device, num_aug=config.num_aug, seed=config.seed)
+    trainer = Trainer(step, optimizer, scheduler, sources, cache, config, device,
+                      Path(config.checkpoints) / config.name, Path(config.tensorboard) / config.name, rank, world)
+    trainer.resume(config.resume)
+    return trainer.train()
 
 
 def checkpoint_files(directory: Path, name: str) -> list[Path]:
@@ -43,7 +187,7 @@ def checkpoint_files(directory: Path, name: str) -> list[Path]:
 
 class Trainer:
     def __init__(self, step: GFRTMStep, optimizer: torch.optim.Optimizer, scheduler, sources: list,
-                 cache: Optional[TargetModelCache], args, device: torch.device, checkpoint_dir: Path,
+                 cache: Optional[TargetModelCache], config: TrainConfig, device: torch.device, checkpoint_dir: Path,
                  tensorboard_dir: Path, rank: int = 0, world_size: int = 1):
         self.step = step
         if world_size > 1:
@@ -54,11 +198,11 @@ class Trainer:
         self.scheduler = scheduler
         self.sources = sources
         self.cache = cache
-        self.args = args
+        self.config = config
         self.device = device
         # --precision: the step under autocast (weights and optimizer stay fp32); fp16 scales the
         # loss so that small gradients survive (a GradScaler; off, it changes nothing).
-        self.precision = getattr(args, "precision", "fp32")
+        self.precision = config.precision
         self.dtype = check_precision(self.precision, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.checkpoint_dir = Path(checkpoint_dir)
@@ -76,7 +220,7 @@ class Trainer:
 
     @property
     def sample_size(self) -> int:
-        return getattr(self.args, "frames", SAMPLE_SIZE)
+        return self.config.frames
 
     # Checkpoints -------------------------------------------------------------------------------
 
@@ -86,7 +230,7 @@ class Trainer:
         if path is not None:
             ckpt = read_checkpoint(path)
         else:
-            for candidate in reversed(checkpoint_files(self.checkpoint_dir, self.args.name)):
+            for candidate in reversed(checkpoint_files(self.checkpoint_dir, self.config.name)):
                 try:
                     ckpt, path = read_checkpoint(candidate), candidate
                     break
@@ -127,14 +271,14 @@ class Trainer:
     def save(self, stats: dict) -> Optional[Path]:
         if self.rank != 0:
             return None
-        path = self.checkpoint_dir / f"{self.args.name}_ep{self.epoch:04d}.pth"
+        path = self.checkpoint_dir / f"{self.config.name}_ep{self.epoch:04d}.pth"
         saved = save_checkpoint(path, self.step.network, optimizer=self.optimizer.state_dict(),
-                                scheduler=self.scheduler.state_dict(), epoch=self.epoch, args=vars(self.args),
+                                scheduler=self.scheduler.state_dict(), epoch=self.epoch, args=asdict(self.config),
                                 stats=stats,
                                 **({"grad_scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}))
-        keep = getattr(self.args, "keep_checkpoints", None)
+        keep = self.config.keep_checkpoints
         if keep:  # only once the new one is complete on disk
-            for old in checkpoint_files(self.checkpoint_dir, self.args.name)[:-keep]:
+            for old in checkpoint_files(self.checkpoint_dir, self.config.name)[:-keep]:
                 old.unlink()
         return saved
 
@@ -143,33 +287,33 @@ class Trainer:
     def _loader(self, dataset: TrainingSamples) -> DataLoader:
         """Shuffled per epoch; the order depends only on --seed and the epoch (and the rank's share)."""
         if self.world_size > 1:
-            sampler = DistributedSampler(dataset, self.world_size, self.rank, shuffle=True, seed=self.args.seed)
+            sampler = DistributedSampler(dataset, self.world_size, self.rank, shuffle=True, seed=self.config.seed)
             sampler.set_epoch(self.epoch)
         else:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.args.seed * 100003 + self.epoch))
-        return DataLoader(dataset, batch_size=self.args.batch_size, sampler=sampler, num_workers=self.args.workers,
+            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(self.config.seed * 100003 + self.epoch))
+        return DataLoader(dataset, batch_size=self.config.batch_size, sampler=sampler, num_workers=self.config.workers,
                           pin_memory=self.device.type == "cuda",
-                          generator=torch.Generator().manual_seed(self.args.seed * 100003 + self.epoch + 1))
+                          generator=torch.Generator().manual_seed(self.config.seed * 100003 + self.epoch + 1))
 
     def epoch_dataset(self) -> TrainingSamples:
         """This epoch's samples (the same on every process)."""
-        specs = epoch_samples(self.sources, self.args.seed, self.epoch, self.sample_size)
-        if self.args.samples_per_epoch:
-            order = np.random.default_rng([self.args.seed, self.epoch, 1]).permutation(len(specs))
-            specs = [specs[i] for i in order[:self.args.samples_per_epoch]]
-        return TrainingSamples(self.sources, specs, self.args.size)
+        specs = epoch_samples(self.sources, self.config.seed, self.epoch, self.sample_size)
+        if self.config.samples_per_epoch:
+            order = np.random.default_rng([self.config.seed, self.epoch, 1]).permutation(len(specs))
+            specs = [specs[i] for i in order[:self.config.samples_per_epoch]]
+        return TrainingSamples(self.sources, specs, self.config.size)
 
     def train(self) -> dict:
-        args = self.args
+        config = self.config
         last = {}
-        if self.epoch >= args.epochs and self.rank == 0:
-            print(f"already trained for {self.epoch} epochs (--epochs {args.epochs}): nothing to do", flush=True)
-        while self.epoch < args.epochs:
+        if self.epoch >= config.epochs and self.rank == 0:
+            print(f"already trained for {self.epoch} epochs (--epochs {config.epochs}): nothing to do", flush=True)
+        while self.epoch < config.epochs:
             self.epoch += 1
             if self.rank == 0:
                 margin = self.step.gate_loss.margin(self.epoch)
                 applied = "applied" if self.step.gate_loss.apply_margin else "logged only, as upstream"
-                print(f"epoch {self.epoch}/{args.epochs}: lr {self.scheduler.get_last_lr()[0]:.3g}, "
+                print(f"epoch {self.epoch}/{config.epochs}: lr {self.scheduler.get_last_lr()[0]:.3g}, "
                       f"gate margin {margin:.4f} ({applied})", flush=True)
             last = self._epoch(self.epoch_dataset())
             self._average_buffers()
@@ -177,7 +321,7 @@ class Trainer:
             if self.rank == 0:
                 path = self.save(last)
                 self._log_epoch(last)
-                print(f"epoch {self.epoch}/{args.epochs}: "
+                print(f"epoch {self.epoch}/{config.epochs}: "
                       + ", ".join(f"{k} {v:.4f}" for k, v in last.items()) + f" -> {path}", flush=True)
             if self.world_size > 1:
                 dist.barrier()
@@ -222,8 +366,8 @@ class Trainer:
         trained = 0
         if mine:
             # Its own generator: creating the iterator must not draw from the global RNG.
-            loader = DataLoader(References(dataset, mine), batch_size=None, num_workers=self.args.workers,
-                                generator=torch.Generator().manual_seed(self.args.seed))
+            loader = DataLoader(References(dataset, mine), batch_size=None, num_workers=self.config.workers,
+                                generator=torch.Generator().manual_seed(self.config.seed))
             for index, image, mask in tqdm(loader, desc=f"epoch {self.epoch}: target models", unit="model",
                                            disable=self.rank != 0, dynamic_ncols=True):
                 if image is None:  # unreadable: the epoch replaces the sample, its entry trained on demand
@@ -262,9 +406,9 @@ class Trainer:
         self._stop_if_not_finite(loss, dataset, indices, batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if self.args.clip_grad > 0:
+        if self.config.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.step.network.parameters(), self.args.clip_grad)
+            torch.nn.utils.clip_grad_norm_(self.step.network.parameters(), self.config.clip_grad)
         self.scaler.step(self.optimizer)  # skipped by fp16 scaling when a gradient overflowed
         self.scaler.update()
         self.visuals = self.step.visuals
