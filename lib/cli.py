@@ -330,26 +330,3 @@ def _run_rank(main: Callable[[argparse.Namespace], object], parser: argparse.Arg
         code, message = 1, traceback.format_exc()
     rank.leave(code, message)
 
-
-def options(parser: argparse.ArgumentParser, **values) -> argparse.Namespace:
-    """A script's arguments for calling its main(args) from Python: the parser's defaults (as
-    parsing gives them) with `values` (by destination name, e.g. davis_root=Path(...)) set over
-    them. A name the parser does not have, or a required option left out, is a TypeError."""
-    defaults = {}
-    required = []
-    for action in parser._actions:
-        if action.dest in (argparse.SUPPRESS, "help"):
-            continue
-        default = action.default
-        if isinstance(default, str) and action.type is not None:
-            default = action.type(default)  # as argparse converts string defaults
-        defaults[action.dest] = default
-        if action.required:
-            required.append(action.dest)
-    unknown = [name for name in values if name not in defaults]
-    missing = [name for name in required if name not in values]
-    if unknown or missing:
-        raise TypeError(f"{parser.prog}: " + "; ".join(
-            ([f"no option {', '.join(unknown)}"] if unknown else []) +
-            ([f"{', '.join(missing)} required"] if missing else [])))
-    return argparse.Namespace(**{**defaults, **values})
