@@ -22,10 +22,10 @@ from lib.results import evaluate_data_dir
 
 def score_results(config: EvalConfig) -> dict:
     """Score the folder config.score against the ground truth of preset config.dset (config: a
-    lib.evaluation.EvalConfig; its data roots as for an evaluation, its sequences to score a subset). Writes results.json and
-    results.csv into the folder, prints the table; returns the results dict. Raises UsageError
-    for a preset without public ground truth, FileNotFoundError for a missing folder or PNG,
-    UsageError for a PNG of the wrong size."""
+    lib.evaluation.EvalConfig; its data roots as for an evaluation, its sequences to score a
+    subset). Writes results.json and results.csv into the folder, prints the table; returns the
+    results dict. Raises UsageError for a preset without public ground truth, FileNotFoundError
+    for a missing folder or PNG, UsageError for a PNG of the wrong size."""
     if not PRESETS[config.dset].ground_truth:
         with_gt = [name for name, p in PRESETS.items() if p.ground_truth]
         raise UsageError(f"--score: --dset {config.dset} has no public ground truth for its frames (its masks go to the "
