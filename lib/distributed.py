@@ -1,22 +1,30 @@
-"""Sequence-parallel evaluation across processes: torch.distributed set-up, sharding of the
-sequences over the ranks, and the exchange of per-rank outcomes.
+"""torchrun for evaluation and training: the torch.distributed set-up (one device per local
+rank, one time-out), rank 0 first, the sharding of evaluation's sequences over the ranks, and
+the exchange of per-rank outcomes.
 
 Launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE in the environment) each
-process tracks its own share of the sequences; without those variables everything runs in one
-process and no process group is created. Backends: NCCL with one GPU per local rank on CUDA,
-gloo on CPU.
+process tracks its own share of the sequences (lib.evaluation) or trains on its share of each
+epoch's samples (trainers.trainer); without those variables everything runs in one process and
+no process group is created. Backends: NCCL with one GPU per local rank on CUDA, gloo on CPU.
 """
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence as SequenceType
+from typing import Any, Callable, Mapping, Optional, Sequence as SequenceType, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from lib.errors import UsageError
+
+# How long a rank waits for the others in a collective. Long: in evaluation a rank that finished
+# its share waits for the final exchange (a long benchmark on CPU takes hours); in training the
+# others wait while rank 0 scans a data set's labels once. A rank that dies ends the job sooner,
+# as torchrun then stops the others.
+TIMEOUT = datetime.timedelta(hours=72)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -75,11 +83,9 @@ def rank_device(ctx: Context, dev: Optional[str]) -> Optional[str]:
     return f"cuda:{ctx.local_rank}"
 
 
-def init(ctx: Context, device: torch.device, timeout_hours: float = 72.0) -> Context:
-    """Join the process group (NCCL for a CUDA device, else gloo); no-op for one process.
-    Returns the context with its backend. The timeout bounds how long a rank that finished its
-    share waits for the others in the final exchange (a long benchmark on CPU takes hours);
-    a rank that dies ends the run sooner, as torchrun then stops the others."""
+def init(ctx: Context, device: torch.device) -> Context:
+    """Join the process group (NCCL for a CUDA device, else gloo; time-out TIMEOUT); no-op for
+    one process. Returns the context with its backend."""
     if not ctx.distributed:
         return ctx
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -87,7 +93,7 @@ def init(ctx: Context, device: torch.device, timeout_hours: float = 72.0) -> Con
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=timeout_hours), **kwargs)
+        dist.init_process_group(backend, timeout=TIMEOUT, **kwargs)
     return Context(ctx.rank, ctx.world_size, ctx.local_rank, ctx.local_world_size, backend)
 
 
@@ -95,6 +101,16 @@ def shutdown(ctx: Context) -> None:
     """Leave the process group (if one was joined)."""
     if ctx.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def main_first(ctx: Context, fn: Callable[[], T]) -> T:
+    """fn() on rank 0 first (it writes caches or data), then on the other ranks (they read them)."""
+    if ctx.distributed and not ctx.is_main:
+        all_gather(ctx, None)
+    result = fn()
+    if ctx.distributed and ctx.is_main:
+        all_gather(ctx, None)
+    return result
 
 
 def shard(costs: Mapping[str, float], world_size: int) -> list[list[str]]:

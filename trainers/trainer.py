@@ -11,7 +11,6 @@ its own share of each epoch's samples; only rank 0 writes checkpoints and logs.
 """
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import os
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from dataset.synthetic import make_davis_like
 from dataset.training import SAMPLE_SIZE, References, TrainingSamples, build_sources, epoch_samples
+from lib import distributed
 from lib.cli import resolve_device
 from lib.errors import UsageError
 from models.backbone import Backbone
@@ -118,35 +118,26 @@ def build_optimizer(network: GFRTM, config: TrainConfig):
     return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
 
 
-def _rank0_first(fn, rank: int, world: int):
-    """Run fn on rank 0 first (it writes caches), then on the others (they read them)."""
-    if world > 1 and rank != 0:
-        dist.barrier()
-    result = fn()
-    if world > 1 and rank == 0:
-        dist.barrier()
-    return result
-
-
 def run_training(config: TrainConfig) -> dict:
     """Train as `config` says, in this process or as one torchrun rank (DistributedDataParallel);
     returns the last epoch's statistics. Checkpoints: <checkpoints>/<name>/<name>_epNNNN.pth."""
-    rank, world, dev = setup_distributed(config.dev)
+    ctx = distributed.launch_context()
+    device, description = resolve_device(distributed.rank_device(ctx, config.dev))
+    ctx = distributed.init(ctx, device)
     # Rank 0 reports; the others only warn (with their rank).
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(levelname)s %(message)s" if world == 1 else f"%(levelname)s [rank {rank}] %(message)s")
+    logging.basicConfig(level=logging.INFO if ctx.is_main else logging.WARNING,
+                        format=f"%(levelname)s [rank {ctx.rank}] %(message)s" if ctx.distributed
+                        else "%(levelname)s %(message)s")
     try:
-        return _train(config, rank, world, dev)
+        return _train(config, ctx, device, description)
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.shutdown(ctx)
 
 
-def _train(config: TrainConfig, rank: int, world: int, dev) -> dict:
-    device, description = resolve_device(dev)
+def _train(config: TrainConfig, ctx: distributed.Context, device: torch.device, description: str) -> dict:
     check_precision(config.precision, device)  # before any data is prepared
-    if rank == 0:
-        print(f"device: {description}; {world} process(es)", flush=True)
+    if ctx.is_main:
+        print(f"device: {description}; {ctx.world_size} process(es)", flush=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed training size, as upstream
 
@@ -159,11 +150,11 @@ def _train(config: TrainConfig, rank: int, world: int, dev) -> dict:
                 print(f"writing the synthetic training set to {config.synthetic_root}", flush=True)
                 make_davis_like(config.synthetic_root, num_sequences=1, num_frames=max(12, config.frames + 2),
                                 size=config.size, num_objects=2, seed=config.seed, num_train_sequences=3)
-        _rank0_first(generate, rank, world)
-    sources = _rank0_first(lambda: build_sources(config.dset, davis_root, config.ytvos_root, config.cache_dir,
-                                                 config.size, config.frames, ytvos_split_file=config.ytvos_split_file),
-                           rank, world)
-    if rank == 0:
+        distributed.main_first(ctx, generate)
+    sources = distributed.main_first(ctx, lambda: build_sources(
+        config.dset, davis_root, config.ytvos_root, config.cache_dir, config.size, config.frames,
+        ytvos_split_file=config.ytvos_split_file))
+    if ctx.is_main:
         print("training data: " + ", ".join(f"{s.name} ({len(s.objects)} objects in {len(s.reference)} sequences)"
                                             for s in sources), flush=True)
 
@@ -173,7 +164,8 @@ def _train(config: TrainConfig, rank: int, world: int, dev) -> dict:
     optimizer, scheduler = build_optimizer(network, config)
     cache = TargetModelCache(config.tmcache, backbone, device, num_aug=config.num_aug, seed=config.seed)
     trainer = Trainer(step, optimizer, scheduler, sources, cache, config, device,
-                      Path(config.checkpoints) / config.name, Path(config.tensorboard) / config.name, rank, world)
+                      Path(config.checkpoints) / config.name, Path(config.tensorboard) / config.name,
+                      ctx.rank, ctx.world_size)
     trainer.resume(config.resume)
     return trainer.train()
 
@@ -498,18 +490,3 @@ class Trainer:
             if not same:
                 raise RuntimeError("processes ended with different weights")
 
-
-def setup_distributed(dev: Optional[str]) -> tuple[int, int, Optional[str]]:
-    """(rank, world size, device) from torchrun's environment; (0, 1, dev) without it.
-    Backend: nccl on CUDA (one GPU per process, by LOCAL_RANK), gloo on the CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, dev
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    use_cuda = torch.cuda.is_available() and (dev is None or dev.startswith("cuda"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    # Long timeout: rank 0 may scan a data set's labels once while the others wait.
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=3))
-    return rank, world, f"cuda:{local_rank}" if use_cuda else "cpu"
