@@ -63,13 +63,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--dset", choices=tuple(PRESETS), default="dv2016val", metavar="DSET",
                    help="the benchmark (default: dv2016val): "
                         + "; ".join(f"{name}: {preset.help}" for name, preset in PRESETS.items()))
-    add_data_root_flags(g)
-    g.add_argument("--mose-root", type=Path, default=None,
-                   help="MOSE root with valid/ and/or train/, each holding JPEGImages/ and Annotations/ "
-                        "(mose-val, mose-train) (default: $MOSE_ROOT)")
-    g.add_argument("--lvos-root", type=Path, default=None,
-                   help="LVOS (v1 or v2) root with valid/JPEGImages/, valid/Annotations/ and the meta JSON "
-                        "valid/valid_meta.json, or that valid/ folder itself (lvos-val) (default: $LVOS_ROOT)")
+    add_data_root_flags(g, ("davis", "ytvos", "mose", "lvos"))
     g.add_argument("--data-root", type=Path, default=None,
                    help="davis-layout / ytvos-layout: a folder with JPEGImages/[480p/]<video>/<frame>.jpg (or "
                         ".jpeg, .png) and Annotations/[480p/]<video>/<frame>.png, e.g. your own annotated videos")

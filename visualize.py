@@ -34,12 +34,11 @@ def get_parser() -> argparse.ArgumentParser:
                              "<output root>/result/<dset>-<model stem>_curve[_fast]) or curve.csv files")
     parser.add_argument("--labels", nargs="+", default=None, metavar="NAME",
                         help="with `curve`: one legend name per RESULTS_DIR (default: the folder names)")
-    parser.add_argument("--results", type=Path, default=None,
-                        help="results directory: <seq>/<frame>.png label PNGs, optionally <seq>/timeline.json "
-                             "(required without a command)")
-    parser.add_argument("--frames", type=Path, default=None,
-                        help="frame directory with <seq>/<frame>.jpg (or .jpeg/.png), e.g. DAVIS JPEGImages/480p "
-                             "(required without a command)")
+    for flag, what in (("--results", "results directory: <seq>/<frame>.png label PNGs, optionally "
+                                      "<seq>/timeline.json"),
+                       ("--frames", "frame directory with <seq>/<frame>.jpg (or .jpeg/.png), e.g. DAVIS "
+                                    "JPEGImages/480p")):
+        parser.add_argument(flag, type=Path, default=None, help=f"{what} (required without a command)")
     parser.add_argument("--sequences", nargs="+", default=None, metavar="SEQ",
                         help="sequences to draw (default: every folder of --results holding PNGs)")
     parser.add_argument("--out", type=Path, default=None,

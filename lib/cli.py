@@ -130,13 +130,23 @@ def cpu_threads(count: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def add_data_root_flags(parser) -> None:
-    """--davis-root and --ytvos-root (evaluate.py, train.py); None: the environment variable."""
-    parser.add_argument("--davis-root", type=Path, default=None,
-                        help="DAVIS root with JPEGImages/480p, Annotations/480p, ImageSets/ (default: $DAVIS_ROOT)")
-    parser.add_argument("--ytvos-root", type=Path, default=None,
-                        help="YouTube-VOS 2018 root with train/, train_all_frames/, valid/, valid_all_frames/ "
-                             "(each split that is used) (default: $YTVOS_ROOT)")
+# A benchmark's root flag -> its help; None in the arguments means the environment variable.
+DATA_ROOT_HELP = {
+    "davis": "DAVIS root with JPEGImages/480p, Annotations/480p, ImageSets/ (default: $DAVIS_ROOT)",
+    "ytvos": "YouTube-VOS 2018 root with train/, train_all_frames/, valid/, valid_all_frames/ (each split that is "
+             "used) (default: $YTVOS_ROOT)",
+    "mose": "MOSE root with valid/ and/or train/, each holding JPEGImages/ and Annotations/ (mose-val, mose-train) "
+            "(default: $MOSE_ROOT)",
+    "lvos": "LVOS (v1 or v2) root with valid/JPEGImages/, valid/Annotations/ and the meta JSON "
+            "valid/valid_meta.json, or that valid/ folder itself (lvos-val) (default: $LVOS_ROOT)",
+}
+
+
+def add_data_root_flags(parser, benchmarks: tuple[str, ...] = ("davis", "ytvos")) -> None:
+    """--davis-root, --ytvos-root (evaluate.py, train.py), --mose-root, --lvos-root (evaluate.py):
+    --<benchmark>-root for each of `benchmarks`; None: the environment variable."""
+    for name in benchmarks:
+        parser.add_argument(f"--{name}-root", type=Path, default=None, help=DATA_ROOT_HELP[name])
 
 
 def add_threshold_flag(parser, several: bool = False) -> None:
