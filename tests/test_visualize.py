@@ -15,7 +15,7 @@ from lib.image_io import write_label_png
 from lib.palette import DAVIS_PALETTE
 from lib.results import TrackingStats
 from lib.visualize import (ABSENT, COMPUTED, GIVEN, REUSED, TIMELINE_COLOURS, GifWriter, Mp4Writer,
-                           draw_timeline, load_timeline, object_boundaries, overlay,
+                           draw_timeline, list_sequences, load_timeline, object_boundaries, overlay,
                            save_timeline_png, timeline_layout, timeline_states, write_timeline)
 
 from conftest import ROOT
@@ -218,7 +218,7 @@ def test_visualize_cli(fake_results, tmp_path):
                                             "--sequences", "seqB", "--out", str(out2), "--no-gif"])
     assert list(vis_cli.main(args)) == ["seqB"]
     assert (out2 / "seqB" / "overlay.mp4").is_file() and not (out2 / "seqB" / "overlay.gif").exists()
-    assert vis_cli.list_sequences(results) == ["seqA", "seqB"]
+    assert list_sequences(results) == ["seqA", "seqB"]
 
 
 def test_visualize_cli_errors(fake_results, tmp_path):
