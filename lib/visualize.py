@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dataset.sequence import FRAME_SUFFIXES
 from lib.errors import UsageError
 from lib.fileio import atomic_write_bytes
 from lib.image_io import read_image, read_label_png, resize_image_area, resize_labels_nearest_exact
@@ -37,7 +38,6 @@ from lib.video_io import natural_key, same_aspect
 
 GIF_MAX_WIDTH = 427
 GIF_MAX_FRAMES = 200
-FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 # ---------------------------------------------------------------------------------------------
 # Overlays
