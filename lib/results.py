@@ -372,15 +372,20 @@ def sequence_volumes(results_directory: str | os.PathLike, sequence,
             raise UsageError(f"sequence {sequence.name!r}: object {obj_id} starts at frame {start!r}, "
                              f"which is not among the evaluated (annotated) frames")
         first_frames[obj_id] = frames.index(start)
+    gt, pred = _scored_frames(Path(results_directory) / sequence.name, sequence, frames)
+    return gt, pred, first_frames
+
+
+def _scored_frames(pred_dir: Path, sequence, frames: list[str]) -> tuple[LazyFrames, LazyFrames]:
+    """(ground truth, prediction) label maps of `frames`, read lazily, one at a time; first checks
+    that each frame has its ground truth and its PNG in pred_dir (FileNotFoundError naming it)."""
     sequence.check_ground_truth(frames)
-    pred_dir = Path(results_directory) / sequence.name
     missing = [f for f in frames if not (pred_dir / f"{f}.png").is_file()]
     if missing:
         raise FileNotFoundError(f"result PNG not found: {pred_dir / (missing[0] + '.png')}"
                                 f"{_found_pngs(pred_dir, sequence.frame_names)}")
-    gt = LazyFrames(sequence.ground_truth_frame, frames)
-    pred = LazyFrames(lambda f: read_prediction(pred_dir, f, sequence.size), frames)
-    return gt, pred, first_frames
+    return (LazyFrames(sequence.ground_truth_frame, frames),
+            LazyFrames(lambda f: read_prediction(pred_dir, f, sequence.size), frames))
 
 
 def evaluate_results_dir(results_directory: str | os.PathLike, sequences: Iterable[tuple]) -> dict:
@@ -416,13 +421,7 @@ def evaluate_lvos_results_dir(results_directory: str | os.PathLike, sequences: I
         for obj_id, r in ranges.items():
             numbers = list(range(r.start, r.end, LVOS_STEP))
             frames = [by_number[numbers[k]] for k in lvos_scored_positions(len(numbers), r.length)]
-            sequence.check_ground_truth(frames)
-            missing = [f for f in frames if not (pred_dir / f"{f}.png").is_file()]
-            if missing:
-                raise FileNotFoundError(f"result PNG not found: {pred_dir / (missing[0] + '.png')}"
-                                        f"{_found_pngs(pred_dir, sequence.frame_names)}")
-            gt = LazyFrames(sequence.ground_truth_frame, frames)
-            pred = LazyFrames(lambda f: read_prediction(pred_dir, f, sequence.size), frames)
+            gt, pred = _scored_frames(pred_dir, sequence, frames)
             objects[obj_id] = evaluate_lvos_object(gt, pred, obj_id, r.length)
         per_sequence[sequence.name] = evaluate_lvos_sequence(objects)
     return summarize_lvos(per_sequence, unseen)
