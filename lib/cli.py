@@ -310,6 +310,8 @@ def _run_rank(main: Callable[[argparse.Namespace], object], parser: argparse.Arg
     destroyed while joinable, which aborts the process (SIGABRT, "terminate called without an
     active exception"; about 1 in 10 two-process CPU evaluations here). By then every result is on
     disk: sequences and checkpoints are written atomically."""
+    from lib.distributed import peer_lost
+
     world, rank_id = os.environ.get("WORLD_SIZE"), os.environ.get("RANK", "0")
     suffix = f" ({kept})" if kept else ""
     rank = _Rank()
@@ -332,6 +334,13 @@ def _run_rank(main: Callable[[argparse.Namespace], object], parser: argparse.Arg
         code, message = 2, f"error: {exc}\n"
     except ConnectionError as exc:  # another process of the job died (lib.distributed.all_gather)
         code, message = 1, f"error: {exc}{suffix}\n"
+    except RuntimeError as exc:
+        if peer_lost(exc):  # e.g. DDP's gradient all-reduce in training, when another process died
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            code, message = 1, (f"error: rank {rank_id} of {world}: a collective with the other processes failed, "
+                                f"probably because one of them died (see torchrun's report): {first}{suffix}\n")
+        else:  # a bug: its traceback, once
+            code, message = 1, traceback.format_exc()
     except KeyboardInterrupt:
         code, message = 130, f"error: interrupted{suffix}\n"
     except SystemExit as exc:  # a process that leaves the report to another (silent)

@@ -134,6 +134,20 @@ def sequence_cost(sequence) -> int:
     return len(sequence) * max(1, len(sequence.obj_ids))
 
 
+# What gloo and NCCL say when a collective fails because another process of the job is gone.
+PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "remote worker", "Broken pipe",
+                     "NCCL communicator was aborted", "Socket Timeout")
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether `exc` is a collective's failure because another process of the job died: torch
+    raises a plain RuntimeError (gloo) or a DistError (NCCL) there, told apart from a bug by its
+    message."""
+    if isinstance(exc, ConnectionError) or isinstance(exc, getattr(dist, "DistNetworkError", ())):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in PEER_LOST_MARKERS)
+
+
 def all_gather(ctx: Context, value: Any) -> list:
     """Every rank's `value` (any picklable object), in rank order; [value] for one process.
     Also a barrier: returns only when every rank has called it. ConnectionError when another

@@ -372,13 +372,13 @@ def sequence_volumes(results_directory: str | os.PathLike, sequence,
             raise UsageError(f"sequence {sequence.name!r}: object {obj_id} starts at frame {start!r}, "
                              f"which is not among the evaluated (annotated) frames")
         first_frames[obj_id] = frames.index(start)
-    gt, pred = frame_pairs(Path(results_directory) / sequence.name, sequence, frames)
+    gt, pred = _scored_frames(Path(results_directory) / sequence.name, sequence, frames)
     return gt, pred, first_frames
 
 
-def frame_pairs(pred_dir: Path, sequence, frames: list[str]) -> tuple[LazyFrames, LazyFrames]:
-    """(ground truth, predictions) of `frames`, read lazily: every frame's ground truth and its
-    result PNG in pred_dir are checked to exist first (FileNotFoundError naming the first missing)."""
+def _scored_frames(pred_dir: Path, sequence, frames: list[str]) -> tuple[LazyFrames, LazyFrames]:
+    """(ground truth, prediction) label maps of `frames`, read lazily, one at a time; first checks
+    that each frame has its ground truth and its PNG in pred_dir (FileNotFoundError naming it)."""
     sequence.check_ground_truth(frames)
     missing = [f for f in frames if not (pred_dir / f"{f}.png").is_file()]
     if missing:
@@ -421,7 +421,7 @@ def evaluate_lvos_results_dir(results_directory: str | os.PathLike, sequences: I
         for obj_id, r in ranges.items():
             numbers = list(range(r.start, r.end, LVOS_STEP))
             frames = [by_number[numbers[k]] for k in lvos_scored_positions(len(numbers), r.length)]
-            gt, pred = frame_pairs(pred_dir, sequence, frames)
+            gt, pred = _scored_frames(pred_dir, sequence, frames)
             objects[obj_id] = evaluate_lvos_object(gt, pred, obj_id, r.length)
         per_sequence[sequence.name] = evaluate_lvos_sequence(objects)
     return summarize_lvos(per_sequence, unseen)

@@ -330,3 +330,13 @@ def stop(proc: subprocess.Popen) -> None:
                     pass
             proc.kill()
             proc.wait()
+
+
+def test_peer_lost_tells_a_dead_process_from_a_bug():
+    from lib.distributed import peer_lost
+
+    gloo = RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                        "[127.0.0.1]:61134. This is typically caused by a remote worker crashing.")
+    assert peer_lost(gloo) and peer_lost(ConnectionError("gone"))
+    assert not peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    assert not peer_lost(ValueError("Connection closed by peer"))  # only the errors collectives raise

@@ -242,6 +242,43 @@ def test_torchrun_failure_is_reported_once(synthetic_root, tmp_path, fault):
     assert not checkpoint_files(tmp_path / "ck" / "t", "t")
 
 
+# train.py whose rank 1 is killed (SIGKILL) at its first loss.
+KILL_RANK_1 = f"""import os, runpy, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from trainers.gfrtm_step import GFRTMStep
+loss = GFRTMStep.loss
+
+def killed_loss(self, *args, **kwargs):
+    if os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return loss(self, *args, **kwargs)
+
+GFRTMStep.loss = killed_loss
+sys.argv[0] = {str(ROOT / "train.py")!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_torchrun_rank_killed_mid_epoch_is_one_line(synthetic_root, tmp_path):
+    """A process SIGKILLed mid-epoch: the survivor's gradient all-reduce fails (gloo: connection
+    closed by peer), which is one `error:` line, not a traceback. torchrun's --monitor-interval is
+    long so that the survivor meets the failed collective before torchrun stops it (the other
+    order, SIGTERM first, is the SIGTERM line: tests/test_distributed.py)."""
+    script = tmp_path / "killed_train.py"
+    script.write_text(KILL_RANK_1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "--monitor-interval", "30", str(script),
+                          *cli(tmp_path, synthetic_root, "--batch-size", "1", "--workers", "0", "--epochs", "1")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out.stderr[-3000:]
+    assert "probably because one of them died" in errors[0] or "stopped by SIGTERM" in errors[0], errors[0]
+    assert not [line for line in out.stderr.splitlines() if line.startswith("RuntimeError")], out.stderr[-3000:]
+    assert not checkpoint_files(tmp_path / "ck" / "t", "t")
+
+
 # ---------------------------------------------------------------------------------------------
 # Faults and bad input
 
