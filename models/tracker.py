@@ -243,10 +243,7 @@ class Tracker:
             empty = [i for i in new_ids if i not in present]
             if empty:
                 raise UsageError(f"frame {t}: object {empty[0]} starts here but its mask is empty")
-            labels_dev = to_device(labels, self.device)
-            with self._autocast():
-                features = self.backbone(image)
-            new_objects = [self._start_object(obj_id, t, image, labels_dev, features) for obj_id in new_ids]
+            new_objects, features = self._start_objects(new_ids, t, image, to_device(labels, self.device))
             objects.extend(new_objects)
             sequence.ids = to_device(torch.tensor([0] + [o.id for o in objects], dtype=torch.uint8), self.device)
         if not old:
@@ -298,27 +295,39 @@ class Tracker:
                            reuse_prob={out.obj.id: out.reuse_prob for out in tracked if out.reuse_prob is not None},
                            scores=scores, logits=logits)
 
-    def _start_object(self, obj_id: int, t: int, image: torch.Tensor, labels: torch.Tensor,
+    def _start_objects(self, ids: list[int], t: int, image: torch.Tensor,
+                       labels: torch.Tensor) -> tuple[list[_Object], dict]:
+        """Initialize the objects starting at frame t -> (their states, the frame's features).
+        Their first frames are augmented one by one, then the frame and all augmented images go
+        through the backbone in one batch and the target models are trained together."""
+        masks = [(labels == obj_id).float().view(1, 1, *labels.shape) for obj_id in ids]
+        images, aug_masks = [image], []
+        for mask in masks:
+            if self.augmenter is not None:
+                rng = np.random.default_rng(self.seed)  # each object's augmentation from the same seed
+                augmented, augmented_masks = self.augmenter.augment(image[0], mask[0], rng)
+                images.append(augmented[1:])  # [0] is the frame itself
+                aug_masks.append(augmented_masks)
+            else:
+                aug_masks.append(mask)
+        with self._autocast():
+            all_features = self.backbone(torch.cat([images[0].float()] + images[1:]) if len(images) > 1 else image)
+        features = {k: v[:1] for k, v in all_features.items()}
+        layer4 = all_features["layer4"]
+        k = aug_masks[0].shape[0]
+        aug_layer4 = torch.stack([torch.cat([layer4[:1], layer4[1 + i * (k - 1):1 + (i + 1) * (k - 1)]])
+                                  for i in range(len(ids))])  # (O, K, C, h, w)
+        targets = [TargetModel(layer4.shape[1], self.target_config, self.device, seed=self.seed) for _ in ids]
+        for i, target in enumerate(targets):  # fp32 whatever the precision
+            target.initialize(aug_layer4[i], aug_masks[i])
+        return [self._object_state(obj_id, t, mask, target, features)
+                for obj_id, mask, target in zip(ids, masks, targets)], features
+
+    def _object_state(self, obj_id: int, t: int, mask4d: torch.Tensor, target: TargetModel,
                       features: dict) -> _Object:
-        """Initialize an object at its first frame: target model, template, score and state."""
-        mask = (labels == obj_id).float()
+        """An object's tracking state at its first frame: template, score and decoder state."""
         h8, w8 = features["layer3"].shape[-2:]
         h16, w16 = features["layer4"].shape[-2:]
-        mask4d = mask.view(1, 1, *mask.shape)
-
-        if self.augmenter is not None:
-            rng = np.random.default_rng(self.seed)  # each object's augmentation from the same seed
-            images, masks = self.augmenter.augment(image[0], mask4d[0], rng)
-        else:
-            images, masks = image.float(), mask4d
-        if images.shape[0] > 1:
-            with self._autocast():
-                aug_layer4 = self.backbone(images)["layer4"]
-        else:
-            aug_layer4 = features["layer4"]
-        target = TargetModel(features["layer4"].shape[1], self.target_config, self.device, seed=self.seed)
-        target.initialize(aug_layer4, masks)  # fp32 whatever the precision
-
         score = target.apply(features["layer4"])
         with self._autocast():
             template = None
@@ -326,7 +335,8 @@ class Tracker:
                 template = self.network.make_template(features["layer3"],
                                                       F.interpolate(mask4d, (h8, w8), mode="nearest"))
             x16 = self.network.deep_stages(features, score)
-        return _Object(obj_id, t, mask, target, template, F.interpolate(mask4d, (h16, w16), mode="nearest"), x16)
+        return _Object(obj_id, t, mask4d[0, 0], target, template, F.interpolate(mask4d, (h16, w16), mode="nearest"),
+                       x16)
 
     def _gates(self, groups: list[list[_Object]], layer3: torch.Tensor,
                threshold: float) -> tuple[list[torch.Tensor | None], list[list[float | None]]]:
