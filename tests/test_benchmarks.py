@@ -135,3 +135,16 @@ def test_precision_ops_splits_the_frame_by_operator(capsys):
     printed = capsys.readouterr().out
     assert re.search(r"^convolutions +[\d.]+ +1\.00x +[\d.]+ +[\d.]+x", printed, flags=re.M)
     assert len(re.findall(r"^  +\d+x\d+x\d+ +\d+x\d+x\d+x\d+ ", printed, flags=re.M)) == 3
+
+
+def test_throughput_counts_ops_at_tiny_size(capsys):
+    """benchmarks.throughput runs; a start costs more ops than a tracked frame, a reused frame
+    fewer than a computed one, and ops per object start shrink when objects start together."""
+    from benchmarks import throughput
+    args = throughput.get_parser().parse_args(["--size", "64x96", "--num-aug", "1", "--objects", "1,2",
+                                               "--frames", "3", "--sequences", "1", "--repeats", "1"])
+    out = throughput.main(args)
+    one = out[1]
+    assert one["start"] > one["frame"] > one["reused"] > 0
+    assert out[2]["start"] < one["start"]
+    assert "start/obj" in capsys.readouterr().out
