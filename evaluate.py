@@ -1,23 +1,26 @@
-"""Evaluate G-FRTM (or FRTM) on a benchmark (SPEC §9): DAVIS, YouTube-VOS, MOSE, LVOS or a folder.
+"""Evaluate G-FRTM (or FRTM) on a benchmark (docs/evaluation.md): DAVIS, YouTube-VOS, MOSE, LVOS or a folder.
 
     python evaluate.py --model gfrtm_rn18.pth --ftext resnet18 --dset dv2017val --dev cuda:0 --TH 0.7
     torchrun --nproc_per_node=4 evaluate.py --model gfrtm_rn18.pth --dset yt2019val --dev cuda
+    python evaluate.py --model gfrtm_rn18.pth --dset dv2017val --TH 1.0,0.9,0.8,0.7,0.6   # the trade-off curve
 
 Writes DAVIS-palette label PNGs to `<output root>/result/<dset>-<model stem>_<TH>[_fast]/<seq>/`,
 computes J&F from those PNGs (benchmarks with ground truth), FPS and reuse rate, and writes
 results.json / results.csv next to the masks; for benchmarks without public ground truth the
-server's submission zip `<results dir>.zip`. The work is done by lib.evaluation (presets in
-dataset.benchmarks); `python evaluate.py --help` lists every option.
+server's submission zip `<results dir>.zip`. Several thresholds (lib.sweep) add curve.csv,
+curve.json and curve.png beside the results directories. The work is done by lib.evaluation
+(presets in dataset.presets); `python evaluate.py --help` lists every option.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from dataset.benchmarks import PRESETS
+from dataset.presets import PRESETS
 from lib.cli import (add_backbone_weights_flag, add_data_root_flags, add_device_flag, add_num_aug_flag,
-                     add_precision_flag, add_seed_flag, add_threshold_flag, run)
+                     add_precision_flag, add_seed_flag, add_threshold_flag, int_at_least, run)
 from lib.evaluation import evaluate
+from lib.score import score_results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -29,7 +32,8 @@ def get_parser() -> argparse.ArgumentParser:
         prog="evaluate.py",
         description="Run G-FRTM (or FRTM) on a benchmark: label PNGs, J&F (where ground truth exists), "
                     "FPS and reuse rate; the evaluation server's zip where it does not. Under torchrun the "
-                    "sequences are shared among the processes.",
+                    "sequences are shared among the processes. With --score, a results folder of any method is "
+                    "scored instead, without a model.",
         epilog="Results: <output root>/result/<dset>-<model stem>_<TH>[_fast]/<sequence>/<frame>.png, with "
                "results.json and results.csv beside the sequence folders. Errors in the input (missing files, "
                "corrupt frames, a checkpoint that does not fit) stop with one line naming the path or flag; "
@@ -47,7 +51,10 @@ def get_parser() -> argparse.ArgumentParser:
     add_num_aug_flag(g, default=5)
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
                    help="fewer target-model optimizer steps, as upstream always evaluated (default: --fast)")
-    add_threshold_flag(g)
+    add_threshold_flag(g, several=True)
+    g.add_argument("--timing-runs", type=int_at_least(0), default=3,
+                   help="with several --TH: timed runs over all thresholds in turn, after the results are written; "
+                        "curve.csv's FPS are their medians (default 3; 0: each threshold's own results run)")
     add_seed_flag(g)
     add_device_flag(g)
     add_precision_flag(g)
@@ -62,10 +69,10 @@ def get_parser() -> argparse.ArgumentParser:
                         "(mose-val, mose-train) (default: $MOSE_ROOT)")
     g.add_argument("--lvos-root", type=Path, default=None,
                    help="LVOS (v1 or v2) root with valid/JPEGImages/, valid/Annotations/ and the meta JSON "
-                        "valid/valid_meta.json (lvos-val) (default: $LVOS_ROOT)")
+                        "valid/valid_meta.json, or that valid/ folder itself (lvos-val) (default: $LVOS_ROOT)")
     g.add_argument("--data-root", type=Path, default=None,
-                   help="davis-layout / ytvos-layout: a folder with JPEGImages/[480p/]<video>/*.jpg and "
-                        "Annotations/[480p/]<video>/*.png, e.g. your own annotated videos")
+                   help="davis-layout / ytvos-layout: a folder with JPEGImages/[480p/]<video>/<frame>.jpg (or "
+                        ".jpeg, .png) and Annotations/[480p/]<video>/<frame>.png, e.g. your own annotated videos")
     g.add_argument("--split-file", type=Path, default=None,
                    help="file listing the videos to use, one per line: YouTube-VOS (default: "
                         "dataset/splits/ytvos_jjvalid.txt for yt2018jjval*, every valid video for yt2018val* / "
@@ -77,6 +84,12 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true",
                    help="skip sequences already finished in the results directory with the same settings "
                         "(their PNGs and timings are reused); the metrics still cover every requested sequence")
+
+    g = parser.add_argument_group("scoring a results folder (no model)")
+    g.add_argument("--score", type=Path, default=None, metavar="RESULTS_DIR",
+                   help="score this folder of <sequence>/<frame>.png label PNGs (any method's results) against "
+                        "--dset's ground truth instead of running a model (--model not needed); writes results.json "
+                        "and results.csv into it. Presets with public ground truth only")
 
     g = parser.add_argument_group("output")
     g.add_argument("--output-root", type=Path, default=None,
@@ -92,9 +105,11 @@ def main(args) -> dict:
     """Run the evaluation described by parsed arguments (lib.evaluation.evaluate): in this process,
     or as one rank of `torchrun --nproc_per_node=N evaluate.py ...`. Returns the results dict
     (as written to results.json; {} on ranks other than 0). Raises FileNotFoundError /
-    UsageError naming the path or flag at fault."""
+    UsageError naming the path or flag at fault. With --score: lib.score.score_results."""
+    if args.score is not None:
+        return score_results(args)
     return evaluate(args)
 
 
 if __name__ == "__main__":
-    run(main, get_parser(), interrupted="interrupted (finished sequences are kept; continue with --resume)")
+    run(main, get_parser(), kept="finished sequences are kept; continue with --resume")

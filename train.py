@@ -1,4 +1,4 @@
-"""Train G-FRTM (SPEC §8), as upstream:
+"""Train G-FRTM as upstream (docs/training.md):
 
     python train.py --name x --ftext resnet18 --dset all --dev cuda:0 --m1 1.0 --m2 0
 
@@ -196,4 +196,4 @@ def _train(args, rank: int, world: int, dev) -> dict:
 
 
 if __name__ == "__main__":
-    run(main, get_parser(), interrupted="interrupted: resume with the same command (the last epoch's checkpoint is kept)")
+    run(main, get_parser(), kept="the last epoch's checkpoint is kept; resume with the same command")

@@ -7,6 +7,11 @@ and, optionally, <seq>/timeline.json. For every sequence (or those given with --
 writes <out>/<seq>/overlay.mp4, <out>/<seq>/overlay.gif and, where timeline.json exists,
 <out>/<seq>/timeline.png. Frames are read from <frames>/<seq>/<frame>.jpg (or .jpeg / .png);
 masks whose size differs from the frame's (same aspect ratio) are resized (nearest).
+
+    python visualize.py curve RESULTS_DIR... [--labels NAME...] [--out curves.png]
+
+draws the trade-off curves of finished threshold sweeps (evaluate.py --TH 1.0,0.9,...: folders
+holding curve.csv, or curve.csv files) in one figure: J&F against FPS and against GFLOPs per frame.
 """
 from __future__ import annotations
 
@@ -17,23 +22,35 @@ from typing import Optional
 from lib.cli import UsageError, int_at_least, number_in, positive_float, run
 from lib.image_io import read_image, read_label_png, resize_labels_nearest_exact
 from lib.video_io import natural_key, same_aspect
-from lib.visualize import GIF_MAX_WIDTH, load_timeline, save_timeline_png, write_overlays
+from lib.visualize import GIF_MAX_WIDTH, load_timeline, save_curve_png, save_timeline_png, write_overlays
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Overlay result masks on their frames (MP4 / GIF) and draw reuse timelines.")
-    parser.add_argument("--results", type=Path, required=True,
-                        help="results directory: <seq>/<frame>.png label PNGs, optionally <seq>/timeline.json")
-    parser.add_argument("--frames", type=Path, required=True,
-                        help="frame directory with <seq>/<frame>.jpg (or .jpeg/.png), e.g. DAVIS JPEGImages/480p")
+        description="Overlay result masks on their frames (MP4 / GIF) and draw reuse timelines; or, with "
+                    "`curve RESULTS_DIR...`, draw the J&F / speed / FLOPs curves of threshold sweeps in one figure.")
+    parser.add_argument("command", nargs="?", choices=("curve",), default=None,
+                        help="`curve`: draw the curves of the sweeps given after it (overlays and timelines "
+                             "need no command)")
+    parser.add_argument("curves", nargs="*", type=Path, default=[], metavar="RESULTS_DIR",
+                        help="with `curve`: folders holding curve.csv (evaluate.py --TH 1.0,0.9,...: "
+                             "<output root>/result/<dset>-<model stem>_curve[_fast]) or curve.csv files")
+    parser.add_argument("--labels", nargs="+", default=None, metavar="NAME",
+                        help="with `curve`: one legend name per RESULTS_DIR (default: the folder names)")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="results directory: <seq>/<frame>.png label PNGs, optionally <seq>/timeline.json "
+                             "(required without a command)")
+    parser.add_argument("--frames", type=Path, default=None,
+                        help="frame directory with <seq>/<frame>.jpg (or .jpeg/.png), e.g. DAVIS JPEGImages/480p "
+                             "(required without a command)")
     parser.add_argument("--sequences", nargs="+", default=None, metavar="SEQ",
                         help="sequences to draw (default: every folder of --results holding PNGs)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default <results>/vis): <seq>/overlay.mp4, "
-                             "<seq>/overlay.gif, <seq>/timeline.png")
+                             "<seq>/overlay.gif, <seq>/timeline.png; with `curve`: the figure's path "
+                             "(default ./curves.png)")
     parser.add_argument("--gif", action=argparse.BooleanOptionalAction, default=True,
                         help="write <seq>/overlay.gif (default: on)")
     parser.add_argument("--mp4", action=argparse.BooleanOptionalAction, default=True,
@@ -90,8 +107,37 @@ def _pairs(results: Path, frames: Path, seq: str):
         yield image, labels
 
 
-def main(args: argparse.Namespace) -> dict:
-    """Write the overlays and timelines; return {seq: [written paths]}."""
+def draw_curves(args: argparse.Namespace) -> Path:
+    """`visualize.py curve`: the sweeps' curves in one figure; returns its path."""
+    from lib.sweep import read_curve
+
+    if not args.curves:
+        raise UsageError("curve: give one or more RESULTS_DIR (folders holding curve.csv)")
+    labels = args.labels or [Path(p).name if Path(p).is_dir() else Path(p).parent.name for p in args.curves]
+    if len(labels) != len(args.curves):
+        raise UsageError(f"--labels: {len(labels)} name(s) for {len(args.curves)} RESULTS_DIR(s); give one per folder")
+    curves = []
+    for label, path in zip(labels, args.curves):
+        try:
+            curves.append((label, read_curve(path)))
+        except ValueError as exc:
+            raise UsageError(f"RESULTS_DIR {path}: {exc}") from exc
+    out = Path(args.out) if args.out is not None else Path("curves.png")
+    save_curve_png(out, curves, title="J&F against speed and FLOPs over the reuse threshold")
+    print(f"wrote {out} ({len(curves)} curve(s))")
+    return out
+
+
+def main(args: argparse.Namespace):
+    """Write the overlays and timelines; return {seq: [written paths]}. With `curve`: the
+    curves' figure (draw_curves); returns its path."""
+    if args.command == "curve":
+        return draw_curves(args)
+    if args.curves or args.labels:
+        raise UsageError(f"{' '.join(map(str, args.curves or args.labels))}: RESULTS_DIR and --labels need the "
+                         f"`curve` command (python visualize.py curve RESULTS_DIR...)")
+    if args.results is None or args.frames is None:
+        raise UsageError("--results and --frames are required (or use `python visualize.py curve RESULTS_DIR...`)")
     results, frames = Path(args.results), Path(args.frames)
     if not results.is_dir():
         raise FileNotFoundError(f"--results: no such directory: {results}")

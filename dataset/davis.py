@@ -15,7 +15,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from dataset.sequence import VOID_LABEL, Sequence, SequenceList, resolve_root, sequence_frames
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.image_io import read_label_png
 
 ROOT_HINT = "set the DAVIS root with --davis-root or the DAVIS_ROOT environment variable"

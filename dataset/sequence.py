@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence as SequenceType
 
@@ -9,8 +10,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.image_io import read_image, read_label_png
+from lib.video_io import list_files
 
 VOID_LABEL = 255  # DAVIS "void" pixels: never an object
 
@@ -28,17 +30,41 @@ def resolve_root(root: Optional[str | os.PathLike], data_set: str, env_var: str,
     return path
 
 
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def folder_listing(directory: Path) -> str:
+    """What a folder holds, for error messages: its first entries (folders end with /)."""
+    if not directory.is_dir():
+        return "nothing there"
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir())
+    return f"{', '.join(entries[:6])}{', ...' if len(entries) > 6 else ''}" if entries else "an empty folder"
+
+
+def list_frames(image_dir: Path, expected: str = "") -> list[Path]:
+    """The frames of a video folder: its *.jpg, *.jpeg and *.png files (any case), in natural
+    order (lib.video_io.list_files). FileNotFoundError naming the folder, the `expected` layout
+    and what it holds when there is none; UsageError when a frame is there twice (e.g.
+    00000.jpg and 00000.png)."""
+    images = list_files(image_dir, FRAME_SUFFIXES) if image_dir.is_dir() else []
+    if not images:
+        raise FileNotFoundError(f"no frames (*.jpg, *.jpeg or *.png) in {image_dir}"
+                                f"{f' (expected {expected})' if expected else ''}: found {folder_listing(image_dir)}")
+    stems = Counter(p.stem for p in images)
+    twice = sorted(p.name for p in images if stems[p.stem] > 1)
+    if twice:
+        raise UsageError(f"{image_dir} holds a frame twice ({', '.join(twice[:4])}): keep one of each")
+    return images
+
+
 def sequence_frames(image_dir: Path, anno_dir: Path, data_set: str, name: str, hint: str) -> list[Path]:
-    """The sorted *.jpg frames of sequence `name` of `data_set`; FileNotFoundError when its frame
-    or annotation folder is missing or it has no frame."""
+    """The sorted frames (list_frames) of sequence `name` of `data_set`; FileNotFoundError when
+    its frame or annotation folder is missing or it has no frame."""
     if not image_dir.is_dir():
         raise FileNotFoundError(f"{data_set} frames of sequence {name!r} not found: {image_dir} ({hint})")
     if not anno_dir.is_dir():
         raise FileNotFoundError(f"{data_set} annotations of sequence {name!r} not found: {anno_dir} ({hint})")
-    images = sorted(image_dir.glob("*.jpg"))
-    if not images:
-        raise FileNotFoundError(f"no *.jpg frames in {image_dir}")
-    return images
+    return list_frames(image_dir, f"the {data_set} layout")
 
 
 class Sequence:
@@ -81,7 +107,7 @@ class Sequence:
             if frame not in self.frame_names:
                 raise UsageError(f"sequence {name!r}: object {obj_id} starts at frame {frame!r}, "
                                  f"but there is no such image (expected "
-                                 f"{self.image_paths[0].parent / (frame + '.jpg')})")
+                                 f"{self.image_paths[0].parent / frame}{self.image_paths[0].suffix})")
             annotation = self.annotation_paths.get(frame)
             if annotation is None or not annotation.is_file():
                 raise FileNotFoundError(f"sequence {name!r}: annotation of the frame where object "

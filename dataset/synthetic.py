@@ -31,7 +31,7 @@ from typing import Optional, Sequence as SequenceType
 import numpy as np
 from PIL import Image
 
-from lib.cli import image_size, int_in
+from lib.argtypes import image_size, int_in
 from lib.fileio import atomic_write_bytes
 from lib.image_io import write_label_png
 

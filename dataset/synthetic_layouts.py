@@ -123,3 +123,58 @@ def make_folder_like(root: str | Path, layout: str = "davis", num_sequences: int
             _write_video(root / "JPEGImages" / name, root / "Annotations" / name, frames, labels, stems, [])
             _first_masks(root / "Annotations" / name, labels, stems, first_frames)
     return names
+
+
+# An LVOS valid set with a results folder, for checking the scoring against lvos-evaluation:
+# video -> (number of frames, {object id: (start, end, frame_nums, first, last)}). Frames are
+# numbered from 1; an object is drawn on frames first..last (so it can be absent on scored
+# frames), its range covers start, start+5, ... < end. "R3UJGYwy" is on LVOS's unseen list.
+LVOS_SCORING_VIDEOS = {
+    "synthsn0": (31, {1: (1, 26, 5, 1, 31),     # 5 frames in range, the last one not scored
+                      2: (11, 31, 4, 11, 31),   # starts mid-video
+                      3: (1, 16, 5, 1, 3)}),    # frame_nums above its 3 frames; absent when scored
+    "R3UJGYwy": (21, {1: (6, 21, 3, 6, 21),
+                      2: (1, 21, 4, 1, 21)}),
+}
+
+
+def _box(shape: tuple[int, int], top: int, left: int, height: int, width: int) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[max(top, 0):max(top + height, 0), max(left, 0):max(left + width, 0)] = True
+    return mask
+
+
+def make_lvos_scoring_set(root: str | Path, results: str | Path, meta: str = "v1",
+                          size: tuple[int, int] = SIZE) -> dict:
+    """LVOS layout (<root>/valid/{JPEGImages,Annotations}/<video>/, valid/valid_meta.json) with
+    the videos of LVOS_SCORING_VIDEOS, and a results folder <results>/<video>/<frame>.png whose
+    boxes are shifted from the ground truth by a few pixels per frame (object 3 of synthsn0
+    also shows up where it is absent). Deterministic (no random numbers). meta "v1": frame_range
+    values as strings (e.g. "00000001"), "v2": as integers; lvos-evaluation reads both with int().
+    Returns the meta "videos" dict."""
+    split, results = Path(root) / "valid", Path(results)
+    videos = {}
+    for v, (video, (num_frames, objects)) in enumerate(LVOS_SCORING_VIDEOS.items()):
+        names = [f"{n:08d}" for n in range(1, num_frames + 1)]
+        gt = np.zeros((num_frames, *size), dtype=np.uint8)
+        pred = np.zeros_like(gt)
+        for obj_id, (start, end, frame_nums, first, last) in objects.items():
+            for n in range(1, num_frames + 1):
+                top, left = 10 + 25 * (obj_id - 1), 10 + 3 * n + 20 * v
+                if first <= n <= last:
+                    gt[n - 1][_box(size, top, left, 18, 30 + 2 * obj_id)] = obj_id
+                if first <= n <= last or (obj_id == 3 and n == 11):
+                    shift = (n * (obj_id + v)) % 7 - 2
+                    pred[n - 1][_box(size, top + shift, left + 2 * shift, 18, 28 + obj_id)] = obj_id
+        frames = np.repeat((40 + 60 * (gt > 0)).astype(np.uint8)[..., None], 3, axis=-1)
+        annotated = sorted({n - 1 for start, end, *_ in objects.values() for n in range(start, end, 5)})
+        _write_video(split / "JPEGImages" / video, split / "Annotations" / video, frames, gt, names, annotated)
+        (results / video).mkdir(parents=True, exist_ok=True)
+        for t, name in enumerate(names):
+            write_label_png(results / video / f"{name}.png", pred[t])
+        as_value = (lambda n: f"{n:08d}") if meta == "v1" else (lambda n: n)
+        videos[video] = {"objects": {str(obj_id): {"frame_range": {"start": as_value(start), "end": as_value(end),
+                                                                   "frame_nums": frame_nums}}
+                                     for obj_id, (start, end, frame_nums, *_) in objects.items()}}
+    _write_json(split / "valid_meta.json", {"videos": videos})
+    return videos

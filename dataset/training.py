@@ -1,4 +1,4 @@
-"""Training samples (SPEC §8): one object of one sequence, the first frame where the object is
+"""Training samples (docs/training.md): one object of one sequence, the first frame where the object is
 visible (the reference frame) and `sample_size - 1` other frames of the sequence drawn at random
 (unsorted, as upstream).
 
@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.fileio import atomic_write_bytes
 from lib.image_io import read_image, read_label_png, resize_image_bilinear, resize_labels_nearest
 

@@ -1,10 +1,12 @@
-"""YouTube-VOS 2018 reader.
+"""YouTube-VOS 2018 / 2019 reader (the two share a layout).
 
 Layout under the root:
     train/JPEGImages/<vid>/*.jpg, train/Annotations/<vid>/*.png, train/meta.json
     train_all_frames/JPEGImages/<vid>/*.jpg
     valid/JPEGImages/<vid>/*.jpg, valid/Annotations/<vid>/*.png, valid/meta.json
     valid_all_frames/JPEGImages/<vid>/*.jpg
+The *_all_frames folders may also sit in all_frames/ (all_frames/valid_all_frames/JPEGImages/),
+as XMem's and Cutie's instructions place them. YouTube-VOS 2019 has the same layout.
 
 meta.json: {"videos": {vid: {"objects": {"1": {"category": ..., "frames": ["00000", ...]}}}}};
 an object starts at the first frame of its "frames" list.
@@ -25,8 +27,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
-from dataset.sequence import Sequence, SequenceList, resolve_root, sequence_frames
-from lib.cli import UsageError
+from dataset.sequence import Sequence, SequenceList, folder_listing, resolve_root, sequence_frames
+from lib.errors import UsageError
 
 ROOT_HINT = "set the YouTube-VOS root with --ytvos-root or the YTVOS_ROOT environment variable"
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"
@@ -78,8 +80,17 @@ def valid_frame_names(root: Optional[str | os.PathLike], video: str) -> list[str
     return sorted(p.stem for p in image_dir.glob("*.jpg"))
 
 
+def image_split_dir(root: Path, image_split: str) -> Path:
+    """<root>/<image_split>/JPEGImages, or <root>/all_frames/<image_split>/JPEGImages when only
+    that exists (the XMem / Cutie placement of the *_all_frames folders)."""
+    direct = root / image_split / "JPEGImages"
+    nested = root / "all_frames" / image_split / "JPEGImages"
+    return nested if image_split.endswith("_all_frames") and not direct.is_dir() and nested.is_dir() else direct
+
+
 class YouTubeVOSDataset(SequenceList):
-    """YouTube-VOS 2018 sequences of one split, as Sequence objects (built when accessed).
+    """YouTube-VOS 2018 (or 2019: year, for names and messages) sequences of one split, as
+    Sequence objects (built when accessed).
 
     split_file overrides the default sequence list of jjval / jjtrain; for valid splits it
     restricts the videos (default: every video directory in valid/Annotations).
@@ -87,19 +98,22 @@ class YouTubeVOSDataset(SequenceList):
 
     def __init__(self, root: Optional[str | os.PathLike], split: str = "jjval",
                  sequences: Optional[Iterable[str]] = None,
-                 split_file: Optional[str | os.PathLike] = None) -> None:
+                 split_file: Optional[str | os.PathLike] = None, year: str = "2018") -> None:
         if split not in _SPLITS:
             raise ValueError(f"YouTube-VOS split must be one of {SPLITS}, got {split!r}")
         self.root = resolve_ytvos_root(root)
-        self.split = split
-        self.name = f"ytvos2018{split}"
+        self.split, self.year = split, year
+        self.name = f"ytvos{year}{split}"
         image_split, anno_split, list_name = _SPLITS[split]
-        self.image_dir = self.root / image_split / "JPEGImages"
+        self.image_dir = image_split_dir(self.root, image_split)
         self.annotation_dir = self.root / anno_split / "Annotations"
         for directory in (self.image_dir, self.annotation_dir):
             if not directory.is_dir():
-                raise FileNotFoundError(f"YouTube-VOS directory not found: {directory} "
-                                        f"(is {self.root} a YouTube-VOS 2018 root? {ROOT_HINT})")
+                also = (f" or {self.root / 'all_frames' / image_split / 'JPEGImages'}/"
+                        if directory == self.image_dir and image_split.endswith("_all_frames") else "")
+                raise FileNotFoundError(f"YouTube-VOS {year} directory not found: expected {directory}/{also} "
+                                        f"(the YouTube-VOS {year} layout), found in {self.root}: "
+                                        f"{folder_listing(self.root)} ({ROOT_HINT})")
         self.meta_path = self.root / anno_split / "meta.json"
         self.meta = read_meta(self.meta_path)
 
@@ -113,14 +127,14 @@ class YouTubeVOSDataset(SequenceList):
             wanted = list(sequences)
             unknown = [s for s in wanted if s not in names]
             if unknown:
-                raise UsageError(f"sequences {unknown} are not in YouTube-VOS split {split}")
+                raise UsageError(f"sequences {unknown} are not in YouTube-VOS {year} split {split}")
             names = [n for n in names if n in set(wanted)]
         # Fail now rather than hours into a run.
         for directory in (self.image_dir, self.annotation_dir):
             missing = [n for n in names if not (directory / n).is_dir()]
             if missing:
                 raise FileNotFoundError(
-                    f"{len(missing)} of {len(names)} YouTube-VOS {split} video folder(s) not "
+                    f"{len(missing)} of {len(names)} YouTube-VOS {year} {split} video folder(s) not "
                     f"found, e.g. {directory / missing[0]} (missing: {', '.join(missing[:5])}"
                     f"{', ...' if len(missing) > 5 else ''}; {ROOT_HINT}; for a different "
                     f"video list pass split_file)")
@@ -139,7 +153,7 @@ class YouTubeVOSDataset(SequenceList):
     def sequence(self, name: str) -> Sequence:
         image_dir = self.image_dir / name
         anno_dir = self.annotation_dir / name
-        images = sequence_frames(image_dir, anno_dir, "YouTube-VOS", name, ROOT_HINT)
+        images = sequence_frames(image_dir, anno_dir, f"YouTube-VOS {self.year}", name, ROOT_HINT)
         image_stems = {p.stem for p in images}
         # Annotations of frames not among the images (jjval_all_frames keeps them all; valid has
         # none extra) are irrelevant to this sequence.

@@ -1,5 +1,6 @@
-"""What the scripts share: argument types, the flags several scripts take (declared once here),
-device resolution, and the error handling of `run`.
+"""What the scripts share: the flags several scripts take (declared once here), device
+resolution, and the error handling of `run`; argument types (`lib.argtypes`) and `UsageError`
+(`lib.errors`) are re-exported from here.
 
 User mistakes (a wrong flag value, a missing or unusable file) raise `UsageError` (or
 FileNotFoundError): `run` prints them as one `error: ...` line and exits with status 2. Any other
@@ -9,82 +10,41 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
+import io
 import os
+import signal
+import socket
 import sys
+import threading
+import traceback
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 
-
-class UsageError(ValueError):
-    """A mistake in the user's input (flag, path, data file); the message says which flag or path
-    fixes it. A ValueError, so library callers can catch it as one."""
-
-
-def number_in(low: float, high: float, what: str = "") -> Callable[[str], float]:
-    """argparse type: a float in [low, high] (NaN rejected)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number in [{low:g}, {high:g}], got {text!r}")
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}]{what}, got {text!r}")
-        return value
-    parse.__name__ = f"number in [{low:g}, {high:g}]"
-    return parse
+from lib.argtypes import image_size, int_at_least, int_in, number_in, positive_float  # noqa: F401 (re-exported)
+from lib.errors import UsageError  # noqa: F401 (re-exported: scripts and tests import it from here)
+from models.precision import PRECISIONS
 
 
 # The reuse threshold TH (upstream parsed it as a string).
 threshold = number_in(0.0, 1.0, " (reuse iff p_reuse > TH; 1 never reuses)")
 
 
-def int_in(low: int, high: Optional[int] = None, what: str = "") -> Callable[[str], int]:
-    """argparse type: an integer in [low, high] (high None: no upper bound)."""
-    wanted = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {wanted}{what}, got {text!r}")
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {wanted}{what}, got {text!r}")
-        return value
-    parse.__name__ = wanted[3:]
-    return parse
+def threshold_list(text: str) -> float | tuple[float, ...]:
+    """argparse type: one threshold (a float, as `threshold`) or a comma-separated list of
+    distinct thresholds (a tuple, in the order given), e.g. 1.0,0.9,0.8."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"must be a threshold in [0, 1] or a comma-separated list of them, "
+                                         f"got {text!r}")
+    values = tuple(threshold(p) for p in parts)
+    if len(set(values)) < len(values):
+        raise argparse.ArgumentTypeError(f"lists a threshold twice: {text!r}")
+    return values[0] if len(values) == 1 else values
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """argparse type: an integer >= minimum."""
-    return int_in(minimum)
-
-
-def image_size(minimum: int = 16) -> Callable[[str], tuple[int, int]]:
-    """argparse type: HxW, e.g. 480x854, each side >= minimum -> (H, W)."""
-    def parse(text: str) -> tuple[int, int]:
-        try:
-            h, w = (int(v) for v in text.lower().split("x"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be HxW, e.g. 480x854, got {text!r}")
-        if h < minimum or w < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}x{minimum}, got {text!r}")
-        return h, w
-    parse.__name__ = "HxW size"
-    return parse
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
+threshold_list.__name__ = "threshold or comma-separated thresholds"
 
 
 def resolve_device(dev: Optional[str]) -> tuple[torch.device, str]:
@@ -179,15 +139,19 @@ def add_data_root_flags(parser) -> None:
                              "(each split that is used) (default: $YTVOS_ROOT)")
 
 
-def add_threshold_flag(parser) -> None:
-    """--TH, alias --tau (evaluate.py, demo.py)."""
-    parser.add_argument("--TH", "--tau", dest="TH", type=threshold, default=0.7, metavar="TH",
+def add_threshold_flag(parser, several: bool = False) -> None:
+    """--TH, alias --tau (evaluate.py, demo.py, the benchmarks); with `several` it also takes a
+    comma-separated list (then args.TH is a float, or a tuple for a list)."""
+    parser.add_argument("--TH", "--tau", dest="TH", type=threshold_list if several else threshold, default=0.7,
+                        metavar="TH",
                         help="reuse-gate threshold tau in [0, 1]: an object reuses the previous frame's result "
                              "when its reuse probability exceeds TH; 1.0 never reuses (plain FRTM) "
-                             "(default: 0.7, upstream's)")
-
-
-PRECISIONS = ("fp32", "bf16", "fp16")  # models.precision maps them to dtypes and checks the device
+                             "(default: 0.7, upstream's)" + (
+                                 "; a comma-separated list, e.g. 1.0,0.9,0.8,0.7,0.6, is a threshold sweep: each "
+                                 "evaluated into its own results directory, then timed in turn, with curve.csv and "
+                                 "curve.png (J&F against FPS and GFLOPs per frame) in <output root>/result/<dset>-"
+                                 "<model stem>_curve[_fast]/ (evaluate.py; demo.py: its main job, with TH 1.0, "
+                                 "the goals checked at the first)" if several else ""))
 
 
 def precision_list(text: str) -> list[str]:
@@ -217,32 +181,154 @@ def add_precision_flag(parser, several: bool = False, default: str = "fp32") -> 
 # Running a script
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in a single process: unwinds like Ctrl-C (temporary files are removed)."""
+
+
 def run(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
-        interrupted: str = "interrupted") -> None:
+        kept: str = "") -> None:
     """Parse the command line and run main(args). A user mistake (UsageError, FileNotFoundError)
     or a stopped training (FloatingPointError: non-finite loss) becomes one `error: ...` line on
-    stderr and exit status 2; Ctrl-C exits 130; anything else keeps its traceback."""
+    stderr and exit status 2; Ctrl-C exits 130 and SIGTERM 143, each with one `error:` line that
+    ends with `kept` (what is kept and how to continue); anything else keeps its traceback.
+    Under torchrun (WORLD_SIZE > 1) see `_run_rank`: one line for the whole job."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _run_rank(main, parser, kept)
+    suffix = f" ({kept})" if kept else ""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if _in_main_thread() else None
     code = 0
     try:
         main(parser.parse_args())
     except (UsageError, FileNotFoundError, FloatingPointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
+    except Terminated:
+        print(f"error: stopped by SIGTERM{suffix}", file=sys.stderr)
+        code = 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print(f"error: {interrupted}", file=sys.stderr)
+        print(f"error: interrupted{suffix}", file=sys.stderr)
         code = 130
-    except SystemExit as exc:  # argparse, or a rank that leaves a user error to rank 0
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # A torchrun worker leaves without Python's finalization: at interpreter teardown gloo's
-        # transport threads can be destroyed while joinable, which aborts the process (SIGABRT,
-        # "terminate called without an active exception"; about 1 in 10 two-process CPU
-        # evaluations here). By now every result is on disk and the process group is left.
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if code:
+        sys.exit(code)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+class _Rank:
+    """How a torchrun worker leaves: `state` running -> reporting (claimed the error line, printing
+    it) or waiting (silent, until the line is out) -> os._exit."""
+
+    def __init__(self):
+        from lib.distributed import ErrorLine
+
+        self.line = ErrorLine()
+        self.lock = threading.Lock()
+        self.state = "running"
+        self.code = 0
+
+    def leave(self, code: int, message: Optional[str]) -> None:
+        """Print `message` if this process is the job's reporter, else wait for the reporter's line;
+        then end the process (os._exit, see _run_rank). Called by the main thread, or by the SIGTERM
+        watcher, whichever comes first; the other one then does nothing."""
+        with self.lock:
+            other_leaving = self.state != "running"
+            if not other_leaving:
+                self.state, self.code = "reporting", code
+        if other_leaving:
+            threading.Event().wait()  # the other thread ends the process
+        if message is not None and self.line.claim():
+            sys.stdout.flush()
+            sys.stderr.write(message)
+            sys.stderr.flush()
+            self.line.printed()
+        elif code != 0:
+            with self.lock:
+                self.state = "waiting"
+            self.line.wait_printed()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    if code:
-        sys.exit(code)
+
+    def on_sigterm(self, text: str) -> None:
+        """torchrun stops the workers with SIGTERM when one of them ended (or it was stopped itself):
+        the first to claim the line says so; a process already printing finishes."""
+        with self.lock:
+            state = self.state
+        if state == "reporting":
+            return
+        if state == "waiting":
+            os._exit(self.code)
+        self.leave(128 + signal.SIGTERM, text)
+
+
+def _watch_sigterm(rank: _Rank, text: str) -> None:
+    """Handle SIGTERM in a thread of its own: the main thread may be blocked in a collective or a
+    long kernel, where a Python signal handler would not run until torchrun's SIGKILL. Python's
+    C-level handler writes the signal number to the wakeup socket, which this thread reads."""
+    receive, send = socket.socketpair()
+    send.setblocking(False)
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+
+    def watch() -> None:
+        _ = send  # the wakeup socket lives as long as this thread
+        while True:
+            data = receive.recv(64)
+            if not data:
+                return
+            if signal.SIGTERM in data:
+                rank.on_sigterm(text)
+
+    threading.Thread(target=watch, name="sigterm-watcher", daemon=True).start()
+
+
+def _run_rank(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser, kept: str) -> None:
+    """run() for one torchrun worker. Exactly one `error:` line (or traceback) for the whole job,
+    however torchrun tears the processes down: each failing process claims the line (lib.
+    distributed.ErrorLine), the first prints it, the others stay silent and wait until it is out;
+    a process stopped by SIGTERM does the same, so one that is stopped because another died says
+    so. Every process leaves with os._exit: at interpreter teardown gloo's transport threads can be
+    destroyed while joinable, which aborts the process (SIGABRT, "terminate called without an
+    active exception"; about 1 in 10 two-process CPU evaluations here). By then every result is on
+    disk: sequences and checkpoints are written atomically."""
+    world, rank_id = os.environ.get("WORLD_SIZE"), os.environ.get("RANK", "0")
+    suffix = f" ({kept})" if kept else ""
+    rank = _Rank()
+    if _in_main_thread():
+        # On a line of its own: SIGTERM can come while rank 0's progress bar is mid-line.
+        _watch_sigterm(rank, f"\nerror: stopped by SIGTERM on rank {rank_id} of {world}: torchrun stops every "
+                             f"process when one fails or dies (see its report){suffix}\n")
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):  # argparse's usage and error: printed once below
+            args = parser.parse_args()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+        rank.leave(code, captured.getvalue() if code else None)
+    sys.stderr.write(captured.getvalue())
+    code, message = 0, None
+    try:
+        main(args)
+    except (UsageError, FileNotFoundError, FloatingPointError) as exc:
+        code, message = 2, f"error: {exc}\n"
+    except ConnectionError as exc:  # another process of the job died (lib.distributed.all_gather)
+        code, message = 1, f"error: {exc}{suffix}\n"
+    except KeyboardInterrupt:
+        code, message = 130, f"error: interrupted{suffix}\n"
+    except SystemExit as exc:  # a process that leaves the report to another (silent)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # a bug: its traceback, once
+        code, message = 1, traceback.format_exc()
+    rank.leave(code, message)
 
 
 def options(parser: argparse.ArgumentParser, **values) -> argparse.Namespace:

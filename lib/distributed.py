@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional, Sequence as SequenceType
 import torch
 import torch.distributed as dist
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -120,11 +120,16 @@ def sequence_cost(sequence) -> int:
 
 def all_gather(ctx: Context, value: Any) -> list:
     """Every rank's `value` (any picklable object), in rank order; [value] for one process.
-    Also a barrier: returns only when every rank has called it."""
+    Also a barrier: returns only when every rank has called it. ConnectionError when another
+    process is gone."""
     if not ctx.distributed:
         return [value]
     gathered: list = [None] * ctx.world_size
-    dist.all_gather_object(gathered, value)
+    try:
+        dist.all_gather_object(gathered, value)
+    except RuntimeError as exc:  # gloo / NCCL: a peer closed its connection or timed out
+        raise ConnectionError(f"rank {ctx.rank} of {ctx.world_size}: the exchange with the other processes failed, "
+                              f"probably because one of them died (see torchrun's report): {exc}") from exc
     return gathered
 
 
@@ -137,3 +142,66 @@ def first_failure(outcomes: SequenceType[Mapping], world_size: int) -> Optional[
     rank, f = failed[0]
     others = f"; {len(failed) - 1} other rank(s) failed too" if len(failed) > 1 else ""
     return f"rank {rank} of {world_size} failed on sequence {f['sequence']!r}: {f['error']}{others}"
+
+
+class ErrorLine:
+    """Which process of a torchrun job prints the run's one `error:` line: the first that claims
+    it in torchrun's key-value store (the TCPStore its agent serves at MASTER_ADDR:MASTER_PORT,
+    reachable before and after the process group). The others stay silent and wait until that
+    line is out before they leave: torchrun stops every process (SIGTERM) as soon as one exits
+    non-zero, so a process leaving early could stop the one about to print. Without torchrun's
+    store (another launcher) every failing process prints."""
+
+    # A store on this or the agent's machine answers in milliseconds; the wait covers a
+    # reporter descheduled on a loaded machine, and ends sooner when torchrun stops this process.
+    STORE_SECONDS = 30.0
+    WAIT_SECONDS = 60.0
+
+    def __init__(self, env: Mapping[str, str] = os.environ):
+        self._env = env
+        self._store = None
+        self._connected = False
+
+    def _connect(self):
+        if not self._connected:
+            self._connected = True
+            env = self._env
+            if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
+                try:
+                    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False,
+                                          timeout=datetime.timedelta(seconds=self.STORE_SECONDS))
+                    # One counter per run and restart (torchrun --max-restarts starts the workers again).
+                    prefix = f"reuse-vos/error-line/{env.get('TORCHELASTIC_RUN_ID', '')}/" \
+                             f"{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+                    self._store = dist.PrefixStore(prefix, store)
+                except (RuntimeError, ValueError, OSError):
+                    self._store = None  # the agent is gone: fall back to printing
+        return self._store
+
+    def claim(self) -> bool:
+        """True for the first process of the job to call this (it prints), False for the others."""
+        store = self._connect()
+        if store is None:
+            return True
+        try:
+            return store.add("claims", 1) == 1
+        except (RuntimeError, OSError):
+            return True
+
+    def printed(self) -> None:
+        """The claiming process wrote and flushed its line."""
+        store = self._connect()
+        if store is not None:
+            try:
+                store.set("printed", "1")
+            except (RuntimeError, OSError):
+                pass
+
+    def wait_printed(self) -> None:
+        """Wait (at most WAIT_SECONDS) until the claiming process has printed."""
+        store = self._connect()
+        if store is not None:
+            try:
+                store.wait(["printed"], datetime.timedelta(seconds=self.WAIT_SECONDS))
+            except (RuntimeError, OSError):
+                pass

@@ -26,14 +26,13 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from dataset.benchmarks import PRESETS, EvalData
+from dataset.presets import PRESETS, EvalData
 from lib import distributed
 from lib.background import BackgroundWriter, read_ahead
 from lib.cli import UsageError, resolve_device
 from lib.metrics import format_table, json_safe, write_results
-from lib.results import (SequenceWriter, TrackingStats, evaluate_lvos_results_dir,
-                         evaluate_results_dir, read_sequence_stats, results_dir, sequence_complete,
-                         summarize_tracking, write_json, write_submission_zip)
+from lib.results import (SequenceWriter, TrackingStats, evaluate_data_dir, read_sequence_stats, results_dir,
+                         sequence_complete, summarize_tracking, write_json, write_submission_zip)
 
 FPS_DEFINITION = ("frames / tracker time: object initialization (first-frame augmentation and target-model "
                   "training) included; reading frames from disk and writing PNGs excluded; CUDA synchronized "
@@ -182,10 +181,10 @@ class WriteError(UsageError):
     """A result file could not be written (disk full, permissions): names the path."""
 
 
-def track_sequence(job: Job, tracker, seq) -> dict:
-    """Track one sequence: frames decoded ahead in a thread, PNGs written by a background writer
-    that is flushed and checked before the sequence folder is moved into place. Returns the
-    statistics written with it."""
+def track_sequence(job: Job, tracker, seq, frames=None) -> dict:
+    """Track one sequence: frames decoded ahead in a thread (or `frames`, the sequence's frames
+    already in memory), PNGs written by a background writer that is flushed and checked before
+    the sequence folder is moved into place. Returns the statistics written with it."""
     args = job.args
     stats = TrackingStats()
     started = time.perf_counter()
@@ -194,7 +193,7 @@ def track_sequence(job: Job, tracker, seq) -> dict:
                 BackgroundWriter(PENDING_WRITES) as pngs, \
                 tqdm(total=len(seq), desc=seq.name, unit="frame", file=sys.stderr, dynamic_ncols=True,
                      disable=not job.ctx.is_main) as bar, \
-                closing(read_ahead(seq, PREFETCH_FRAMES)) as frames:
+                closing(read_ahead(seq if frames is None else frames, PREFETCH_FRAMES)) as frames:
             for t, frame in enumerate(tracker.track(frames, args.TH, keep_probabilities=False)):
                 name, labels = seq.frame_names[t], frame.labels.numpy()
                 pngs.submit(writer.tmp_dir / f"{name}.png", partial(writer.write, name, labels))
@@ -215,15 +214,18 @@ def track_sequence(job: Job, tracker, seq) -> dict:
     return result
 
 
-def track_sequences(job: Job, sequences: list) -> dict:
-    """Track this rank's sequences, stopping at the first failure. Returns this rank's outcome:
-    {"rank", "sequences", "frames", "tracker_seconds", "wall_seconds", "failure"} with failure
-    None or {"sequence", "error"}; `error` (the exception) is kept for the caller."""
+def track_sequences(job: Job, sequences: list, tracker=None, frames: Optional[dict] = None) -> dict:
+    """Track this rank's sequences, stopping at the first failure (with `tracker`, else a new
+    one; `frames`: {sequence name: its frames in memory} for those not to be read from disk).
+    Returns this rank's outcome: {"rank", "sequences", "frames", "tracker_seconds",
+    "wall_seconds", "failure"} with failure None or {"sequence", "error"}; `error` (the
+    exception) is kept for the caller."""
     outcome = {"rank": job.ctx.rank, "sequences": [], "frames": 0, "tracker_seconds": 0.0, "wall_seconds": 0.0,
                "failure": None}
     if not sequences:
         return outcome
-    tracker = build_tracker(job)
+    tracker = build_tracker(job) if tracker is None else tracker
+    frames = frames or {}
     if job.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as upstream
         # Untimed warm-up (CUDA context, cuDNN autotuning), like upstream's speedrun.
@@ -234,7 +236,7 @@ def track_sequences(job: Job, sequences: list) -> dict:
     started = time.perf_counter()
     for seq in sequences:
         try:
-            stats = track_sequence(job, tracker, seq)
+            stats = track_sequence(job, tracker, seq, frames.get(seq.name))
         except Exception as exc:
             outcome["failure"] = {"sequence": seq.name, "error": _with_context(str(exc), seq.name, job.out_dir)}
             outcome["exception"] = exc
@@ -256,9 +258,10 @@ USER_ERRORS = (UsageError, FileNotFoundError)
 
 def exchange_outcomes(job: Job, outcome: dict) -> list[dict]:
     """Gather every rank's outcome (a barrier). When a rank failed: in one process the original
-    error with the sequence named; over several ranks rank 0 raises UsageError naming the rank
-    and sequence, the failed rank re-raises a non-input error (for its traceback), and the
-    other ranks exit with status 2."""
+    error with the sequence named; over several ranks each failed rank raises UsageError naming
+    the first failed rank and its sequence (the same text on each; lib.cli.run prints it once)
+    or re-raises a non-input error (for its traceback), and the other ranks exit with status 2
+    silently."""
     exception = outcome.pop("exception", None)
     if not job.ctx.distributed:
         if exception is not None:
@@ -272,11 +275,11 @@ def exchange_outcomes(job: Job, outcome: dict) -> list[dict]:
     message = distributed.first_failure(outcomes, job.ctx.world_size)
     if message is None:
         return outcomes
-    if exception is not None and not isinstance(exception, USER_ERRORS):
+    if exception is None:
+        raise SystemExit(2)  # a rank that failed says so (lib.cli.run prints one line for the job)
+    if not isinstance(exception, USER_ERRORS):
         raise exception
-    if job.ctx.is_main:
-        raise UsageError(message)
-    raise SystemExit(2)
+    raise UsageError(message) from exception
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,12 +299,9 @@ def collect_results(job: Job, outcomes: list[dict], computed: list[str]) -> dict
     overall["wall_seconds"] = wall
     overall["wall_fps"] = frames_now / wall if frames_now and wall > 0 else math.nan
 
-    if data.metric == "davis":
-        print("Computing J&F from the written PNGs")
-        results = evaluate_results_dir(job.out_dir, [(seq, data.eval_frames.get(seq.name)) for seq in data.sequences])
-    elif data.metric == "lvos":
-        print("Computing J&F (LVOS protocol) from the written PNGs")
-        results = evaluate_lvos_results_dir(job.out_dir, [(seq, data.lvos_ranges[seq.name]) for seq in data.sequences])
+    if data.metric is not None:
+        print(f"Computing J&F{' (LVOS protocol)' if data.metric == 'lvos' else ''} from the written PNGs")
+        results = evaluate_data_dir(job.out_dir, data)
     else:
         results = {"sequences": {name: {} for name in per_sequence}}
     for name, stats in per_sequence.items():
@@ -374,6 +374,21 @@ def _nan_for_none(value):
     return math.nan if value is None else value
 
 
+def summary_line(results: dict) -> str:
+    """The J&F line of the console summary (results as json_safe'd: None for NaN)."""
+    jf = results["J&F"]
+    if results["metric"] != "lvos":
+        return (f"J&F {jf:.4f}  J {results['J']['mean']:.4f}  F {results['F']['mean']:.4f}" if jf is not None
+                else "J&F n/a (no object had a frame to score)")
+    groups = "  ".join(f"{g} J&F {_num(results[g]['J&F'], 4)} ({results[g]['num_objects']} objects)"
+                       for g in ("seen", "unseen"))
+    if jf is None:
+        return (f"J&F n/a: {results['protocol']} averages the seen and the unseen videos' means and one group is "
+                f"empty here ({groups}); over all objects J&F {_num(results['all_objects']['J&F'], 4)}")
+    return (f"J&F ({results['protocol']}: seen and unseen averaged) {jf:.4f}  J {results['J']['mean']:.4f}  "
+            f"F {results['F']['mean']:.4f}  V {_num(results['V'], 4)}  ({groups}; decay null, see results.json)")
+
+
 def report(results: dict) -> None:
     """Print the metrics table (with ground truth), the speed table and the summary lines."""
     shown = _nan_for_none(results)
@@ -386,10 +401,7 @@ def report(results: dict) -> None:
           f"in this run / {shown['wall_seconds']:.2f} s wall time)  reuse rate {_pct(shown['reuse_rate'])} "
           f"({results['reused_object_frames']} of {results['tracked_object_frames']} object-frames)")
     if results.get("metric") is not None:
-        jf = results["J&F"]
-        protocol = " (LVOS protocol)" if results["metric"] == "lvos" else ""
-        print(f"J&F{protocol} {jf:.4f}  J {results['J']['mean']:.4f}  F {results['F']['mean']:.4f}"
-              if jf is not None else "J&F n/a (no object had a frame to score)")
+        print(summary_line(results))
     if "submission" in results:
         sub = results["submission"]
         print(f"submission: {sub['path']} ({sub['videos']} videos, {sub['frames']} frames)")
@@ -403,29 +415,31 @@ def report(results: dict) -> None:
 # The whole evaluation
 
 
+def announce(job: Job) -> None:
+    """Print the device, checkpoint and data of a job (rank 0)."""
+    ctx, args = job.ctx, job.args
+    print(f"device: {job.device_text}" + (f" (rank 0 of {ctx.world_size}, {ctx.backend})" if ctx.distributed else ""))
+    print(f"checkpoint: {job.checkpoint} ({job.backbone}, {'G-FRTM' if job.has_gate else 'FRTM: no reuse gate'})")
+    print(f"data: {args.dset} = {job.data.name} at {job.data.root}, {len(job.data.sequences)} sequence(s)")
+
+
 def evaluate(args) -> dict:
     """Run the evaluation described by evaluate.py's parsed arguments, in this process or as one
     torchrun rank. Returns the results dict (as written to results.json) on rank 0, {} on the
     other ranks. Raises FileNotFoundError / UsageError naming the path or flag at fault."""
-    ctx = distributed.launch_context()
-    try:
-        return _evaluate(args, ctx)
-    except USER_ERRORS:
-        if not ctx.is_main:  # every rank meets the same bad input: rank 0 alone says so
-            raise SystemExit(2)
-        raise
+    return _evaluate(args, distributed.launch_context())
 
 
 def _evaluate(args, ctx: distributed.Context) -> dict:
     device, device_text = resolve_device(distributed.rank_device(ctx, args.dev))
     ctx = distributed.init(ctx, device)
     try:
+        if isinstance(args.TH, (tuple, list)):  # several thresholds: the trade-off curve
+            from lib.sweep import sweep
+            return sweep(args, ctx, device, device_text)
         job = prepare(args, ctx, device, device_text)
         if ctx.is_main:
-            print(f"device: {device_text}" + (f" (rank 0 of {ctx.world_size}, {ctx.backend})" if ctx.distributed else ""))
-            print(f"checkpoint: {job.checkpoint} ({job.backbone}, "
-                  f"{'G-FRTM' if job.has_gate else 'FRTM: no reuse gate'})")
-            print(f"data: {args.dset} = {job.data.name} at {job.data.root}, {len(job.data.sequences)} sequence(s)")
+            announce(job)
             print(f"results: {job.out_dir}")
         todo = pending(job, args.resume)
         if args.resume and ctx.is_main:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.fileio import atomic_write_bytes
 from lib.palette import DAVIS_PALETTE
 

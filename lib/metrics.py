@@ -248,32 +248,57 @@ def summarize_sequences(per_sequence: Mapping[str, dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# LVOS (lvos-evaluation, Hong et al.): what differs from DAVIS is said in each function
+# LVOS (lvos-evaluation, Hong et al., https://github.com/LingyiHongfd/lvos-evaluation, commit
+# c05e889 "update code for v2", which scores LVOS v1 and v2): what differs from DAVIS is said in
+# each function.
 
 LVOS_STEP = 5
+LVOS_TOOLKIT = "lvos-evaluation c05e889"
+LVOS_DECAY_NOTE = ("null: lvos-evaluation bins each object's 1 x N score array along its first axis, so every "
+                   "bin is the whole array and its decay is always 0 (not a measurement)")
 
 
-def lvos_statistics(values: Sequence[float], length: int) -> dict:
-    """Mean and Recall of one object's per-frame scores as LVOS's evaluation computes them: the
-    scores sit in a zero-filled array of `length` entries (the meta JSON's frame_nums), so
-    entries beyond the scored frames count as 0. Decay: LVOS's code bins that 1 x N array
-    along its first axis, so every bin is the whole array and its decay is always 0; reported
-    here as NaN (not computed) rather than as a 0 that would look measured."""
+def lvos_scored_positions(num_in_range: int, frame_nums: int) -> range:
+    """Which of an object's frames start, start+5, ... < end (its meta frame_range) are scored:
+    positions 1 .. frame_nums-2 of that list. lvos-evaluation skips position 0 (the start
+    frame, the given mask) and position frame_nums-1, and its score array has frame_nums-2
+    entries."""
+    return range(1, min(num_in_range, frame_nums - 1))
+
+
+def lvos_statistics(values: Sequence[float], frame_nums: int) -> dict:
+    """Mean and Recall of one object's scores (those of lvos_scored_positions, in order) as
+    lvos-evaluation computes them: they sit in a zero-filled array of frame_nums-2 entries, so
+    entries without a scored frame count as 0. Decay: NaN (see LVOS_DECAY_NOTE)."""
     values = np.asarray(values, dtype=np.float64)
-    if length < len(values):
-        raise ValueError(f"LVOS frame_nums {length} is smaller than the {len(values)} scored frames")
-    padded = np.zeros(length, dtype=np.float64)
-    padded[:len(values)] = values
-    if length == 0:
+    size = frame_nums - 2
+    if size < len(values):
+        raise ValueError(f"LVOS frame_nums {frame_nums} leaves {max(size, 0)} entries for {len(values)} scored frames")
+    if size <= 0:
         return {"mean": math.nan, "recall": math.nan, "decay": math.nan}
+    padded = np.zeros(size, dtype=np.float64)
+    padded[:len(values)] = values
     return {"mean": float(np.mean(padded)), "recall": float(np.mean(padded > 0.5)), "decay": math.nan}
 
 
-def evaluate_lvos_object(gt: np.ndarray, pred: np.ndarray, obj_id: int, length: int) -> dict:
-    """One object by LVOS's protocol. gt, pred: K x H x W label maps of the object's scored
-    frames: every 5th frame from its first annotated frame (included, unlike DAVIS) up to the
-    end of its meta frame range (excluded), never beyond; 255 is not treated as void.
-    Returns {"J&F", "J", "F", "num_frames"} like evaluate_sequence's objects."""
+def lvos_variance(j_values: Sequence[float], f_values: Sequence[float], frame_nums: int) -> float:
+    """lvos-evaluation's V of one object: the standard deviation of (J + F) / 2 over the
+    zero-filled frame_nums-2 entries, the variance rounded to 4 decimals before the square root
+    (as its db_statistics_var). NaN when there is no entry."""
+    size = frame_nums - 2
+    if size <= 0:
+        return math.nan
+    j, f = np.zeros(size), np.zeros(size)
+    j[:len(j_values)], f[:len(f_values)] = j_values, f_values
+    jf = (j + f) / 2
+    variance = np.sum((np.mean(jf) - jf) ** 2) / size
+    return float(math.sqrt(round(np.float64(variance), 4)))
+
+
+def evaluate_lvos_object(gt, pred, obj_id: int, frame_nums: int) -> dict:
+    """One object by lvos-evaluation's protocol. gt, pred: K x H x W label maps (or sequences of
+    H x W frames) of the object's scored frames (lvos_scored_positions); 255 is not treated as
+    void. Returns {"J&F", "J", "F", "V", "num_frames"}."""
     gt, pred = _frame_sequence(gt, "ground truth"), _frame_sequence(pred, "prediction")
     if len(gt) != len(pred):
         raise ValueError(f"ground truth has {len(gt)} frames, prediction {len(pred)}: the shapes differ")
@@ -282,8 +307,9 @@ def evaluate_lvos_object(gt: np.ndarray, pred: np.ndarray, obj_id: int, length: 
         gt_t, pred_t = _label_frame(gt[t], "ground truth") == obj_id, _label_frame(pred[t], "prediction") == obj_id
         j.append(jaccard_index(gt_t, pred_t))
         f.append(boundary_f_measure(gt_t, pred_t))
-    j_stats, f_stats = lvos_statistics(j, length), lvos_statistics(f, length)
-    return {"J&F": (j_stats["mean"] + f_stats["mean"]) / 2, "J": j_stats, "F": f_stats, "num_frames": len(j)}
+    j_stats, f_stats = lvos_statistics(j, frame_nums), lvos_statistics(f, frame_nums)
+    return {"J&F": (j_stats["mean"] + f_stats["mean"]) / 2, "J": j_stats, "F": f_stats,
+            "V": lvos_variance(j, f, frame_nums), "num_frames": len(j)}
 
 
 def evaluate_lvos_sequence(objects: Mapping[int, dict]) -> dict:
@@ -292,7 +318,37 @@ def evaluate_lvos_sequence(objects: Mapping[int, dict]) -> dict:
     objects = {int(k): v for k, v in objects.items()}
     per_object = list(objects.values())
     j_stats, f_stats = _mean_statistics(per_object, "J"), _mean_statistics(per_object, "F")
-    return {"J&F": (j_stats["mean"] + f_stats["mean"]) / 2, "J": j_stats, "F": f_stats, "objects": objects}
+    return {"J&F": (j_stats["mean"] + f_stats["mean"]) / 2, "J": j_stats, "F": f_stats,
+            "V": _nanmean(obj["V"] for obj in per_object), "objects": objects}
+
+
+def summarize_lvos(per_sequence: Mapping[str, dict], unseen: Iterable[str]) -> dict:
+    """lvos-evaluation's global numbers over scored sequences ({name: evaluate_lvos_sequence}):
+    each of J, F, V is the mean of its seen-video object mean and its unseen-video object mean
+    (videos listed in `unseen`), and J&F = (J + F) / 2, i.e. the mean of seen J, seen F, unseen
+    J and unseen F. NaN (null) when one of the two groups has no object, as the toolkit prints.
+    Also returns the seen / unseen groups and the plain mean over all objects ("all_objects")."""
+    per_sequence, unseen = dict(per_sequence), set(unseen)
+    groups = {"seen": [], "unseen": []}
+    for name, seq in per_sequence.items():
+        groups["unseen" if name in unseen else "seen"].extend(seq["objects"].values())
+    summary = {}
+    for group, objects in groups.items():
+        j, f = _mean_statistics(objects, "J"), _mean_statistics(objects, "F")
+        summary[group] = {"J&F": (j["mean"] + f["mean"]) / 2, "J": j, "F": f,
+                          "V": _nanmean(obj["V"] for obj in objects), "num_objects": len(objects),
+                          "videos": sorted(n for n in per_sequence if (n in unseen) == (group == "unseen"))}
+
+    def both(get) -> float:
+        return (get(summary["seen"]) + get(summary["unseen"])) / 2 if all(groups.values()) else math.nan
+
+    j = {stat: both(lambda g: g["J"][stat]) for stat in STATISTICS}
+    f = {stat: both(lambda g: g["F"][stat]) for stat in STATISTICS}
+    everything = summarize_sequences(per_sequence)
+    return {"J&F": (j["mean"] + f["mean"]) / 2, "J": j, "F": f, "V": both(lambda g: g["V"]),
+            "num_objects": everything["num_objects"], "seen": summary["seen"], "unseen": summary["unseen"],
+            "all_objects": {k: everything[k] for k in ("J&F", "J", "F")},
+            "protocol": LVOS_TOOLKIT, "decay": LVOS_DECAY_NOTE, "sequences": per_sequence}
 
 
 def _frame_sequence(frames, what: str):
@@ -319,8 +375,9 @@ def _label_frame(frame, what: str) -> np.ndarray:
 _COLUMNS = ("J&F", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
 
 
-def _row_values(entry: dict) -> list:
-    return [entry["J&F"]] + [entry["J"][s] for s in STATISTICS] + [entry["F"][s] for s in STATISTICS]
+def _row_values(entry: dict, with_v: bool = False) -> list:
+    values = [entry["J&F"]] + [entry["J"][s] for s in STATISTICS] + [entry["F"][s] for s in STATISTICS]
+    return values + [entry.get("V")] if with_v else values
 
 
 def _fmt(value) -> str:
@@ -328,17 +385,19 @@ def _fmt(value) -> str:
 
 
 def format_table(results: dict) -> str:
-    """Text table: one row per sequence (object rows below multi-object ones), then overall."""
+    """Text table: one row per sequence (object rows below multi-object ones), then overall; a V
+    column when the results have one (LVOS)."""
+    with_v = "V" in results
     rows = []
     for name, seq in results["sequences"].items():
-        rows.append([name] + [_fmt(v) for v in _row_values(seq)])
+        rows.append([name] + [_fmt(v) for v in _row_values(seq, with_v)])
         if len(seq["objects"]) > 1:
             for obj_id, obj in seq["objects"].items():
-                rows.append([f"  {name}/{obj_id}"] + [_fmt(v) for v in _row_values(obj)])
+                rows.append([f"  {name}/{obj_id}"] + [_fmt(v) for v in _row_values(obj, with_v)])
     overall_name = f"overall ({results.get('num_objects', '?')} objects)"
-    rows.append([overall_name] + [_fmt(v) for v in _row_values(results)])
+    rows.append([overall_name] + [_fmt(v) for v in _row_values(results, with_v)])
 
-    header = ["Sequence"] + list(_COLUMNS)
+    header = ["Sequence"] + list(_COLUMNS) + (["V"] if with_v else [])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
                        for i, cell in enumerate(r)) for r in [header] + rows]
@@ -367,8 +426,10 @@ def json_safe(value):
 def write_results(results: dict, out_dir: str | os.PathLike) -> None:
     """Write results.json (the whole dict, NaN as null) and results.csv into out_dir, atomically.
 
-    The CSV has one row per (sequence, object) and a final row with sequence "overall".
+    The CSV has one row per (sequence, object) and a final row with sequence "overall"; a V
+    column when the results have one (LVOS).
     """
+    with_v = "V" in results
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -378,11 +439,11 @@ def write_results(results: dict, out_dir: str | os.PathLike) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["sequence", "object", "num_frames", "J&F", "J_mean", "J_recall", "J_decay",
-                     "F_mean", "F_recall", "F_decay"])
+                     "F_mean", "F_recall", "F_decay"] + (["V"] if with_v else []))
     for name, seq in results["sequences"].items():
         for obj_id, obj in seq["objects"].items():
-            writer.writerow([name, obj_id, obj["num_frames"]] + [_csv_number(v) for v in _row_values(obj)])
-    writer.writerow(["overall", "", ""] + [_csv_number(v) for v in _row_values(results)])
+            writer.writerow([name, obj_id, obj["num_frames"]] + [_csv_number(v) for v in _row_values(obj, with_v)])
+    writer.writerow(["overall", "", ""] + [_csv_number(v) for v in _row_values(results, with_v)])
     atomic_write_bytes(out_dir / "results.csv", buffer.getvalue().encode("utf-8"))
 
 

@@ -1,6 +1,6 @@
 """Evaluation results on disk: where they go, how they are written, what they score.
 
-Layout (SPEC §9):
+Layout (docs/evaluation.md):
 
     <output root>/result/<dset>-<model stem>_<TH>[_fast]/        the results directory
         <sequence>/<frame>.png                                    DAVIS-palette label PNGs
@@ -33,11 +33,11 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence as SequenceTy
 import numpy as np
 
 from lib.background import BackgroundWriter
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.fileio import UMASK, atomic_write_bytes
 from lib.image_io import read_label_png, write_label_png
 from lib.metrics import (LVOS_STEP, evaluate_lvos_object, evaluate_lvos_sequence, evaluate_results, json_safe,
-                         summarize_sequences)
+                         lvos_scored_positions, summarize_lvos)
 
 RESULT_SUBDIR = "result"
 STATS_FILE = ".tracking.json"  # per-sequence tracking statistics, inside the sequence directory
@@ -57,6 +57,11 @@ def format_threshold(threshold: float) -> str:
 def results_dir_name(dset: str, model: str | os.PathLike, threshold: float, fast: bool) -> str:
     """`<dset>-<model stem>_<TH>[_fast]`, e.g. dv2017val-gfrtm_rn18_0.7_fast."""
     return f"{dset}-{Path(model).stem}_{format_threshold(threshold)}{'_fast' if fast else ''}"
+
+
+def curve_dir_name(dset: str, model: str | os.PathLike, fast: bool) -> str:
+    """`<dset>-<model stem>_curve[_fast]`: a threshold sweep's curve, beside its results directories."""
+    return f"{dset}-{Path(model).stem}_curve{'_fast' if fast else ''}"
 
 
 def results_dir(output_root: str | os.PathLike, dset: str, model: str | os.PathLike, threshold: float,
@@ -319,6 +324,20 @@ def read_prediction(sequence_dir: str | os.PathLike, frame: str, size: Optional[
     return labels
 
 
+def _found_pngs(sequence_dir: Path, frames: SequenceType[str]) -> str:
+    """What a results folder holds instead, for the message of a missing PNG: the folder is
+    absent, its PNGs not named like any of `frames` (misnamed), or its first PNGs."""
+    if not sequence_dir.is_dir():
+        return f" (no folder {sequence_dir.name}/ in {sequence_dir.parent})"
+    names = sorted(p.name for p in sequence_dir.glob("*.png"))
+    expected = {f"{f}.png" for f in frames}
+    strays = [n for n in names if n not in expected]
+    if strays:
+        return (f" ({len(strays)} PNG(s) there not named like a frame, e.g. {', '.join(strays[:3])}; frames are named "
+                f"like {sorted(expected)[0]})")
+    return f" (found {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else " (no PNG there)"
+
+
 def _check_shape(labels: np.ndarray, size, path: Path) -> None:
     if tuple(labels.shape) != tuple(size):
         raise UsageError(f"{path} is {labels.shape[0]}x{labels.shape[1]} (HxW), expected "
@@ -357,7 +376,8 @@ def sequence_volumes(results_directory: str | os.PathLike, sequence,
     pred_dir = Path(results_directory) / sequence.name
     missing = [f for f in frames if not (pred_dir / f"{f}.png").is_file()]
     if missing:
-        raise FileNotFoundError(f"result PNG not found: {pred_dir / (missing[0] + '.png')}")
+        raise FileNotFoundError(f"result PNG not found: {pred_dir / (missing[0] + '.png')}"
+                                f"{_found_pngs(pred_dir, sequence.frame_names)}")
     gt = LazyFrames(sequence.ground_truth_frame, frames)
     pred = LazyFrames(lambda f: read_prediction(pred_dir, f, sequence.size), frames)
     return gt, pred, first_frames
@@ -378,25 +398,44 @@ def evaluate_results_dir(results_directory: str | os.PathLike, sequences: Iterab
     return evaluate_results(items())
 
 
-def evaluate_lvos_results_dir(results_directory: str | os.PathLike, sequences: Iterable[tuple]) -> dict:
-    """J&F by LVOS's protocol over sequences whose PNGs are in results_directory.
+def evaluate_lvos_results_dir(results_directory: str | os.PathLike, sequences: Iterable[tuple],
+                              unseen: Iterable[str]) -> dict:
+    """J&F, J, F and V by lvos-evaluation's protocol (lib.metrics.summarize_lvos) over sequences
+    whose PNGs are in results_directory.
 
-    sequences: iterable of (Sequence, {object id: range}) with range.start, .end, .length from
-    the LVOS meta JSON (dataset.benchmarks.LvosRange); frame names are the frame numbers
-    (LVOS's 8 digits). Each object is scored on frames start, start+5, ... < end.
+    sequences: iterable of (Sequence, {object id: range}) with range.start, .end, .length (the
+    meta frame_nums) from the LVOS meta JSON (dataset.presets.LvosRange); frame names are
+    the frame numbers (LVOS's 8 digits). An object's frames are start, start+5, ... < end, of
+    which lib.metrics.lvos_scored_positions are scored. unseen: the unseen videos' names.
     """
     per_sequence = {}
     for sequence, ranges in sequences:
         by_number = {int(f): f for f in sequence.frame_names if f.isdigit()}
+        pred_dir = Path(results_directory) / sequence.name
         objects = {}
-        for obj_id, r in sorted(ranges.items()):
-            frames = [by_number[n] for n in range(r.start, r.end, LVOS_STEP)]
+        for obj_id, r in ranges.items():
+            numbers = list(range(r.start, r.end, LVOS_STEP))
+            frames = [by_number[numbers[k]] for k in lvos_scored_positions(len(numbers), r.length)]
+            sequence.check_ground_truth(frames)
+            missing = [f for f in frames if not (pred_dir / f"{f}.png").is_file()]
+            if missing:
+                raise FileNotFoundError(f"result PNG not found: {pred_dir / (missing[0] + '.png')}"
+                                        f"{_found_pngs(pred_dir, sequence.frame_names)}")
             gt = LazyFrames(sequence.ground_truth_frame, frames)
-            pred = LazyFrames(lambda f: read_prediction(Path(results_directory) / sequence.name, f, sequence.size),
-                              frames)
+            pred = LazyFrames(lambda f: read_prediction(pred_dir, f, sequence.size), frames)
             objects[obj_id] = evaluate_lvos_object(gt, pred, obj_id, r.length)
         per_sequence[sequence.name] = evaluate_lvos_sequence(objects)
-    return summarize_sequences(per_sequence)
+    return summarize_lvos(per_sequence, unseen)
+
+
+def evaluate_data_dir(results_directory: str | os.PathLike, data) -> dict:
+    """The metrics of an evaluation's data (dataset.presets.EvalData with metric "davis" or
+    "lvos") from the PNGs in results_directory: evaluate_results_dir on its scored frames, or
+    evaluate_lvos_results_dir with its LVOS ranges and unseen list."""
+    if data.metric == "lvos":
+        return evaluate_lvos_results_dir(results_directory, [(s, data.lvos_ranges[s.name]) for s in data.sequences],
+                                         data.lvos_unseen)
+    return evaluate_results_dir(results_directory, [(s, data.eval_frames.get(s.name)) for s in data.sequences])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import torch
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.image_io import read_image, read_label_png, resize_image_area, resize_labels_nearest_exact
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -43,13 +43,23 @@ def _prefix(flag: Optional[str]) -> str:
     return f"{flag}: " if flag else ""
 
 
+def _existing(path: str | os.PathLike, flag: Optional[str], what: str) -> Path:
+    """`path` with ~ expanded; FileNotFoundError naming the flag and `what` was expected if missing."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{_prefix(flag)}no such {what}: {path}")
+    return path
+
+
 def natural_key(name: str) -> list:
     """Sort key comparing digit runs as numbers: "f2" < "f10"; zero-padded names sort as usual."""
     return [(0, int(part), part) if part.isdigit() else (1, 0, part.lower())
             for part in re.split(r"(\d+)", name) if part != ""]
 
 
-def _list_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+def list_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files of folder with one of the (lower-case) suffixes, any case, hidden files left
+    out, in natural order (frame2 before frame10)."""
     files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes
              and not p.name.startswith(".")]
     return sorted(files, key=lambda p: natural_key(p.name))
@@ -97,16 +107,14 @@ class FrameSource:
     """
 
     def __init__(self, path: str | os.PathLike, flag: Optional[str] = None):
-        self.path = Path(path).expanduser()
+        self.path = _existing(path, flag, "video file or frame folder")
         self.flag = flag
         p = _prefix(flag)
-        if not self.path.exists():
-            raise FileNotFoundError(f"{p}no such video file or frame folder: {self.path}")
         self.fps: Optional[float] = None
         if self.path.is_dir():
             self.kind = "folder"
             self.name = self.path.resolve().name
-            self._files = _list_files(self.path, IMAGE_SUFFIXES)
+            self._files = list_files(self.path, IMAGE_SUFFIXES)
             if not self._files:
                 raise UsageError(f"{p}frame folder {self.path} holds no image files "
                                  f"({', '.join(IMAGE_SUFFIXES)})")
@@ -202,16 +210,14 @@ class MaskSet:
     """
 
     def __init__(self, path: str | os.PathLike, flag: Optional[str] = None):
-        self.path = Path(path).expanduser()
+        self.path = _existing(path, flag, "mask PNG or mask folder")
         self.flag = flag
         p = _prefix(flag)
-        if not self.path.exists():
-            raise FileNotFoundError(f"{p}no such mask PNG or mask folder: {self.path}")
         self.single = not self.path.is_dir()
         if self.single:
             files = [self.path]
         else:
-            files = _list_files(self.path, MASK_SUFFIXES)
+            files = list_files(self.path, MASK_SUFFIXES)
             if not files:
                 raise UsageError(f"{p}mask folder {self.path} holds no .png files")
         self.keys = [("" if self.single else f.stem) for f in files]

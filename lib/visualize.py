@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.fileio import atomic_write_bytes
 from lib.image_io import resize_image_area
 from lib.palette import DAVIS_PALETTE
@@ -363,3 +363,51 @@ def write_overlays(frames: Iterable[tuple[np.ndarray, np.ndarray]], mp4_path: Op
         if mp4 is not None:
             mp4.close()
     return count
+
+
+# ---------------------------------------------------------------------------------------------
+# The threshold sweep's curve (evaluate.py --TH 1.0,0.9,...; visualize.py curve)
+
+
+def save_curve_png(path: str | os.PathLike, curves: Sequence[tuple[str, Sequence[Mapping]]], title: str = "") -> None:
+    """J&F against tracker FPS and against GFLOPs per frame, side by side, one line per curve
+    (label, rows of curve.csv: "tau", "J&F", "fps", "gflops_per_frame", "reuse_rate"). Each
+    point is labelled with its tau and reuse rate; dashed lines mark tau = 1.0 (always compute)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    panels = (("fps", "tracker speed (frames per second)"), ("gflops_per_frame", "GFLOPs per frame"))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (label, rows) in enumerate(curves):
+        colour = colours[k % len(colours)]
+        points = sorted((r for r in rows if r.get("J&F") is not None), key=lambda r: -r["tau"])
+        for ax, (key, _) in zip(axes, panels):
+            xs = [r[key] for r in points]
+            ys = [100 * r["J&F"] for r in points]
+            ax.plot(xs, ys, "-o", color=colour, label=label, zorder=3)
+            for r, x, y in zip(points, xs, ys):
+                reuse = r.get("reuse_rate") if r.get("reuse_rate") is not None else math.nan
+                text = f"τ={float(r['tau'])!r}" + (f"\n{100 * reuse:.0f}% reused" if reuse == reuse else "")
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8, color=colour,
+                            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none",
+                                  "alpha": 0.8}, zorder=4)
+            plain = [r for r in points if r["tau"] == 1.0]
+            if plain:
+                ax.axhline(100 * plain[0]["J&F"], color=colour, linestyle="--", linewidth=1, alpha=0.7, zorder=1)
+                ax.axvline(plain[0][key], color=colour, linestyle="--", linewidth=1, alpha=0.7, zorder=1)
+    for ax, (_, xlabel) in zip(axes, panels):
+        ax.set_xlabel(xlabel)
+        ax.grid(True, alpha=0.3)
+        ax.margins(x=0.15, y=0.15)
+    axes[0].set_ylabel("J&F (%)")
+    axes[0].plot([], [], "--", color="grey", label="τ = 1.0 (always compute)")
+    axes[0].legend(loc="best", fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buffer.getvalue())

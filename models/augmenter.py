@@ -1,4 +1,5 @@
-"""First-frame augmentation for initializing the target model (SPEC §3, upstream ImageAugmenter).
+"""First-frame augmentation for initializing the target model (FRTM, Robinson et al., CVPR 2020;
+upstream ImageAugmenter).
 
 The object is cut out of the first frame, the hole is inpainted, and the object is pasted back
 with a random affine transform (location, rotation, scale, mirroring, skew) and motion blur onto

@@ -1,5 +1,5 @@
 """Frozen torchvision ResNet backbone split into a low part (every frame) and a high part
-(once per frame, only when some object computes) (SPEC §2)."""
+(once per frame, only when some object computes) (FRTM, Robinson et al., CVPR 2020)."""
 from __future__ import annotations
 
 import os
@@ -11,7 +11,8 @@ import torchvision
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from lib.cli import UsageError
+from lib.errors import UsageError
+from lib.safe_load import load_pth
 
 from .network import BACKBONE_CHANNELS
 
@@ -60,7 +61,7 @@ def load_backbone_state_dict(name: str, weights: BackboneWeights, seed: int | No
     path = Path(weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"backbone weights file {path} does not exist (--backbone-weights)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_pth(path, what="backbone weights file")
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     return dict(state)

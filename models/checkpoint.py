@@ -8,18 +8,22 @@ Three layouts load the same way (strict: missing or unexpected keys raise and ar
 * our own: `{"format": "reuse-vos", "model": state_dict in our names, "backbone": ..., ...}`,
   possibly with optimizer, scheduler, epoch and args (training checkpoints).
 The backbone follows from the weights (`refiner.TSE.layer4.reduce.0.weight` has 256 or 1024
-input channels).
+input channels). Files are read by lib.safe_load, which runs no code from them; of upstream's
+trainer checkpoints (name, epoch, stats, model, optimizer, scheduler) only `model` is used.
 """
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+import numpy as np
 import torch
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 from lib.fileio import atomic_write
+from lib.safe_load import load_pth
 
 from .network import BACKBONE_CHANNELS, GFRTM
 
@@ -106,16 +110,15 @@ def infer_backbone(state: StateDict) -> str:
 
 
 def read_checkpoint(source: CheckpointSource) -> dict[str, Any]:
-    """Load a checkpoint file (or take a loaded dict). Raises FileNotFoundError / ValueError."""
+    """Load a checkpoint file without running code from it (lib.safe_load), or take a loaded
+    dict. Raises FileNotFoundError, or ValueError (UsageError) for an unreadable file, a pickle
+    that would call code, or a file without a `model` entry."""
     if isinstance(source, Mapping):
         return dict(source)
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (--model / --models-dir / --initPth)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise UsageError(f"checkpoint {path} could not be read ({e}); is the download complete?") from e
+    ckpt = load_pth(path, what="checkpoint")  # runs no code from the file
     if not isinstance(ckpt, Mapping) or "model" not in ckpt:
         raise UsageError(f"checkpoint {path} has no 'model' entry: expected a G-FRTM or FRTM .pth file")
     return dict(ckpt)
@@ -178,8 +181,25 @@ def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def plain(value: Any) -> Any:
+    """`value` with only types torch.load(weights_only=True) rebuilds: paths become strings,
+    numpy scalars and one-element tensors numbers, Namespaces dicts; containers recursively."""
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(v) for v in value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
 def save_checkpoint(path: Union[str, os.PathLike], net: GFRTM, **extra: Any) -> Path:
     """Write our checkpoint format atomically: model (our names), backbone, and `extra`
-    (optimizer, scheduler, epoch, args, ...)."""
+    (optimizer, scheduler and grad-scaler state dicts, epoch, args, stats, ...). `extra` is
+    stored as `plain` values, so the file loads with torch.load(weights_only=True) too."""
     return atomic_save({"format": FORMAT, "backbone": net.backbone_name, "has_gate": net.has_gate,
-                        "model": net.state_dict(), **extra}, path)
+                        "model": net.state_dict(), **plain(extra)}, path)

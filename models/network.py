@@ -1,5 +1,5 @@
 """The learnable part of G-FRTM: template matching, reuse gate, delta generator, decoder,
-refine-translator and upsampler (SPEC §4-5).
+refine-translator and upsampler (Park et al., CVPR 2021; docs/architecture.md maps the names).
 
 One network, one forward path: training (`trainers/`) and inference (`models/tracker.py`) are
 both built from the step methods of `GFRTM`. Shapes use B for the number of object samples,
@@ -20,7 +20,7 @@ DEEP_LEVELS = ("layer5", "layer4")
 SHALLOW_LEVELS = ("layer3", "layer2")
 DECODER_LEVELS = DEEP_LEVELS + SHALLOW_LEVELS
 
-# Backbone channels per level (SPEC §2).
+# Backbone channels per level (torchvision ResNet-18 / ResNet-101).
 BACKBONE_CHANNELS = {
     "resnet18": {"layer1": 64, "layer2": 64, "layer3": 128, "layer4": 256, "layer5": 512},
     "resnet101": {"layer1": 64, "layer2": 256, "layer3": 512, "layer4": 1024, "layer5": 2048},
@@ -80,7 +80,7 @@ def conv(ic: int, oc: int, ksize: int, bias: bool = True, groups: int = 1) -> nn
 
 
 # ---------------------------------------------------------------------------------------------
-# Template matching (SPEC §4)
+# Template matching (Park et al., CVPR 2021)
 # ---------------------------------------------------------------------------------------------
 
 class TemplateMatching(nn.Module):
@@ -150,7 +150,8 @@ class DeltaGenerator(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoder (FRTM refinement network), refine-translator and upsampler (SPEC §5)
+# Decoder (FRTM refinement network, Robinson et al., CVPR 2020), refine-translator and upsampler
+# (Park et al., CVPR 2021)
 # ---------------------------------------------------------------------------------------------
 
 class ResidualBlock(nn.Module):
@@ -384,7 +385,7 @@ class GFRTM(nn.Module):
         deep_score (B, 1, H16, W16) for the deep stages; gate (B, 1), 1 = reuse; x16_prev, delta.
         Returns (logits (B, 1, H, W), next x16_prev). Upstream carries the state forward as
         x16_prev where the gate computed and the fresh deep state where it reused; kept as is
-        because the released weights were trained that way (see README, differences).
+        because the released weights were trained that way (see docs/upstream.md).
         """
         x16 = self.deep_stages(features, deep_score)
         g = gate.view(-1, 1, 1, 1)

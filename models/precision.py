@@ -10,8 +10,9 @@ from typing import Iterator
 
 import torch
 
-from lib.cli import PRECISIONS, UsageError
+from lib.errors import UsageError
 
+PRECISIONS = ("fp32", "bf16", "fp16")  # the values of --precision
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -1,5 +1,5 @@
 """FRTM's target model: a per-object 2-layer conv optimized online by Gauss-Newton with
-conjugate-gradient inner loops on a weighted least-squares loss (SPEC §3).
+conjugate-gradient inner loops on a weighted least-squares loss (FRTM, Robinson et al., CVPR 2020).
 
 Shapes: K samples, C_in = layer4 channels, c = projection channels, (h, w) the stride-16
 feature size, (H, W) the label (image) size.

@@ -1,4 +1,4 @@
-"""Multi-object G-FRTM inference driver (SPEC §5-6), built on the step methods of `GFRTM`.
+"""Multi-object G-FRTM inference driver (Park et al., CVPR 2021), built on the step methods of `GFRTM`.
 
 Per tracked object and frame: template matching and the reuse gate decide between
 * computed: target-model score on the high backbone features (run once per frame for all
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lib.cli import UsageError
+from lib.errors import UsageError
 
 from .backbone import Backbone
 from .network import GFRTM

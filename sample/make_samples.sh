@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate the sample GIFs and timelines in sample/ from the offline main job (demo.py without
 # --video, = scripts/demo.sh): seeded synthetic data, brief CPU training with a random backbone,
-# evaluation at TH 1.0 and 0.7. Offline, CPU, a few minutes on 2 cores.
+# evaluation at TH 1.0 and 0.7; then the threshold sweep on the DAVIS sample (curve_davis_sample.png).
+# Offline, CPU, a few minutes on 2 cores.
 #
 #   bash sample/make_samples.sh          # WORK: the main job's --work folder (default a temp dir)
 #
@@ -24,5 +25,14 @@ for seq in ytvos-own-0 ytvos-own-1 ytvos-own-2; do
     cp "$WORK/samples/$seq/overlay.gif" "sample/main_job_$seq.gif"
     cp "$WORK/samples/$seq/timeline.png" "sample/main_job_${seq}_timeline.png"
 done
+# The threshold sweep on the DAVIS sample with the main job's checkpoint: sample/curve_davis_sample.png
+# (the sample's 2017 val sequences, 854x480; DAVIS: the sample folder, default ../shared/data/davis-sample).
+DAVIS="${DAVIS:-$ROOT/../shared/data/davis-sample}"
+CKPT="$(ls "$WORK"/checkpoints/demo/demo_ep*.pth | tail -n 1)"
+"$PY" evaluate.py --model "$CKPT" --dset dv2017val --davis-root "$DAVIS" \
+    --backbone-weights random --num-aug 1 --dev cpu --TH 1.0,0.8,0.7,0.6 --timing-runs 3 --output-root "$WORK" \
+    | tee "$WORK/curve.txt"
+cp "$WORK"/result/dv2017val-demo_ep*_curve_fast/curve.png sample/curve_davis_sample.png
+
 ls -l sample/
 echo "main job output in $WORK (printed report: $WORK/main_job.txt)"

@@ -1,4 +1,4 @@
-"""Checkpoint layouts and strict loading (SPEC §7), against golden/checkpoint_keys.json."""
+"""Checkpoint layouts and strict loading, against golden/checkpoint_keys.json."""
 from __future__ import annotations
 
 import json

@@ -66,6 +66,56 @@ def test_torchrun_workers_exit_without_finalization(world_size, body, code):
     assert ("error: --x: bad" in out.stderr) == (code == 2)
 
 
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_sigterm_prints_one_line_with_what_is_kept(world_size):
+    """SIGTERM while main() runs: one `error:` line ending with `kept`, status 143; under torchrun
+    (WORLD_SIZE 2, no torchrun store here) also while the main thread is blocked outside Python."""
+    import signal
+
+    script = ("import argparse, sys, threading\nfrom lib.cli import run\n"
+              "def main(args):\n    print('ready', flush=True)\n    threading.Event().wait(600)\n"
+              "run(main, argparse.ArgumentParser(), kept='the X is kept')\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "WORLD_SIZE": world_size, "PYTHONPATH": str(root)})
+    try:
+        assert proc.stdout.readline() == "ready\n"  # main() runs, the handler is in place
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    lines = [line for line in err.splitlines() if line]  # under torchrun after a newline (a bar may be mid-line)
+    assert len(lines) == 1 and lines[0].startswith("error: stopped by SIGTERM") and "(the X is kept)" in lines[0]
+
+
+def test_error_line_is_claimed_once_through_the_store(monkeypatch):
+    """lib.distributed.ErrorLine against a TCPStore as torchrun's agent serves it: the first
+    claim wins, later ones lose and wait until the line is printed."""
+    import datetime
+    import threading
+
+    import torch.distributed as dist
+
+    from lib.distributed import ErrorLine
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, timeout=datetime.timedelta(seconds=30))
+    env = {"TORCHELASTIC_USE_AGENT_STORE": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(server.port),
+           "TORCHELASTIC_RUN_ID": "test", "TORCHELASTIC_RESTART_COUNT": "0"}
+    first, second, third = ErrorLine(env), ErrorLine(env), ErrorLine(env)
+    assert first.claim() and not second.claim() and not third.claim()
+    waited = threading.Thread(target=second.wait_printed)
+    waited.start()
+    waited.join(timeout=0.5)
+    assert waited.is_alive()  # not printed yet
+    first.printed()
+    waited.join(timeout=ErrorLine.WAIT_SECONDS)
+    assert not waited.is_alive()
+    # Another restart of the job counts again; without a store every process prints.
+    assert ErrorLine({**env, "TORCHELASTIC_RESTART_COUNT": "1"}).claim()
+    assert ErrorLine({}).claim() and ErrorLine({}).claim()
+
+
 def test_usage_error_is_a_value_error():
     assert issubclass(UsageError, ValueError)
 

@@ -20,7 +20,7 @@ import torch
 
 from lib import distributed
 from lib.background import BackgroundWriter, read_ahead
-from tests.test_evaluate import DAVIS_SEQS, checkpoint, davis_root, run  # noqa: F401  (fixtures)
+from tests.test_evaluate import DAVIS_SEQS, checkpoint, davis_root, png_bytes, run  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 300
@@ -112,17 +112,25 @@ def test_read_ahead_and_background_writer(tmp_path):
 # torchrun on CPU (gloo)
 
 
-def torchrun(nproc: int, checkpoint, out: Path, *argv, dev: str = "cpu") -> subprocess.CompletedProcess:
+def torchrun_command(nproc: int, checkpoint, out: Path, *argv, dev: str = "cpu",
+                     script: Path = ROOT / "evaluate.py") -> tuple[list[str], dict]:
+    """(command, environment) of a torchrun evaluation."""
     env = {k: v for k, v in os.environ.items() if k not in ("DAVIS_ROOT", "RVOS_OUTPUT", "RVOS_MODELS")}
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "evaluate.py"), "--model", str(checkpoint), "--backbone-weights", "random", "--num-aug", "1",
+           str(script), "--model", str(checkpoint), "--backbone-weights", "random", "--num-aug", "1",
            "--dev", dev, "--output-root", str(out), "--TH", "0.5", *argv]
+    return cmd, env
+
+
+def torchrun(nproc: int, checkpoint, out: Path, *argv, dev: str = "cpu") -> subprocess.CompletedProcess:
+    cmd, env = torchrun_command(nproc, checkpoint, out, *argv, dev=dev)
     return subprocess.run(cmd, capture_output=True, text=True, cwd=out, env=env, timeout=TIMEOUT)
 
 
-def png_bytes(results_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(results_dir)): p.read_bytes() for p in sorted(results_dir.glob("*/*.png"))}
+def error_lines(stderr: str) -> list[str]:
+    """The lines that report an error to the user (ours, and argparse's `prog: error: ...`)."""
+    return [line for line in stderr.splitlines() if line.startswith("error: ") or ": error: " in line]
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +200,7 @@ def test_failing_rank_names_rank_and_sequence(checkpoint, davis_root, tmp_path):
     out.mkdir()
     proc = torchrun(2, checkpoint, out, "--dset", "dv2017val", "--davis-root", str(davis))
     assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    errors = error_lines(proc.stderr)
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "rank 0 of 2 failed on sequence 'motocross-jump'" in errors[0] and str(bad) in errors[0]
     assert "--resume" in errors[0]
@@ -205,7 +213,120 @@ def test_failing_rank_names_rank_and_sequence(checkpoint, davis_root, tmp_path):
 def test_cuda_with_fewer_gpus_than_ranks(checkpoint, davis_root, tmp_path):
     proc = torchrun(2, checkpoint, tmp_path, "--dset", "dv2017val", "--davis-root", str(davis_root), dev="cuda")
     assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    errors = error_lines(proc.stderr)
     assert len(errors) == 1, proc.stderr[-3000:]
     assert "--nproc_per_node" in errors[0] and "--dev cuda" in errors[0]
     assert not (tmp_path / "result").exists()
+
+
+@pytest.mark.parametrize("argv, says", [(["--TH", "2"], "--TH"), (["--davis-root", "missing"], "missing")])
+def test_a_mistake_every_rank_sees_is_reported_once(checkpoint, argv, says, tmp_path):
+    """A bad flag (argparse) and a missing data root: every rank fails the same way, one says so."""
+    proc = torchrun(2, checkpoint, tmp_path, "--dset", "dv2017val", *argv)
+    assert proc.returncode != 0
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1 and says in errors[0], proc.stderr[-3000:]
+    assert proc.stderr.count("usage: ") == (argv[0] == "--TH")  # argparse's usage line, once
+
+
+# evaluate.py whose read of car-shadow's frame 3 never returns (rank 1 tracks car-shadow).
+STALLED_EVALUATE = f"""import runpy, sys, threading
+sys.path.insert(0, {str(ROOT)!r})
+import dataset.sequence
+read_image = dataset.sequence.read_image
+
+def stalled(path):
+    if str(path).endswith("car-shadow/00003.jpg"):
+        threading.Event().wait()
+    return read_image(path)
+
+dataset.sequence.read_image = stalled
+sys.argv[0] = {str(ROOT / "evaluate.py")!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_rank_killed_mid_sequence_stops_the_run_and_resume_finishes(checkpoint, davis_root, single, tmp_path):
+    """Rank 1 (car-shadow) stalls reading frame 3: it is mid-sequence for certain (frames 0-1
+    tracked and written) when it is killed with SIGKILL. torchrun stops rank 0 (SIGTERM) within
+    its shutdown grace, one line says why, and --resume with the same command (without the stall)
+    finishes with the bytes of an uninterrupted run."""
+    import signal
+    import time
+
+    one_dir, _ = single
+    out = tmp_path / "out"
+    out.mkdir()
+    stalled = tmp_path / "stalled_evaluate.py"
+    stalled.write_text(STALLED_EVALUATE)
+    argv = ("--dset", "dv2017val", "--davis-root", str(davis_root))
+    cmd, env = torchrun_command(2, checkpoint, out, *argv, script=stalled)
+    results_dir = out / "result" / one_dir.name
+    with open(tmp_path / "stderr", "w+") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, text=True, cwd=out, env=env)
+        try:
+            deadline = time.monotonic() + TIMEOUT  # start-up and 3 frames
+            while len(list(results_dir.glob(".car-shadow.*/0000[01].png"))) < 2:  # the tracker reads a frame ahead
+                assert proc.poll() is None and time.monotonic() < deadline, "rank 1 never reached frame 3"
+                time.sleep(0.05)
+            os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+            # torchrun notices the death within its monitor interval, then gives the other ranks
+            # its 30 s shutdown grace before SIGKILL; our ranks leave at once on SIGTERM.
+            proc.wait(timeout=30 + 30)
+        finally:
+            stop(proc)
+        stderr.seek(0)
+        text = stderr.read()
+    assert proc.returncode != 0
+    errors = error_lines(text)
+    assert len(errors) == 1, text[-3000:]
+    assert "SIGTERM" in errors[0] or "died" in errors[0]
+    assert not (results_dir / "car-shadow").exists()
+
+    proc = torchrun(2, checkpoint, out, *argv, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "car-shadow" in json.loads((results_dir / "results.json").read_text())["sequences_computed"]
+    assert png_bytes(results_dir) == png_bytes(one_dir)
+    assert not [p for p in results_dir.iterdir() if p.name.startswith(".")]
+
+
+def workers(launcher: int) -> dict[int, int]:
+    """{RANK: pid} of torchrun's workers (the children of the launcher process)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # gone, or not ours
+        ranks = [int(v[5:]) for v in environ if v.startswith(b"RANK=")]
+        if parent == launcher and ranks:
+            found[ranks[0]] = int(stat.parent.name)
+    return found
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker with RANK=rank."""
+    pid = workers(launcher).get(rank)
+    assert pid is not None, f"no worker with RANK={rank} under pid {launcher}"
+    return pid
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a torchrun that is still running (a failed test), its workers included: SIGTERM (torchrun
+    stops its workers), then SIGKILL for what is left after its 30 s shutdown grace."""
+    import signal
+
+    if proc.poll() is None:
+        children = workers(proc.pid)
+        proc.terminate()
+        try:
+            proc.wait(timeout=30 + 30)
+        except subprocess.TimeoutExpired:
+            for pid in children.values():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.kill()
+            proc.wait()

@@ -30,6 +30,9 @@ from lib.palette import DAVIS_PALETTE
 from lib.results import STATS_FILE, SequenceWriter, results_dir_name, sequence_complete
 from lib.visualize import load_timeline
 from models import precision
+from models.checkpoint import build_network
+
+from forged_checkpoints import PAYLOADS, malicious_checkpoint, upstream_trainer_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 120, 216
@@ -187,6 +190,11 @@ def davis_gt(davis_root, seq, merge=False) -> np.ndarray:
         lab = np.array(Image.open(davis_root / "Annotations" / "480p" / seq / f"{f:05d}.png"))
         frames.append((lab > 0).astype(np.uint8) if merge else lab)
     return np.stack(frames)
+
+
+def png_bytes(results_dir: Path) -> dict[str, bytes]:
+    """Every sequence's PNGs, by <sequence>/<frame>.png."""
+    return {str(p.relative_to(results_dir)): p.read_bytes() for p in sorted(results_dir.glob("*/*.png"))}
 
 
 def read_pngs(seq_dir: Path, frames) -> np.ndarray:
@@ -510,7 +518,8 @@ def test_missing_annotation_and_empty_first_mask(checkpoint, davis_root, tmp_pat
 def test_corrupt_jpeg_keeps_finished_sequences(checkpoint, davis_root, dv2017, tmp_path):
     davis = copy_davis(davis_root, tmp_path)
     bad = davis / "JPEGImages" / "480p" / "motocross-jump" / "00003.jpg"
-    bad.write_bytes(bad.read_bytes()[:200])
+    good = bad.read_bytes()
+    bad.write_bytes(good[:200])  # fails in the read-ahead thread, raised at frame 3
 
     # Fresh output: car-shadow (sorted first) finishes, motocross-jump fails and leaves nothing.
     out = tmp_path / "fresh"
@@ -523,6 +532,15 @@ def test_corrupt_jpeg_keeps_finished_sequences(checkpoint, davis_root, dv2017, t
     assert (results_dir / "car-shadow" / STATS_FILE).is_file()
     assert not (results_dir / "motocross-jump").exists()
     no_partials(results_dir)
+    kept = {p.name: p.stat().st_mtime_ns for p in (results_dir / "car-shadow").iterdir()}
+
+    # The frame repaired, --resume tracks motocross-jump alone: the bytes of an uninterrupted run.
+    bad.write_bytes(good)
+    resumed = run(checkpoint, out, *davis_args(davis), "--resume")
+    assert resumed["sequences_computed"] == ["motocross-jump"]
+    assert {p.name: p.stat().st_mtime_ns for p in (results_dir / "car-shadow").iterdir()} == kept
+    assert png_bytes(results_dir) == png_bytes(dv2017[0])
+    bad.write_bytes(good[:200])
 
     # Over complete earlier results: the failed recomputation leaves the old copy as it was.
     out = tmp_path / "over"
@@ -535,7 +553,8 @@ def test_corrupt_jpeg_keeps_finished_sequences(checkpoint, davis_root, dv2017, t
     no_partials(out / "result" / dv2017[0].name)
 
 
-def test_a_png_write_error_stops_the_run_naming_the_path(checkpoint, davis_root, tmp_path, monkeypatch):
+def test_a_png_write_error_stops_the_run_naming_the_path(checkpoint, davis_root, dv2017, tmp_path, monkeypatch):
+    """ENOSPC in the background PNG writer mid-sequence; --resume then completes the run."""
     import lib.results
 
     write = lib.results.write_label_png
@@ -552,6 +571,12 @@ def test_a_png_write_error_stops_the_run_naming_the_path(checkpoint, davis_root,
     results_dir = tmp_path / "result" / "dv2017val-rn18_0.5_fast"
     check_pngs(results_dir / "car-shadow", [f"{i:05d}" for i in range(DAVIS_FRAMES)], [1])  # finished before
     assert not (results_dir / "motocross-jump").exists()
+    no_partials(results_dir)
+
+    monkeypatch.setattr(lib.results, "write_label_png", write)  # space again
+    resumed = run(checkpoint, tmp_path, *davis_args(davis_root), "--resume")
+    assert resumed["sequences_computed"] == ["motocross-jump"]
+    assert png_bytes(results_dir) == png_bytes(dv2017[0])
     no_partials(results_dir)
 
 
@@ -575,3 +600,34 @@ def test_cli_error_exit(checkpoint, davis_root, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert str(missing) in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_upstream_trainer_checkpoint_gives_the_same_pngs(checkpoint, davis_root, dv2017, tmp_path):
+    """A checkpoint saved as upstream's trainer saves it (name, epoch, stats of upstream's
+    lib.utils.AverageMeter, optimizer, scheduler; upstream key names) evaluates exactly as ours."""
+    net, _ = build_network(checkpoint)
+    upstream = upstream_trainer_checkpoint(net, tmp_path / "upstream_like.pth")
+    run(checkpoint, tmp_path, *davis_args(davis_root), "--sequences", "car-shadow", model=upstream)
+    ours = dv2017[0] / "car-shadow"
+    got = tmp_path / "result" / "dv2017val-upstream_like_0.5_fast" / "car-shadow"
+    pngs = sorted(p.name for p in ours.glob("*.png"))
+    assert len(pngs) == DAVIS_FRAMES and sorted(p.name for p in got.glob("*.png")) == pngs
+    assert all((got / name).read_bytes() == (ours / name).read_bytes() for name in pngs)
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_malicious_checkpoint_runs_nothing(payload, checkpoint, davis_root, tmp_path):
+    """--model and --backbone-weights: one error line naming the file and the global, exit 2,
+    and the payload's marker file is never created."""
+    marker = tmp_path / "MARKER"
+    evil = malicious_checkpoint(tmp_path / "evil.pth", payload, marker)
+    base = [sys.executable, str(ROOT / "evaluate.py"), "--dset", "dv2017val", "--davis-root", str(davis_root),
+            "--dev", "cpu", "--num-aug", "1", "--output-root", str(tmp_path / "out")]
+    flags = (["--model", str(evil), "--backbone-weights", "random"],
+             ["--model", str(checkpoint), "--backbone-weights", str(evil)])
+    for flag in flags[:1] if payload != "os.system" else flags:
+        proc = subprocess.run(base + flag, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+        assert f"{evil} was not loaded: it would call {payload.replace('os.', 'posix.')}" in proc.stderr
+        assert not marker.exists()

@@ -1,4 +1,4 @@
-"""Conformance: every `*_modules.pt` in $RVOS_GOLDEN reproduced module by module (SPEC §3-5).
+"""Conformance: every `*_modules.pt` in $RVOS_GOLDEN reproduced module by module.
 
 Tolerances from golden/README.md: atol 1e-4, rtol 1e-3; target model: atol 1e-3.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lib.safe_load import load_pth
 from models.checkpoint import from_upstream, load_network_state
 from models.network import GFRTM
 from models.target_model import TargetModel, TargetModelConfig
@@ -23,7 +24,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor, atol: float = ATOL, rtol
 
 @pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
 def case(request):
-    return torch.load(request.param, weights_only=False)
+    return load_pth(request.param)
 
 
 def test_golden_files_exist():

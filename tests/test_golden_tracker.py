@@ -1,4 +1,4 @@
-"""Conformance: every `*_tracker*.pt` in $RVOS_GOLDEN reproduced end to end (SPEC §5-6).
+"""Conformance: every `*_tracker*.pt` in $RVOS_GOLDEN reproduced end to end.
 
 Everything comes from the vector and the rules of golden/README.md ("rn18_tracker*.pt"): which
 objects start on which frame (`start_frames`), the image size, the frame count, the settings
@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lib.safe_load import load_pth
 from models import build_tracker
 
 from conftest import GOLDEN, seeded_backbone_state
@@ -59,7 +60,7 @@ def decision_margin(case, t: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
 def case(request):
-    return torch.load(request.param, weights_only=False)
+    return load_pth(request.param)
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,24 @@ Small for 2 CPU cores: 120x216 frames, 6 frames (21 for LVOS), 2 videos, --num-a
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from lib.cli import UsageError
 import torch
 from PIL import Image
 
-from dataset.benchmarks import PRESETS
+from dataset.presets import PRESETS
 from dataset.synthetic import make_ytvos_like
 from dataset.synthetic_layouts import make_davis_testdev_like, make_folder_like, make_lvos_like, make_mose_like
 from evaluate import get_parser, main
-from lib.metrics import evaluate_lvos_object, evaluate_results, lvos_statistics
+from lib.metrics import (evaluate_lvos_object, evaluate_results, lvos_scored_positions, lvos_statistics,
+                          lvos_variance)
 from lib.results import STATS_FILE
 # Fixtures: the non-trivial random G-FRTM; one torch thread; no data roots from the environment.
 from tests.test_evaluate import _clean_env, _one_thread, checkpoint  # noqa: F401
@@ -123,24 +127,26 @@ def test_presets_with_ground_truth(checkpoint, data, tmp_path, dset, flag, sub, 
     assert (results_dir / "results.csv").is_file()
 
 
-def lvos_reference(gt_dir: Path, pred_dir: Path, meta: dict) -> float:
-    """J&F as lvos-evaluation computes it (its loop re-stated): per object, every 5th frame from
-    frame_range start (included) to end (excluded), J and F in a zero-filled array of
-    frame_nums entries, object means averaged over all objects."""
+def lvos_reference(gt_dir: Path, pred_dir: Path, meta: dict) -> tuple[float, float]:
+    """(J mean, F mean) over all objects by lvos-evaluation c05e889's rules, re-stated: of the
+    frames start, start+5, ... < end, positions 1 .. frame_nums-2 are scored, into a zero-filled
+    array of frame_nums-2 entries."""
     from lib.metrics import boundary_f_measure, jaccard_index
     j_means, f_means = [], []
     for video, info in meta.items():
         for obj, o in info["objects"].items():
             r = o["frame_range"]
-            j = np.zeros(int(r["frame_nums"]))
-            f = np.zeros(int(r["frame_nums"]))
+            size = int(r["frame_nums"]) - 2
+            j, f = np.zeros(size), np.zeros(size)
             for k, n in enumerate(range(int(r["start"]), int(r["end"]), 5)):
+                if k == 0 or k == size + 1:
+                    continue
                 gt = np.array(Image.open(gt_dir / video / f"{n:08d}.png")) == int(obj)
                 pred = np.array(Image.open(pred_dir / video / f"{n:08d}.png")) == int(obj)
-                j[k], f[k] = jaccard_index(gt, pred), boundary_f_measure(gt, pred)
-            j_means.append(np.nanmean(j))
-            f_means.append(np.nanmean(f))
-    return (np.mean(j_means) + np.mean(f_means)) / 2
+                j[k - 1], f[k - 1] = jaccard_index(gt, pred), boundary_f_measure(gt, pred)
+            j_means.append(np.mean(j))
+            f_means.append(np.mean(f))
+    return float(np.mean(j_means)), float(np.mean(f_means))
 
 
 def test_lvos_val(checkpoint, data, tmp_path):
@@ -148,8 +154,12 @@ def test_lvos_val(checkpoint, data, tmp_path):
     meta = json.loads((root / "valid/valid_meta.json").read_text())["videos"]
     results = run(checkpoint, tmp_path, "--dset", "lvos-val", "--lvos-root", str(root))
     results_dir = Path(results["results_dir"])
-    assert results["metric"] == "lvos"
-    assert results["J&F"] == pytest.approx(lvos_reference(root / "valid/Annotations", results_dir, meta), abs=1e-12)
+    assert results["metric"] == "lvos" and results["protocol"] == "lvos-evaluation c05e889"
+    j, f = lvos_reference(root / "valid/Annotations", results_dir, meta)
+    assert results["all_objects"]["J"]["mean"] == pytest.approx(j, abs=1e-12)
+    assert results["seen"]["F"]["mean"] == pytest.approx(f, abs=1e-12)
+    # No video on the unseen list: the toolkit's seen/unseen mean is nan, ours null.
+    assert results["J&F"] is None and results["unseen"]["num_objects"] == 0
     for video in meta:
         masks = pngs(results_dir / video)
         assert len(masks) == 21 and "00000001" in masks
@@ -159,19 +169,25 @@ def test_lvos_val(checkpoint, data, tmp_path):
         assert all(not (masks[f"{n:08d}"] == 2).any() for n in range(1, 6))
         per_object = results["sequences"][video]["reuse_per_object"]
         assert per_object["1"]["tracked"] == 20 and per_object["2"]["tracked"] == 15
-        assert results["sequences"][video]["objects"]["1"]["num_frames"] == 3  # 1, 6, 11 (< 16)
+        # range 1, 6, 11 (< 16), frame_nums 3: only frame 6 is scored
+        assert results["sequences"][video]["objects"]["1"]["num_frames"] == 1
 
 
 def test_lvos_statistics():
-    assert lvos_statistics([1.0, 0.5], 4) == {"mean": 0.375, "recall": 0.25, "decay": pytest.approx(np.nan,
-                                                                                                    nan_ok=True)}
+    nan = pytest.approx(np.nan, nan_ok=True)
+    # frame_nums 6: 4 entries, the 2 scores padded with zeros
+    assert lvos_statistics([1.0, 0.5], 6) == {"mean": 0.375, "recall": 0.25, "decay": nan}
+    assert lvos_statistics([], 2)["mean"] == nan
     with pytest.raises(ValueError, match="frame_nums"):
-        lvos_statistics([1.0, 1.0], 1)
+        lvos_statistics([1.0, 1.0], 3)
+    # V: population std of (J + F) / 2 over the padded entries, variance rounded to 4 decimals
+    assert lvos_variance([1.0], [0.5], 4) == pytest.approx(math.sqrt(round(0.140625, 4)))
+    assert [lvos_scored_positions(n, 5) for n in (5, 4, 1)] == [range(1, 4), range(1, 4), range(1, 1)]
     gt = np.zeros((2, 8, 8), np.uint8)
     gt[:, 2:6, 2:6] = 3
     pred = gt.copy()
     pred[1, 2:6, 2:4] = 0  # IoU 0.5
-    scores = evaluate_lvos_object(gt, pred, 3, 2)
+    scores = evaluate_lvos_object(gt, pred, 3, 4)
     assert scores["J"]["mean"] == pytest.approx(0.75) and scores["num_frames"] == 2
 
 
@@ -252,6 +268,6 @@ def test_options_call_main_from_python(checkpoint, data, tmp_path):
     with pytest.raises(TypeError, match="no option davis"):
         options(get_parser(), davis=data)
     import visualize
-    with pytest.raises(TypeError, match="results, frames required"):
-        options(visualize.get_parser(), out=tmp_path)
+    with pytest.raises(UsageError, match="--results and --frames are required"):  # optional with `curve`
+        visualize.main(options(visualize.get_parser(), out=tmp_path))
 

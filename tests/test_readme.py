@@ -1,8 +1,10 @@
-"""README.md's commands: the first block is the two set-up commands (CI runs the first), every
-documented script command parses with that script's own parser, and the offline main job runs."""
+"""The README and docs/: the README's first block is the two set-up commands (CI runs the first),
+every page of docs/ is reachable from the README, every documented script command parses with
+that script's own parser."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 import shlex
 from pathlib import Path
@@ -11,25 +13,42 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-SCRIPTS = {"train.py": "train", "evaluate.py": "evaluate", "demo.py": "demo", "visualize.py": "visualize",
-           "-m benchmarks.tracker_speed": "benchmarks.tracker_speed", "-m benchmarks.train_speed": "benchmarks.train_speed",
-           "-m benchmarks.precision_fidelity": "benchmarks.precision_fidelity",
-           "-m benchmarks.precision_ops": "benchmarks.precision_ops",
-           "-m benchmarks.parallel_eval": "benchmarks.parallel_eval",
-           "-m dataset.synthetic": "dataset.synthetic", "-m lib.gate_report": "lib.gate_report"}
+# docs/CLI.md is generated from the parsers (tests/test_cli_reference.py); the other pages are prose.
+PAGES = {path: path.read_text() for path in sorted((ROOT / "docs").glob("*.md")) if path.name != "CLI.md"}
+_spec = importlib.util.spec_from_file_location("cli_reference", ROOT / "scripts" / "cli_reference.py")
+cli_reference = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli_reference)
+SCRIPTS = cli_reference.SCRIPTS
 
 
 def fenced_blocks(text: str) -> list[str]:
-    return re.findall(r"```(?:bash|shell)?\n(.*?)```", text, flags=re.S)
+    """The shell blocks (```bash, ```shell or plain ```), in order."""
+    return [body for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.S | re.M)
+            if lang in ("", "bash", "shell")]
 
 
-def commands() -> list[str]:
-    """Every `python ...` / `torchrun ...` command, in code blocks or inline code."""
+def commands(text: str) -> list[str]:
+    """Every `python ...` / `torchrun ...` command, in code blocks or inline code; a command
+    continued with a trailing backslash is joined."""
     found = []
-    for block in fenced_blocks(README):
+    for block in fenced_blocks(text):
+        block = block.replace("\\\n", " ")
         found += [line.split("#")[0].strip() for line in block.splitlines()]
-    found += re.findall(r"`((?:python|torchrun) [^`]+)`", README)
+    found += re.findall(r"`((?:python|torchrun) [^`]+)`", text)
     return [c for c in found if c.startswith(("python ", "torchrun "))]
+
+
+def test_every_docs_page_is_reachable_from_the_readme():
+    linked = set(re.findall(r"\]\((docs/[\w.-]+\.md)(?:#[\w-]*)?\)", README))
+    pages = {f"docs/{p.name}" for p in (ROOT / "docs").glob("*.md")}
+    assert pages and pages <= linked, f"not linked from README.md: {sorted(pages - linked)}"
+    assert len(README.splitlines()) <= 250
+
+
+def test_links_between_pages_resolve():
+    for path, text in [(ROOT / "README.md", README), *PAGES.items()]:
+        for target in re.findall(r"\]\(([\w./-]+\.md)(?:#[\w-]*)?\)", text):
+            assert (path.parent / target).resolve().is_file(), f"{path.name} links to missing {target}"
 
 
 def test_first_block_is_the_two_setup_commands():
@@ -40,9 +59,11 @@ def test_first_block_is_the_two_setup_commands():
         assert (ROOT / script).is_file()
 
 
-def test_documented_commands_parse():
-    cmds = commands()
-    assert len(cmds) > 15
+@pytest.mark.parametrize("page", ["README.md"] + [f"docs/{p.name}" for p in PAGES])
+def test_documented_commands_parse(page):
+    cmds = commands((ROOT / page).read_text())
+    if page == "README.md":
+        assert len(cmds) >= 4
     checked = 0
     for cmd in cmds:
         argv = shlex.split(cmd.replace("<", "").replace(">", ""))
@@ -50,8 +71,9 @@ def test_documented_commands_parse():
             argv = ["python"] + [a for a in argv[1:] if not a.startswith("--nproc")]
         rest = argv[1:]
         key = " ".join(rest[:2]) if rest[0] == "-m" else rest[0]
-        assert key in SCRIPTS, f"README documents an unknown script: {cmd}"
-        module = importlib.import_module(SCRIPTS[key])
+        module = cli_reference if key == "scripts/cli_reference.py" else None
+        assert module or key in SCRIPTS, f"{page} documents an unknown script: {cmd}"
+        module = module or importlib.import_module(SCRIPTS[key])
         args = rest[2:] if rest[0] == "-m" else rest[1:]
         if "..." in args:
             args = args[:args.index("...")]
@@ -62,19 +84,10 @@ def test_documented_commands_parse():
 
 
 def test_documented_files_exist():
-    for path in re.findall(r"`((?:dataset|models|trainers|lib|benchmarks|scripts|sample)/[\w/.-]+\.(?:py|sh|md|txt))`",
-                           README):
-        assert (ROOT / path).exists(), path
-
-
-def test_every_flag_has_help_and_a_readme_line():
-    for name in SCRIPTS.values():
-        for action in importlib.import_module(name).get_parser()._actions:
-            flags = [o for o in action.option_strings if o.startswith("--")]
-            if action.dest == "help" or not flags:
-                continue
-            assert action.help, f"{name} {flags[0]} has no help text"
-            assert any(f in README for f in flags), f"README.md does not mention {name} {flags[0]}"
+    folders = "dataset|models|trainers|lib|benchmarks|scripts|sample|tests"
+    for text in [README, *PAGES.values()]:
+        for path in re.findall(rf"`((?:{folders})/[\w/.-]+\.(?:py|sh|md|txt))`", text):
+            assert (ROOT / path).exists(), path
 
 
 @pytest.mark.parametrize("flag", ["--help"])
@@ -84,104 +97,3 @@ def test_scripts_have_help(flag, capsys):
             importlib.import_module(name).get_parser().parse_args([flag])
         assert exit_info.value.code == 0
         assert "usage" in capsys.readouterr().out
-
-
-def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
-    """`bash scripts/demo.sh` is `python demo.py`: here with one epoch on tiny data. It prints TH 1.0
-    and TH 0.7 side by side and the goal lines."""
-    import demo
-
-    monkeypatch.setattr(demo, "JOB_SIZE", (64, 112))
-    monkeypatch.setattr(demo, "JOB_TRAIN", {"sequences": 2, "frames": 8, "hold": (0.6, 1.0)})
-    monkeypatch.setattr(demo, "JOB_VAL", {"sequences": 1, "frames": 11, "enter_at": 4})
-    monkeypatch.setattr(demo, "JOB_TRAIN_OPTIONS", {"batch_size": 2, "samples_per_epoch": 2, "num_aug": 1})
-    import evaluate
-    import torch
-    import train
-    seen_threads = []
-    for script in (train, evaluate):
-        monkeypatch.setattr(script, "main", lambda args, main=script.main: seen_threads.append(torch.get_num_threads())
-                            or main(args))
-    threads = torch.get_num_threads()
-    job_threads = 1 if threads != 1 else 2  # differs from the test's own count
-    out = demo.main(demo.get_parser().parse_args(["--work", str(tmp_path), "--epochs", "1", "--dev", "cpu",
-                                                  "--threads", str(job_threads)]))
-    assert seen_threads == [job_threads] * 3  # --threads reaches the training and both evaluations
-    assert torch.get_num_threads() == threads  # and is undone afterwards
-    printed = capsys.readouterr().out
-    assert f"{job_threads} CPU threads" in printed
-    assert re.search(r"TH 1\.0 \(always compute\) +TH 0\.7 \(reuse gate\)", printed)
-    for row in ("J&F", "FPS", "reuse rate"):
-        assert re.search(rf"^{row} +[\d.]+%? +[\d.]+%?$", printed, flags=re.M), row
-    assert re.search(r"^reuse rate +0\.0% +[\d.]+%$", printed, flags=re.M)  # TH 1.0 never reuses
-    goals = re.findall(r"^  \[(met|NOT met)\] (.*)$", printed, flags=re.M)
-    assert [g[1].split(":")[0] for g in goals] == ["reuse rate at TH 0.7 >= 20%",
-                                                    "J&F at TH 0.7 within 3 points of TH 1.0",
-                                                    "FPS at TH 0.7 above TH 1.0"]
-    assert [g[0] == "met" for g in goals] == [met for _, met in out["goals"]]
-    assert "random backbone" in printed and "not the paper's results" in printed
-    plain, gated = out["results_plain"], out["results"]
-    assert plain["threshold"] == 1.0 and gated["threshold"] == 0.7 and plain["reuse_rate"] == 0.0
-    for results in (plain, gated):
-        assert 0.0 <= results["J&F"] <= 1.0 and results["fps"] > 0
-        assert (Path(results["results_dir"]) / "results.json").is_file()
-        assert results["num_aug"] == 5  # demo.py's --num-aug default reaches the job's evaluation
-    # The validation video's second object enters at frame 4 (YouTube-VOS layout); every frame is
-    # annotated, so J&F scores each object on all its frames but its first and the video's last.
-    objects = gated["sequences"]["ytvos-own-0"]["objects"]
-    assert (objects["1"]["num_frames"], objects["2"]["num_frames"]) == (11 - 2, 11 - 4 - 2)
-    # The gate report covers every tracked object-frame of the TH 0.7 run and agrees with its counts.
-    gate = out["gate"]
-    assert gate.object_frames == gated["tracked_object_frames"] == gate.still + gate.moving
-    assert gate.reused_still + gate.reused_moving == gated["reused_object_frames"]
-    assert "the gate at TH 0.7" in printed and "still object-frames" in printed
-    for seq, paths in out["overlays"].items():
-        assert any(p.endswith("overlay.gif") for p in paths) and any(p.endswith("timeline.png") for p in paths)
-    # The timing runs track the same checkpoint with the same decisions as the evaluations.
-    speed = out["speed"]
-    assert set(speed) == {1.0, 0.7}
-    for th, results in ((1.0, plain), (0.7, gated)):
-        assert len(speed[th]["fps_runs"]) == demo.JOB_TIMING_RUNS and speed[th]["reuse_rate"] == results["reuse_rate"]
-        assert speed[th]["fps"] == sorted(speed[th]["fps_runs"])[demo.JOB_TIMING_RUNS // 2]
-    fps_goal = f"{speed[0.7]['fps']:.1f} vs {speed[1.0]['fps']:.1f}"
-    assert fps_goal in goals[2][1] and re.search(r"^FPS: .* median of 3 runs that alternated", printed, flags=re.M)
-    # After one epoch the gate reuses nothing at TH 0.7; at a threshold where it reuses, the timing
-    # runs still decide as evaluate.py does.
-    from lib.cli import options
-    low = options(evaluate.get_parser(), model=out["checkpoint"], dset="ytvos-layout",
-                  data_root=tmp_path / "synthetic-val", output_root=tmp_path / "low", TH=0.05,
-                  backbone_weights="random", dev="cpu")
-    reference = evaluate.main(low)
-    timed = demo.time_thresholds(low, (1.0, 0.05), 2)
-    assert 0 < reference["reuse_rate"] == timed[0.05]["reuse_rate"] and timed[1.0]["reuse_rate"] == 0
-
-
-def test_main_job_threads_default():
-    """The main job runs on 2 threads unless told otherwise (the README's report was made so)."""
-    import demo
-
-    assert demo.get_parser().parse_args([]).threads == demo.JOB_THREADS == 2
-    with pytest.raises(SystemExit):
-        demo.get_parser().parse_args(["--threads", "0"])
-
-
-def test_main_job_goals():
-    import demo
-
-    def results(th, jf, fps, reuse):
-        return {"threshold": th, "J&F": jf, "J": {"mean": jf}, "F": {"mean": jf}, "fps": fps, "reuse_rate": reuse}
-
-    def speed(plain_fps, gated_fps):
-        return {1.0: {"fps": plain_fps, "fps_runs": [plain_fps]}, 0.7: {"fps": gated_fps, "fps_runs": [gated_fps]}}
-
-    plain = results(1.0, 0.60, 20.0, 0.0)
-    faster, slower = speed(20.0, 25.0), speed(20.0, 19.0)
-    assert [met for _, met in demo.main_job_goals(plain, results(0.7, 0.58, 25.0, 0.45), faster)] == [True] * 3
-    assert [met for _, met in demo.main_job_goals(plain, results(0.7, 0.56, 19.0, 0.15), slower)] == [False] * 3
-    # The FPS goal and the table take the alternating timing runs, not evaluate.py's single runs.
-    goals = demo.main_job_goals(plain, results(0.7, 0.58, 25.0, 0.45), slower)
-    assert [met for _, met in goals] == [True, True, False] and "19.0 vs 20.0 (0.95x)" in goals[2][0]
-    table = demo.side_by_side(plain, results(0.7, 0.58, 25.0, 0.45), speed(31.0, 33.0))
-    assert re.search(r"^J&F +60\.0 +58\.0$", table, flags=re.M)
-    assert re.search(r"^FPS +31\.0 +33\.0$", table, flags=re.M)
-    assert re.search(r"^reuse rate +0\.0% +45\.0%$", table, flags=re.M)

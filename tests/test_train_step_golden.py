@@ -1,4 +1,4 @@
-"""Conformance: every `*_train_step.pt` in $RVOS_GOLDEN (one training batch, SPEC §8):
+"""Conformance: every `*_train_step.pt` in $RVOS_GOLDEN (one training batch):
 per-frame average losses and accuracy, gradients of the summed losses for every learnable
 parameter, and batch-norm running statistics after the step (atol 1e-4, rtol 1e-3)."""
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lib.safe_load import load_pth
 from models.backbone import Backbone
 from models.checkpoint import from_upstream, load_network_state, to_upstream
 from models.network import GFRTM
@@ -25,7 +26,7 @@ def test_golden_files_exist():
 
 @pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
 def step_result(request):
-    case = torch.load(request.param, weights_only=False)
+    case = load_pth(request.param)
     backbone = Backbone(case["ftext"], seeded_backbone_state(case["ftext"], case["backbone_seed"],
                                                              case["backbone_checksum"]))
     net = GFRTM(case["ftext"])

@@ -1,4 +1,4 @@
-"""Training (SPEC §8) on the CPU with tiny synthetic data and random backbones: the loss goes
+"""Training (docs/training.md) on the CPU with tiny synthetic data and random backbones: the loss goes
 down on a fixed batch; checkpoints are complete, atomic, load in the tracker and resume (also
 after SIGKILL); torchrun with 2 processes ends with identical weights, rank 0 writing alone;
 bad input is reported or skipped; the data set's visibility rules and the gate's pieces."""
@@ -32,6 +32,8 @@ from models.network import GFRTM
 from trainers.gfrtm_step import GateLossConfig, GFRTMStep, gate_target, straight_through_gate
 from trainers.tmcache import TargetModelCache
 from trainers.trainer import Trainer, checkpoint_files
+
+from forged_checkpoints import malicious_checkpoint, upstream_trainer_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (64, 112)
@@ -129,6 +131,8 @@ def test_epoch_writes_a_complete_checkpoint_logs_and_cache(first_run):
     ckpt = read_checkpoint(path)
     assert {"model", "optimizer", "scheduler", "epoch", "args", "format", "backbone"} <= set(ckpt)
     assert ckpt["epoch"] == 1 and ckpt["args"]["frames"] == FRAMES
+    assert set(torch.load(path, weights_only=True)) == set(ckpt)  # plain types only
+    assert isinstance(ckpt["args"]["checkpoints"], str)  # a Path in the Namespace
     assert build_tracker(path, backbone_weights="random", num_aug=1).network.has_gate
     entries = list((tmp_path / "tm" / "resnet18-c32_gTrue").rglob("*.layer4.pth"))
     assert entries and all(e.name.count(".") == 3 for e in entries)  # NNNNN.<object>.layer4.pth
@@ -199,6 +203,42 @@ def test_torchrun_two_processes(synthetic_root, tmp_path):
     assert out.stdout.count("device: ") == 1  # only rank 0 reports
     assert [p.name for p in (tmp_path / "ck" / "t").iterdir()] == ["t_ep0001.pth"]  # rank 0 only
     assert len(list((tmp_path / "tb" / "t").glob("events.out.tfevents.*"))) == 1
+
+
+# train.py whose loss is NaN on rank 1 alone.
+NAN_ON_RANK_1 = f"""import os, runpy, sys
+sys.path.insert(0, {str(ROOT)!r})
+from trainers.gfrtm_step import GFRTMStep
+loss = GFRTMStep.loss
+
+def nan_loss(self, *args, **kwargs):
+    value, stats = loss(self, *args, **kwargs)
+    return value * float("nan") if os.environ["RANK"] == "1" else value, stats
+
+GFRTMStep.loss = nan_loss
+sys.argv[0] = {str(ROOT / "train.py")!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("fault", ["missing --initPth", "NaN on rank 1"])
+def test_torchrun_failure_is_reported_once(synthetic_root, tmp_path, fault):
+    """A mistake every process meets (--initPth missing) and a failure on one process (its loss
+    is NaN): one `error:` line for the job, from the process that knows, and no checkpoint."""
+    script, extra = ROOT / "train.py", ["--initPth", str(tmp_path / "missing.pth")]
+    if fault == "NaN on rank 1":
+        script, extra = tmp_path / "nan_train.py", []
+        script.write_text(NAN_ON_RANK_1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), *cli(tmp_path, synthetic_root, "--batch-size", "1", "--workers", "0",
+                                            "--epochs", "1", *extra)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out.stderr[-3000:]
+    assert ("missing.pth does not exist" if fault.startswith("missing") else "non-finite loss (nan)") in errors[0]
+    assert not checkpoint_files(tmp_path / "ck" / "t", "t")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +393,10 @@ def test_init_from_frtm_and_gfrtm_checkpoints(tmp_path, synthetic_root):
     save_checkpoint(tmp_path / "gfrtm.pth", source)
     net = train.build_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "gfrtm.pth")))
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in net.state_dict().items())
+    # As upstream's trainer saves (stats of upstream's lib.utils.AverageMeter, upstream key names).
+    upstream_trainer_checkpoint(source, tmp_path / "upstream_like.pth")
+    net = train.build_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "upstream_like.pth")))
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in net.state_dict().items())
     save_checkpoint(tmp_path / "rn101.pth", GFRTM("resnet101"))
     with pytest.raises(ValueError, match="resnet101"):
         train.build_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "rn101.pth")))
@@ -379,6 +423,9 @@ def test_target_model_cache_hits_and_retrains_corrupt_entries(tmp_path, caplog):
     disk.get("seq", 3, 1, image, mask)
     assert disk.misses == 1 and "retraining" in caplog.text
     assert torch.load(path)["project.weight"].shape == (32, 256, 1, 1)  # rewritten
+    malicious_checkpoint(path, "os.system", tmp_path / "MARKER")  # read without running it, then retrained
+    disk.get("seq", 3, 1, image, mask)
+    assert disk.misses == 2 and not (tmp_path / "MARKER").exists() and "posix.system" in caplog.text
     assert not list(path.parent.glob(".*.tmp"))
     # The memory keeps the last `memory_size` entries used.
     small = TargetModelCache(tmp_path, backbone, torch.device("cpu"), num_aug=1, memory_size=1)
@@ -444,7 +491,7 @@ def test_keep_checkpoints_deletes_only_older_ones(synthetic_root, tmp_path):
     train.main(args)
     kept = checkpoint_files(args.checkpoints / args.name, args.name)
     assert [p.name for p in kept] == [f"{args.name}_ep0002.pth", f"{args.name}_ep0003.pth"]
-    assert torch.load(kept[-1], weights_only=False)["epoch"] == 3
+    assert torch.load(kept[-1], weights_only=True)["epoch"] == 3  # plain types only
 
 
 def test_segmentation_loss_is_upstreams_in_fp32():
@@ -461,3 +508,16 @@ def test_segmentation_loss_is_upstreams_in_fp32():
         grads[name] = logits.grad
     assert grads["fp32"][0] == 0 and grads["autocast"][0] == pytest.approx(1 / 3, rel=1e-3)
     torch.testing.assert_close(grads["fp32"][1:], grads["autocast"][1:], atol=1e-6, rtol=1e-5)
+
+
+def test_malicious_init_and_resume_checkpoints_run_nothing(tmp_path, synthetic_root):
+    """--initPth and --resume read through the same reader: one error line, exit 2, no marker."""
+    marker = tmp_path / "MARKER"
+    evil = malicious_checkpoint(tmp_path / "evil.pth", "os.system", marker)
+    for flag in ("--initPth", "--resume"):
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *cli(tmp_path, synthetic_root, flag, str(evil))],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]  # beside progress bars
+        assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert errors[0].startswith(f"error: checkpoint {evil} was not loaded: it would call posix.system")
+        assert not marker.exists()

@@ -1,4 +1,4 @@
-"""One G-FRTM training step (SPEC §8), built from the step methods of `models.GFRTM`.
+"""One G-FRTM training step (Park et al., CVPR 2021; docs/training.md), built from the step methods of `models.GFRTM`.
 
 `GFRTMStep.loss(images, labels, target_models, epoch)` returns `(loss, stats)`; only the trainer
 calls backward, steps, clips and logs. Shapes: B samples, T frames per sample, (H, W) the

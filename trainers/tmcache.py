@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lib.safe_load import load_pth
 from models.augmenter import FirstFrameAugmenter, training_params
 from models.backbone import Backbone
 from models.checkpoint import atomic_save
@@ -81,7 +82,7 @@ class TargetModelCache:
             return None
         model = self._new_model()
         try:
-            model.load_trained(torch.load(path, map_location=self.device, weights_only=True))
+            model.load_trained(load_pth(path, map_location=self.device))
             return model
         except Exception as exc:  # truncated, foreign or mismatching file: retrain it
             log.warning("unreadable target-model cache entry %s (%s): retraining it", path, exc)

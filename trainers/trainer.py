@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm import tqdm
 
 from dataset.training import SAMPLE_SIZE, References, TrainingSamples, epoch_samples
-from lib.cli import UsageError
+from lib.errors import UsageError
 from models.checkpoint import check_backbone, load_network_state, network_state, read_checkpoint, save_checkpoint
 from models.precision import autocast, check_precision
 
@@ -297,14 +297,16 @@ class Trainer:
     def _stop_if_not_finite(self, loss: torch.Tensor, dataset: TrainingSamples, indices: torch.Tensor,
                             batch: int) -> None:
         """Raise FloatingPointError naming the batch's samples when the loss is NaN or infinite;
-        under DDP every process stops (the flag is all-reduced before backward)."""
+        under DDP every process stops (the flag is all-reduced before backward): a process whose
+        own loss is finite exits silently (status 2), leaving the line to the one that names the
+        samples (lib.cli.run prints one line for the job)."""
         bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=self.device)
         if self.world_size > 1:
             dist.all_reduce(bad)
         if bad.item() == 0:
             return
         if torch.isfinite(loss).item():
-            raise FloatingPointError(f"non-finite loss on another process at epoch {self.epoch}, batch {batch}")
+            raise SystemExit(2)
         samples = "; ".join(dataset.describe(j) for j in indices.tolist())
         raise FloatingPointError(f"non-finite loss ({loss.item()}) at epoch {self.epoch}, batch {batch}: {samples}. "
                                  f"The last complete checkpoint is in {self.checkpoint_dir}")

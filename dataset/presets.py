@@ -5,7 +5,7 @@ scored (and by which protocol) and, for benchmarks without public ground truth, 
 the evaluation server's zip. `PRESETS[name].load(args)` checks the whole input before anything
 is tracked and returns an `EvalData`.
 
-Layouts (see README, "Benchmarks"):
+Layouts (see docs/evaluation.md, "Presets"):
 
     dv2016val, dv2017val, dv2017testdev   DAVIS: JPEGImages/480p/<seq>/, Annotations/480p/<seq>/,
                                           ImageSets/<year>/{val,test-dev}.txt
@@ -26,21 +26,22 @@ from typing import Optional
 import numpy as np
 
 from dataset.davis import DAVISDataset, list_davis_sequences, resolve_davis_root
-from dataset.sequence import VOID_LABEL, Sequence, resolve_root
-from dataset.ytvos import YouTubeVOSDataset, read_sequence_list, resolve_ytvos_root, valid_frame_names
-from lib.metrics import LVOS_STEP
-from lib.cli import UsageError
+from dataset.sequence import VOID_LABEL, Sequence, folder_listing, list_frames, resolve_root
+from dataset.ytvos import SPLITS_DIR, YouTubeVOSDataset, read_sequence_list, resolve_ytvos_root, valid_frame_names
+from lib.metrics import LVOS_STEP, lvos_scored_positions
+from lib.errors import UsageError
 from lib.image_io import read_label_png
 
 # Zip layouts of the evaluation servers: member name of <video>/<frame>.png.
 ZIP_YTVOS = "Annotations/"  # YouTube-VOS (and LVOS test): Annotations/<video>/<frame>.png
 ZIP_DAVIS = ""  # DAVIS test-dev and MOSE: <video>/<frame>.png at the top of the zip
+LVOS_UNSEEN = SPLITS_DIR / "lvos_unseen_videos.txt"
 
 
 @dataclass
 class LvosRange:
-    """An object's frame range from the LVOS meta JSON: frames start, start+5, ... < end are
-    scored; their scores are padded with zeros to `length` (meta "frame_nums")."""
+    """An object's frame range from the LVOS meta JSON: of frames start, start+5, ... < end,
+    lib.metrics.lvos_scored_positions are scored; `length` is the meta "frame_nums"."""
     start: int
     end: int
     length: int
@@ -54,7 +55,8 @@ class EvalData:
     truth: a submission zip). eval_frames: sequence -> the frames J&F is computed on (None:
     every frame). submission_prefix: zip member prefix (ZIP_YTVOS / ZIP_DAVIS) or None for no
     zip; submission_videos: video -> the frames the server expects. lvos_ranges: sequence ->
-    object id -> LvosRange.
+    object id -> LvosRange; lvos_unseen: the
+    videos LVOS scores as unseen (read_lvos_unseen).
     """
     dset: str
     name: str
@@ -65,6 +67,7 @@ class EvalData:
     submission_prefix: Optional[str] = None
     submission_videos: dict[str, list[str]] = field(default_factory=dict)
     lvos_ranges: dict[str, dict[int, LvosRange]] = field(default_factory=dict)
+    lvos_unseen: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,26 +95,12 @@ def select_sequences(requested: Optional[list[str]], names: list[str], where: st
     return [n for n in names if n in set(requested)]
 
 
-def _found(directory: Path) -> str:
-    if not directory.is_dir():
-        return "nothing there"
-    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir())
-    return f"{', '.join(entries[:6])}{', ...' if len(entries) > 6 else ''}" if entries else "an empty folder"
-
-
 def _require_dirs(root: Path, subdirs: list[str], flag: str, layout: str) -> None:
     """FileNotFoundError saying what was expected and what was found when a subdir is missing."""
     for sub in subdirs:
         if not (root / sub).is_dir():
             raise FileNotFoundError(f"{root} ({flag}) does not have the {layout} layout: expected {root / sub}/, "
-                                    f"found {_found(root)}")
-
-
-def _frames(image_dir: Path) -> list[Path]:
-    images = sorted(image_dir.glob("*.jpg"))
-    if not images:
-        raise FileNotFoundError(f"no *.jpg frames in {image_dir}")
-    return images
+                                    f"found {folder_listing(root)}")
 
 
 def _annotations(anno_dir: Path, images: list[Path]) -> dict[str, Path]:
@@ -138,9 +127,10 @@ def _object_starts(name: str, images: list[Path], annotations: dict[str, Path]) 
     return starts
 
 
-def _first_frame_sequence(name: str, image_dir: Path, anno_dir: Path, dataset: str) -> Sequence:
-    """A sequence whose objects all start in the first frame (DAVIS test-dev, MOSE)."""
-    images = _frames(image_dir)
+def _first_frame_sequence(name: str, image_dir: Path, anno_dir: Path, dataset: str, expected: str) -> Sequence:
+    """A sequence whose objects all start in the first frame (MOSE); expected: the layout, for
+    errors."""
+    images = list_frames(image_dir, expected)
     first = anno_dir / f"{images[0].stem}.png"
     if not first.is_file():
         raise FileNotFoundError(f"video {name!r} has no first mask: {first} not found")
@@ -161,10 +151,12 @@ def _all_annotated(sequences: list[Sequence]) -> bool:
 
 
 class Preset:
-    """Base of the presets: `name`, `help` and load(args) -> EvalData."""
+    """Base of the presets: `name`, `help`, `ground_truth` (whether its frames have public ground
+    truth, so that J&F can be computed here) and load(args) -> EvalData."""
 
     name = ""
     help = ""
+    ground_truth = True
 
     def load(self, args) -> EvalData:
         raise NotImplementedError
@@ -175,6 +167,7 @@ class DavisPreset(Preset):
 
     def __init__(self, name: str, year: str, split: str, help: str):
         self.name, self.year, self.split, self.help = name, year, split, help
+        self.ground_truth = split != "test-dev"
 
     def load(self, args) -> EvalData:
         root = resolve_davis_root(args.davis_root)
@@ -194,18 +187,19 @@ class YouTubeVOSPreset(Preset):
 
     def __init__(self, name: str, split: str, year: str, help: str):
         self.name, self.split, self.year, self.help = name, split, year, help
+        self.ground_truth = not split.startswith("valid")
 
     def load(self, args) -> EvalData:
         root = resolve_ytvos_root(args.ytvos_root)
         split_file = args.split_file
         if split_file is not None and not Path(split_file).expanduser().is_file():
             raise FileNotFoundError(f"--split-file {split_file} not found")
-        full = YouTubeVOSDataset(root, self.split, split_file=split_file)
+        full = YouTubeVOSDataset(root, self.split, split_file=split_file, year=self.year)
         requested = requested_sequences(args)
         where = str(split_file) if split_file else f"the YouTube-VOS {self.split} video list"
         names = select_sequences(requested, full.sequence_names, where)
         dataset = full if requested is None else YouTubeVOSDataset(root, self.split, sequences=names,
-                                                                   split_file=split_file)
+                                                                   split_file=split_file, year=self.year)
         sequences = [dataset.sequence(n) for n in dataset.sequence_names]
         name = f"ytvos{self.year}{self.split}"
         if self.split.startswith("valid"):
@@ -219,7 +213,7 @@ class YouTubeVOSPreset(Preset):
                             submission_videos=videos)
         eval_frames: dict[str, Optional[list[str]]] = {}
         if self.split == "jjval_all_frames":  # scored on the annotated every-5th frames
-            annotated = YouTubeVOSDataset(root, "jjval", sequences=names, split_file=split_file)
+            annotated = YouTubeVOSDataset(root, "jjval", sequences=names, split_file=split_file, year=self.year)
             for seq in sequences:
                 frames = annotated.sequence(seq.name).frame_names
                 extra = [f for f in frames if f not in seq.frame_names]
@@ -236,6 +230,7 @@ class MosePreset(Preset):
 
     def __init__(self, name: str, split: str, help: str):
         self.name, self.split, self.help = name, split, help
+        self.ground_truth = split == "train"
 
     def load(self, args) -> EvalData:
         root = resolve_root(args.mose_root, "MOSE", "MOSE_ROOT", "set the MOSE root with --mose-root or the MOSE_ROOT environment variable")
@@ -246,7 +241,9 @@ class MosePreset(Preset):
         missing = [n for n in names if not (anno_root / n).is_dir()]
         if missing:
             raise FileNotFoundError(f"video {missing[0]!r} has no first mask: {anno_root / missing[0]} not found")
-        sequences = [_first_frame_sequence(n, image_root / n, anno_root / n, f"mose-{self.split}") for n in names]
+        sequences = [_first_frame_sequence(n, image_root / n, anno_root / n, f"mose-{self.split}",
+                                           f"the MOSE layout {self.split}/JPEGImages/<video>/<frame>.jpg")
+                     for n in names]
         if self.split == "valid":
             return EvalData(self.name, "mose-valid", root, sequences, None, submission_prefix=ZIP_DAVIS,
                             submission_videos={s.name: s.frame_names for s in sequences})
@@ -268,12 +265,15 @@ class LvosPreset(Preset):
     def load(self, args) -> EvalData:
         root = resolve_root(args.lvos_root, "LVOS", "LVOS_ROOT", "set the LVOS root with --lvos-root or the LVOS_ROOT environment variable")
         split = next((root / d for d in self.SPLIT_DIRS if (root / d).is_dir()), root / "valid")
+        if not split.is_dir() and (root / "JPEGImages").is_dir():
+            split = root  # the valid/ folder itself, as lvos-evaluation's --lvos_path
         _require_dirs(split.parent, [f"{split.name}/JPEGImages", f"{split.name}/Annotations"], "--lvos-root",
                       "LVOS valid/")
         meta_path = next((split / m for m in self.META_NAMES if (split / m).is_file()), None)
         if meta_path is None:
             raise FileNotFoundError(f"{root} (--lvos-root) does not have the LVOS layout: expected the meta JSON "
-                                    f"{split / self.META_NAMES[0]} (or {self.META_NAMES[1]}), found {_found(split)}")
+                                    f"{split / self.META_NAMES[0]} (or {self.META_NAMES[1]}), "
+                                    f"found {folder_listing(split)}")
         videos = _read_lvos_meta(meta_path)
         folders = sorted(p.name for p in (split / "JPEGImages").iterdir() if p.is_dir())
         unlisted = [v for v in folders if v not in videos]
@@ -289,7 +289,15 @@ class LvosPreset(Preset):
             seq, obj_ranges = _lvos_sequence(name, split, videos[name], meta_path)
             sequences.append(seq)
             ranges[name] = obj_ranges
-        return EvalData(self.name, "lvos-valid", root, sequences, "lvos", lvos_ranges=ranges)
+        return EvalData(self.name, "lvos-valid", root, sequences, "lvos", lvos_ranges=ranges,
+                        lvos_unseen=read_lvos_unseen())
+
+
+def read_lvos_unseen(path: Path = LVOS_UNSEEN) -> list[str]:
+    """The video names of dataset/splits/lvos_unseen_videos.txt (lvos-evaluation's
+    unseen_videos.txt; lines starting with # are comments)."""
+    lines = (line.strip() for line in Path(path).read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def _read_lvos_meta(path: Path) -> dict:
@@ -304,7 +312,7 @@ def _read_lvos_meta(path: Path) -> dict:
 
 
 def _lvos_sequence(name: str, split: Path, info: dict, meta_path: Path) -> tuple[Sequence, dict[int, LvosRange]]:
-    images = _frames(split / "JPEGImages" / name)
+    images = list_frames(split / "JPEGImages" / name, "the LVOS layout valid/JPEGImages/<video>/<8-digit frame>.jpg")
     anno_dir = split / "Annotations" / name
     by_number = {int(p.stem): p.stem for p in images if p.stem.isdigit()}
     ranges: dict[int, LvosRange] = {}
@@ -319,10 +327,11 @@ def _lvos_sequence(name: str, split: Path, info: dict, meta_path: Path) -> tuple
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise UsageError(f"{meta_path}: malformed entry for video {name!r}: {exc!r}") from exc
     for obj_id, r in ranges.items():
-        scored = list(range(r.start, r.end, LVOS_STEP))
-        if len(scored) > r.length:
+        in_range = list(range(r.start, r.end, LVOS_STEP))
+        if len(in_range) > r.length:  # lvos-evaluation fails with an IndexError
             raise UsageError(f"{meta_path}: video {name!r} object {obj_id}: frame_nums {r.length} is smaller than "
-                             f"the {len(scored)} scored frames of its range {r.start}..{r.end}")
+                             f"the {len(in_range)} frames of its range {r.start}..{r.end} (every {LVOS_STEP}th)")
+        scored = [in_range[k] for k in lvos_scored_positions(len(in_range), r.length)]
         for number in [r.start] + scored:
             if number not in by_number:
                 raise UsageError(f"{meta_path} does not match the folders: video {name!r} object {obj_id} has frame "
@@ -347,26 +356,32 @@ class FolderPreset(Preset):
     """Any folder in the DAVIS or YouTube-VOS layout (--data-root DIR, optional --split-file),
     e.g. a user's own annotated videos.
 
-    davis: JPEGImages[/480p]/<seq>/*.jpg, Annotations[/480p]/<seq>/*.png; ytvos: the same
-    without the 480p level (a YouTube-VOS split folder such as valid/; its meta.json is not
-    needed). Sequences: --split-file, else ImageSets/2017/val.txt when present (davis), else
-    every folder of JPEGImages. An object starts at the first annotation PNG holding its id.
-    J&F when every frame has a mask, otherwise the masks and a zip in the layout's server format.
+    JPEGImages[/480p]/<video>/<frame>.jpg (or .jpeg, .png) and Annotations[/480p]/<video>/<frame>.png
+    for both layouts (ytvos: e.g. a YouTube-VOS split folder such as valid/, its meta.json not
+    needed); they differ in the default sequence list and the zip. Sequences: --split-file,
+    else ImageSets/2017/val.txt when present (davis), else every folder of JPEGImages. An object
+    starts at the first annotation PNG holding its id. J&F when every frame has a mask,
+    otherwise the masks and a zip in the layout's server format.
     """
 
     def __init__(self, name: str, layout: str, help: str):
         self.name, self.layout, self.help = name, layout, help
+        self.expected = (f"the {name} layout: JPEGImages[/480p]/<video>/<frame>.jpg|.jpeg|.png and "
+                         f"Annotations[/480p]/<video>/<frame>.png")
 
     def _dirs(self, root: Path) -> tuple[Path, Path]:
-        level = "480p" if self.layout == "davis" and (root / "JPEGImages" / "480p").is_dir() else ""
+        """JPEGImages/ and Annotations/, or their 480p/ folders when JPEGImages has one."""
         images, annos = root / "JPEGImages", root / "Annotations"
-        if level:
-            images, annos = images / level, annos / level
+        if (images / "480p").is_dir():
+            if not (annos / "480p").is_dir():
+                raise FileNotFoundError(f"{images / '480p'} is there but not {annos / '480p'}/ ({self.expected}); "
+                                        f"{annos} holds {folder_listing(annos)}")
+            images, annos = images / "480p", annos / "480p"
         return images, annos
 
     def load(self, args) -> EvalData:
         root = _data_root(args.data_root, self.name)
-        _require_dirs(root, ["JPEGImages", "Annotations"], "--data-root", f"{self.layout.upper() if self.layout == 'davis' else 'YouTube-VOS'}")
+        _require_dirs(root, ["JPEGImages", "Annotations"], "--data-root", self.name)
         image_root, anno_root = self._dirs(root)
         imageset = root / "ImageSets" / "2017" / "val.txt"
         if args.split_file is not None:
@@ -381,10 +396,12 @@ class FolderPreset(Preset):
         for name in names:
             image_dir, anno_dir = image_root / name, anno_root / name
             if not image_dir.is_dir():
-                raise FileNotFoundError(f"frames of {name!r} (listed in {where}) not found: {image_dir}")
+                raise FileNotFoundError(f"frames of {name!r} (listed in {where}) not found: {image_dir} "
+                                        f"({self.expected}); {image_root} holds {folder_listing(image_root)}")
             if not anno_dir.is_dir():
-                raise FileNotFoundError(f"video {name!r} has no first mask: {anno_dir} not found")
-            images = _frames(image_dir)
+                raise FileNotFoundError(f"video {name!r} has no first mask: {anno_dir} not found ({self.expected}); "
+                                        f"{anno_root} holds {folder_listing(anno_root)}")
+            images = list_frames(image_dir, self.expected)
             annotations = _annotations(anno_dir, images)
             sequences.append(Sequence(name, images, annotations, _object_starts(name, images, annotations),
                                       dataset=self.name))
