@@ -127,19 +127,15 @@ class UpsamplingMetric:
     @staticmethod
     def apply(metric: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """M v for v (N, 1, h, w) and M (N, 9, h, w): map k weighs v shifted by (k // 3 − 1,
-        k % 3 − 1), which is row k of unfold(v)."""
-        h, w = v.shape[-2:]
-        vp = F.pad(v, (1, 1, 1, 1))
-        out = metric[:, :1] * vp[:, :, :h, :w]
-        for k in range(1, 9):  # in this order: the optimizer amplifies rounding differences
-            dy, dx = divmod(k, 3)
-            out = out + metric[:, k:k + 1] * vp[:, :, dy:dy + h, dx:dx + w]
+        k % 3 − 1), which is row k of unfold(v). The 9 products in one op; their sum in this
+        order, term by term (a reduction over dim 1 rounds otherwise, and the optimizer
+        amplifies rounding differences)."""
+        n, _, h, w = v.shape
+        terms = (metric.flatten(2) * F.unfold(v, 3, padding=1)).view(n, 9, h, w)
+        out = terms[:, :1]
+        for k in range(1, 9):
+            out = out + terms[:, k:k + 1]
         return out
-
-    @staticmethod
-    def apply_unfolded(metric: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """`apply` in 3 ops (the 9 terms summed in another order)."""
-        return (metric.flatten(2) * F.unfold(v, 3, padding=1)).sum(1).view(v.shape)
 
 
 class SampleMemory:
