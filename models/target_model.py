@@ -6,6 +6,7 @@ feature size, (H, W) the label (image) size.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -95,6 +96,13 @@ class UpsamplingMetric:
         # products of neighbouring columns: P[d][Y, a] = U[Y, a] U[Y, a + d - 1] (0 outside)
         self.ph = torch.stack([self.uh * self._shift_columns(self.uh, d) for d in (-1, 0, 1)])  # (3, H, h)
         self.pw = torch.stack([self.uw * self._shift_columns(self.uw, d) for d in (-1, 0, 1)])  # (3, W, w)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=8)
+    def cached(score_size: tuple[int, int], label_size: tuple[int, int], device: torch.device) -> "UpsamplingMetric":
+        """One shared instance per sizes and device (it is only read): object starts on frames
+        of the same size skip building the matrices."""
+        return UpsamplingMetric(score_size, label_size, device)
 
     @staticmethod
     def _upsampling_matrix(n: int, size: int, device) -> torch.Tensor:
@@ -402,16 +410,13 @@ class ScoreFilter(nn.Conv2d):
 
     @staticmethod
     def filter(pixels: torch.Tensor, weight: torch.Tensor, shape) -> torch.Tensor:
-        """pixels (N*h*w, C) (channels-last features, a free view), weight (1, C, 3, 3) -> (N, 1, h, w)."""
+        """pixels (N*h*w, C) (channels-last features, a free view), weight (1, C, 3, 3) -> (N, 1, h, w).
+        One matmul gives each pixel's 9 tap values; `F.fold` sums them into place. Fold row k
+        lands at offset (k // 3 − 1, k % 3 − 1), so it takes tap 8 − k (hence the flip)."""
         n, h, w = shape
         c = pixels.shape[1]
-        taps = (weight[0].reshape(c, 9).t() @ pixels.t()).view(9, n, h, w).permute(1, 0, 2, 3)
-        taps = F.pad(taps, (1, 1, 1, 1))
-        out = taps[:, 0:1, 0:h, 0:w]
-        for k in range(1, 9):
-            i, j = divmod(k, 3)
-            out = out + taps[:, k:k + 1, i:i + h, j:j + w]
-        return out
+        taps = pixels @ weight[0].reshape(c, 9).flip(1)  # (N h w, 9)
+        return F.fold(taps.view(n, h * w, 9).transpose(1, 2), (h, w), 3, padding=1)
 
 
 class TargetModel(nn.Module):
@@ -502,7 +507,7 @@ def _initialize_many(models: Sequence[TargetModel], features: torch.Tensor, mask
     device = features.device
     masks = masks.flatten(0, 1)
     pw = pixel_weights(masks, cfg.pixel_weighting, cfg.target_fraction)
-    upsampling = UpsamplingMetric((h, w), masks.shape[-2:], device)
+    upsampling = UpsamplingMetric.cached((h, w), tuple(masks.shape[-2:]), device)
     squared = pw * pw
     metrics, targets = upsampling.metric(squared), upsampling.adjoint(squared * masks)  # (O K, 9, h, w), (O K, 1, h, w)
     sample_weights = to_device(SampleMemory.first_weights(k).repeat(o), device).view(-1, 1, 1, 1)
