@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Hashable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -94,6 +94,21 @@ class _Sequence:
 
     objects: list[_Object] = field(default_factory=list)
     ids: torch.Tensor | None = None  # (1 + N,) uint8 on the device: merge row -> object id
+
+    def starting(self, new_ids: list[int]) -> list[int]:
+        """The ids of `new_ids` not yet tracked."""
+        known = {o.id for o in self.objects}
+        return [i for i in new_ids if i not in known]
+
+
+@dataclass
+class _Slot:
+    """One of `track_many`'s sequences in flight."""
+
+    key: Hashable
+    frames: Iterator[tuple]  # `Tracker._on_device` of its frames
+    sequence: _Sequence
+    t: int = 0
 
 
 def fetch(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -205,6 +220,64 @@ class Tracker:
                                      keep_probabilities, keep_raw)
             yield dataclasses.replace(result, seconds=time.perf_counter() - start)
 
+    def track_many(self, sequences: Iterable[tuple[Hashable, Iterable[Frame]]], threshold: float = 0.7,
+                   batch: int = 2, keep_probabilities: bool = True,
+                   keep_raw: bool = False) -> Iterator[tuple[Hashable, FrameResult]]:
+        """Track `batch` sequences in lockstep: each step takes one frame of every open sequence,
+        and the frames of one size that start no object go through the backbone's low stages
+        in one batch; gates, target models and decoders stay per sequence (each object's reuse
+        decision is its own). `sequences` yields (key, frames), frames as `track` takes them;
+        yields (key, FrameResult), each sequence's frames in order. A sequence that ends hands
+        its slot to the next one. A frame's `seconds` is its share of the step's time."""
+        source = iter(sequences)
+        slots: list[_Slot] = []
+        while True:
+            step: list[tuple[_Slot, tuple]] = []
+            for slot in slots:
+                frame = next(slot.frames, None)
+                if frame is not None:
+                    step.append((slot, frame))
+            slots = [slot for slot, _ in step]
+            while len(slots) < batch:  # refill from the next sequences
+                nxt = next(source, None)
+                if nxt is None:
+                    break
+                key, frames = nxt
+                slot = _Slot(key, self._on_device(frames), _Sequence())
+                frame = next(slot.frames, None)
+                if frame is not None:
+                    slots.append(slot)
+                    step.append((slot, frame))
+            if not step:
+                return
+            start = time.perf_counter()
+            results = []
+            with torch.no_grad():
+                # frames where objects start take the start's backbone pass instead
+                low = self._batched_low([(slot, frame) for slot, frame in step
+                                         if slot.sequence.objects and not slot.sequence.starting(frame[2])])
+                for slot, (image, labels, new_ids) in step:
+                    results.append(self._frame(slot.sequence, slot.t, image, labels, new_ids, float(threshold),
+                                               keep_probabilities, keep_raw, low.get(id(slot))))
+                    slot.t += 1
+            seconds = (time.perf_counter() - start) / len(step)
+            for (slot, _), result in zip(step, results):
+                yield slot.key, dataclasses.replace(result, seconds=seconds)
+
+    def _batched_low(self, step: list[tuple["_Slot", tuple]]) -> dict[int, dict]:
+        """The low backbone stages of the step's frames, one batch per frame size -> {id(slot):
+        that frame's features (batch 1)}."""
+        by_size: dict[tuple, list] = {}
+        for slot, frame in step:
+            by_size.setdefault(tuple(frame[0].shape[-2:]), []).append((slot, frame[0]))
+        out = {}
+        for group in by_size.values():
+            with self._autocast():
+                features = self.backbone.low(torch.cat([image for _, image in group]))
+            for i, (slot, _) in enumerate(group):
+                out[id(slot)] = {k: v[i:i + 1] for k, v in features.items()}
+        return out
+
     def _on_device(self, frames: Iterable[Frame]) -> Iterator[tuple]:
         """(image (1, 3, H, W) on the device, labels (H, W) on the host or None, new ids) per
         frame; the next frame's copy is issued before the current frame is yielded."""
@@ -227,11 +300,12 @@ class Tracker:
     # ------------------------------------------------------------------------------------------
 
     def _frame(self, sequence: _Sequence, t: int, image: torch.Tensor, labels: torch.Tensor | None,
-               new_ids: list[int], threshold: float, keep_probabilities: bool, keep_raw: bool) -> FrameResult:
+               new_ids: list[int], threshold: float, keep_probabilities: bool, keep_raw: bool,
+               low: dict | None = None) -> FrameResult:
+        """One frame of one sequence; `low`: the frame's low backbone features when already computed."""
         size = image.shape[-2:]
         objects = sequence.objects
-        known = {o.id for o in objects}
-        new_ids = [i for i in new_ids if i not in known]
+        new_ids = sequence.starting(new_ids)
         if new_ids and labels is None:
             raise ValueError(f"frame {t}: objects {new_ids} start here but no labels were given")
 
@@ -250,6 +324,8 @@ class Tracker:
             return FrameResult(labels=torch.zeros(size, dtype=torch.uint8) if labels is None
                                else labels.to(torch.uint8))
 
+        if features is None:
+            features = low
         if features is None:
             with self._autocast():
                 features = self.backbone.low(image)
