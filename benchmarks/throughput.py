@@ -2,7 +2,7 @@
 (a benchmark, not a test).
 
     python -m benchmarks.throughput [--backbone resnet18] [--size 240x432] [--num-aug 5]
-        [--objects 1,3] [--frames 10] [--sequences 2] [--repeats 3] [--dev cpu] [--threads 2]
+        [--objects 1,3] [--frames 10] [--sequences 4] [--batch 4] [--repeats 3] [--dev cpu] [--threads 2]
 
 On a GPU each dispatched op is at least one kernel launch, and at a few tens of µs per launch
 the launches, not the arithmetic, set the time. Ops are counted with a TorchDispatchMode,
@@ -13,11 +13,12 @@ sequences, random weights (the counts do not depend on them):
   frames where the target models re-optimize excluded;
 * memory insert: per target-model memory insert (one per object and computed frame);
 * optimizer frame: the ops of one object's filter re-optimization (every 8th application);
-* sequence-frame: all ops of a whole sequence over its frames, starts included (B = 1: one
-  sequence at a time).
-Then wall frames/s (frames over the time `track` takes, reading included) and tracker frames/s
+* sequence-frame: all ops of tracking the --sequences sequences over their frames, starts
+  included, at B = 1 (one sequence at a time) and at B = --batch (in lockstep).
+Then wall frames/s (frames over the time tracking takes, reading included) and tracker frames/s
 (frames over the tracker's own per-frame seconds) for --sequences sequences tracked one after
-another, median of --repeats runs. No reference numbers are stored anywhere.
+another (B = 1, `track`) and --batch at a time in lockstep (`track_many`), the two alternating
+within each of --repeats runs; medians, and their ratio. No reference numbers are stored anywhere.
 """
 from __future__ import annotations
 
@@ -128,19 +129,40 @@ def count_ops(tracker, frames: list[tuple], num_objects: int) -> dict:
             "sequence_frame": total / len(frames)}
 
 
-def frames_per_second(tracker, sequences: list[list[tuple]], repeats: int) -> tuple[float, float]:
-    """(wall frames/s, tracker frames/s), medians over `repeats` runs over all sequences."""
-    wall, own = [], []
+def run_sequences(tracker, sequences: list[list[tuple]], batch: int) -> float:
+    """Track all sequences, one at a time (`track`, batch 1) or `batch` in lockstep (`track_many`)
+    -> the tracker's own seconds."""
+    if batch == 1:
+        return sum(r.seconds for frames in sequences
+                   for r in tracker.track(frames, threshold=0.5, keep_probabilities=False))
+    return sum(r.seconds for _, r in tracker.track_many(enumerate(sequences), threshold=0.5, batch=batch,
+                                                         keep_probabilities=False))
+
+
+def sequence_frame_ops(tracker, sequences: list[list[tuple]], batch: int) -> float:
+    """All ops of tracking the sequences at this batch, per sequence-frame."""
+    counter = OpCounter()
+    with counter:
+        run_sequences(tracker, sequences, batch)
+    return counter.total / sum(len(s) for s in sequences)
+
+
+def frames_per_second(tracker, sequences: list[list[tuple]], repeats: int,
+                      batches: tuple[int, ...] = (1,)) -> dict[int, tuple[float, float]]:
+    """{batch: (wall frames/s, tracker frames/s)}, medians over `repeats` runs over all
+    sequences, the batches alternating within each repeat (so load changes hit them alike)."""
+    wall: dict[int, list] = {b: [] for b in batches}
+    own: dict[int, list] = {b: [] for b in batches}
     n = sum(len(s) for s in sequences)
     for _ in range(repeats):
-        start, seconds = time.perf_counter(), 0.0
-        for frames in sequences:
-            seconds += sum(r.seconds for r in tracker.track(frames, threshold=0.5, keep_probabilities=False))
-        if tracker.device.type == "cuda":
-            torch.cuda.synchronize(tracker.device)
-        wall.append(n / (time.perf_counter() - start))
-        own.append(n / seconds)
-    return float(np.median(wall)), float(np.median(own))
+        for b in batches:
+            start = time.perf_counter()
+            seconds = run_sequences(tracker, sequences, b)
+            if tracker.device.type == "cuda":
+                torch.cuda.synchronize(tracker.device)
+            wall[b].append(n / (time.perf_counter() - start))
+            own[b].append(n / seconds)
+    return {b: (float(np.median(wall[b])), float(np.median(own[b]))) for b in batches}
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -156,6 +178,7 @@ def _measure(args: argparse.Namespace) -> dict:
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     trackers = {reuse: random_tracker(args.backbone, device, args.num_aug, reuse) for reuse in (False, True)}
     out = {}
+    batches = (1,) if args.batch == 1 else (1, args.batch)
     print(f"{'objects':>8}{'B':>4}{'start/obj':>11}{'computed':>10}{'reused':>8}{'insert':>8}{'optimizer':>10}"
           f"{'seq-frame':>10}{'wall FPS':>10}{'tracker FPS':>13}")
     for num_objects in args.objects:
@@ -163,16 +186,26 @@ def _measure(args: argparse.Namespace) -> dict:
         computed = count_ops(trackers[False], frames, num_objects)
         reused = count_ops(trackers[True], frames, num_objects)
         sequences = [make_frames(num_objects, args.frames, (h, w), seed=1 + i) for i in range(args.sequences)]
-        frames_per_second(trackers[False], sequences[:1], 1)  # warm-up
-        wall, own = frames_per_second(trackers[False], sequences, args.repeats)
-        out[num_objects] = {**computed, "reused": reused["frame"], "wall_fps": wall, "tracker_fps": own}
-        print(f"{num_objects:>8}{1:>4}{computed['start']:>11.0f}{computed['frame']:>10.0f}{reused['frame']:>8.0f}"
-              f"{computed['insert']:>8.0f}{computed['optimizer']:>10.0f}{computed['sequence_frame']:>10.0f}"
-              f"{wall:>10.2f}{own:>13.2f}", flush=True)
+        frames_per_second(trackers[False], sequences[:1], 1, batches)  # warm-up
+        fps = frames_per_second(trackers[False], sequences, args.repeats, batches)
+        out[num_objects] = {**computed, "reused": reused["frame"], "wall_fps": fps[1][0], "tracker_fps": fps[1][1],
+                            "batches": {}}
+        for b in batches:
+            seq_frame = sequence_frame_ops(trackers[False], sequences, b)
+            out[num_objects]["batches"][b] = {"sequence_frame": seq_frame, "wall_fps": fps[b][0],
+                                              "tracker_fps": fps[b][1]}
+            print(f"{num_objects:>8}{b:>4}{computed['start']:>11.0f}{computed['frame']:>10.0f}{reused['frame']:>8.0f}"
+                  f"{computed['insert']:>8.0f}{computed['optimizer']:>10.0f}{seq_frame:>10.0f}"
+                  f"{fps[b][0]:>10.2f}{fps[b][1]:>13.2f}", flush=True)
+        if len(batches) > 1:
+            b = batches[-1]
+            print(f"{'':>8}B={b} / B=1: wall FPS {fps[b][0] / fps[1][0]:.2f}x, tracker FPS {fps[b][1] / fps[1][1]:.2f}x",
+                  flush=True)
     print("ops: aten ops dispatched, views and allocations excluded; start/obj: the start frame's ops per object; "
-          "computed, reused: per frame (gate forced), optimizer frames excluded; insert: per memory insert; "
-          "optimizer: per target-model re-optimization; seq-frame: a sequence's ops over its frames (computed, "
-          "starts included); FPS: gate forced to compute, B sequences tracked together (B = 1: one at a time)")
+          "computed, reused: per frame (gate forced), optimizer frames excluded (B = 1); insert: per memory insert; "
+          "optimizer: per target-model re-optimization; seq-frame: the sequences' ops over their frames (computed, "
+          "starts included; B > 1: in lockstep); FPS: gate forced to compute, medians of --repeats "
+          "runs, B = 1 and B alternating")
     return out
 
 
@@ -186,7 +219,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="comma-separated object counts, all starting on the first frame (default 1,3)")
     p.add_argument("--frames", type=int_at_least(2), default=10,
                    help="frames per sequence; with 9 or more a target-model re-optimization is counted (default 10)")
-    p.add_argument("--sequences", type=int_at_least(1), default=2, help="sequences per timing run (default 2)")
+    p.add_argument("--sequences", type=int_at_least(1), default=4, help="sequences per timing run (default 4)")
+    p.add_argument("--batch", type=int_at_least(1), default=4,
+                   help="also track the --sequences sequences this many at a time in lockstep (Tracker.track_many) "
+                        "and print that row beside B = 1 (default 4; 1: B = 1 only)")
     p.add_argument("--repeats", type=int_at_least(1), default=3, help="timing runs; FPS are medians (default 3)")
     add_device_flag(p)
     add_threads_flag(p, default=2)
