@@ -58,6 +58,10 @@ def get_parser() -> argparse.ArgumentParser:
     add_seed_flag(g)
     add_device_flag(g)
     add_precision_flag(g)
+    g.add_argument("--batch-sequences", type=int_at_least(1), default=1, metavar="B",
+                   help="track B sequences at a time in lockstep, their frames batched through the backbone's "
+                        "low stages (same results as 1, up to the order of the progress output; "
+                        "docs/performance.md) (default 1: one sequence at a time)")
 
     g = parser.add_argument_group("data")
     g.add_argument("--dset", choices=tuple(PRESETS), default="dv2016val", metavar="DSET",

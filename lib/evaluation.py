@@ -18,7 +18,7 @@ import math
 import os
 import sys
 import time
-from contextlib import closing
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -72,6 +72,7 @@ class EvalConfig(DataConfig):
     dev: Optional[str] = None
     precision: str = "fp32"
     resume: bool = False
+    batch_sequences: int = 1
     score: Optional[Path] = None
     output_root: Optional[Path] = None
 
@@ -214,37 +215,63 @@ class WriteError(UsageError):
     """A result file could not be written (disk full, permissions): names the path."""
 
 
+class SequenceOutput:
+    """One sequence's results as they are tracked: PNGs by a background writer into the
+    sequence's temporary folder, statistics; `finish` flushes and checks the PNGs, writes the
+    timeline and moves the folder into place. A context manager (an error discards the folder)."""
+
+    def __init__(self, job: Job, seq):
+        self.job, self.seq = job, seq
+        self.stats = TrackingStats()
+        self.started = time.perf_counter()
+        self._stack = ExitStack()
+        self.writer = self._stack.enter_context(SequenceWriter(job.out_dir, seq.name, seq.frame_names))
+        self.pngs = self._stack.enter_context(BackgroundWriter(PENDING_WRITES))
+
+    def __enter__(self) -> "SequenceOutput":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return self._stack.__exit__(*exc)
+
+    def add(self, t: int, frame) -> None:
+        """Frame t's FrameResult: its PNG queued, its statistics counted."""
+        name = self.seq.frame_names[t]
+        self.pngs.submit(self.writer.tmp_dir / f"{name}.png", partial(self.writer.write, name, frame.labels.numpy()))
+        self.stats.add(frame, name)
+
+    def finish(self) -> dict:
+        """Flush the PNGs, write timeline.json and the statistics -> the statistics."""
+        job, stats = self.job, self.stats
+        self.pngs.flush()
+        wall = time.perf_counter() - self.started
+        self.writer.write_json("timeline.json", {"fps": stats.fps, "frames": stats.timeline})
+        result = {**stats.as_dict(), "wall_seconds": wall,
+                  "wall_fps": stats.frames / wall if wall > 0 else math.nan, "settings": job.settings,
+                  "device": str(job.device), "torch_version": torch.__version__, "rank": job.ctx.rank}
+        self.writer.finish(result)
+        return result
+
+
 def track_sequence(job: Job, tracker, seq, frames=None) -> dict:
     """Track one sequence: frames decoded ahead in a thread (or `frames`, the sequence's frames
     already in memory), PNGs written by a background writer that is flushed and checked before
     the sequence folder is moved into place. Returns the statistics written with it."""
     config = job.config
-    stats = TrackingStats()
-    started = time.perf_counter()
     try:
-        with SequenceWriter(job.out_dir, seq.name, seq.frame_names) as writer, \
-                BackgroundWriter(PENDING_WRITES) as pngs, \
+        with SequenceOutput(job, seq) as output, \
                 tqdm(total=len(seq), desc=seq.name, unit="frame", file=sys.stderr, dynamic_ncols=True,
                      disable=not job.ctx.is_main) as bar, \
                 closing(read_ahead(seq if frames is None else frames, PREFETCH_FRAMES)) as frames:
             for t, frame in enumerate(tracker.track(frames, config.TH, keep_probabilities=False)):
-                name, labels = seq.frame_names[t], frame.labels.numpy()
-                pngs.submit(writer.tmp_dir / f"{name}.png", partial(writer.write, name, labels))
-                stats.add(frame, name)
+                output.add(t, frame)
                 bar.update(1)
-                bar.set_postfix(fps=f"{stats.fps:.1f}", reuse=_pct(stats.reuse_rate), refresh=False)
-            pngs.flush()
-            wall = time.perf_counter() - started
-            writer.write_json("timeline.json", {"fps": stats.fps, "frames": stats.timeline})
-            result = {**stats.as_dict(), "wall_seconds": wall,
-                      "wall_fps": stats.frames / wall if wall > 0 else math.nan, "settings": job.settings,
-                      "device": str(job.device), "torch_version": torch.__version__, "rank": job.ctx.rank}
-            writer.finish(result)
+                bar.set_postfix(fps=f"{output.stats.fps:.1f}", reuse=_pct(output.stats.reuse_rate), refresh=False)
+            return output.finish()
     except OSError as exc:
         if isinstance(exc, FileNotFoundError):
             raise
         raise WriteError(f"{exc} (free space or fix the permissions of {job.out_dir})") from exc
-    return result
 
 
 def track_sequences(job: Job, sequences: list, tracker=None, frames: Optional[dict] = None) -> dict:
@@ -267,6 +294,11 @@ def track_sequences(job: Job, sequences: list, tracker=None, frames: Optional[di
             pass
     job.out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    if job.config.batch_sequences > 1:
+        from lib.lockstep import track_lockstep
+        track_lockstep(job, tracker, sequences, frames, outcome)
+        outcome["wall_seconds"] = time.perf_counter() - started
+        return outcome
     for seq in sequences:
         try:
             stats = track_sequence(job, tracker, seq, frames.get(seq.name))

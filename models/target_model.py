@@ -6,6 +6,7 @@ feature size, (H, W) the label (image) size.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -68,11 +69,8 @@ def pixel_weights(labels: torch.Tensor, method: str = "hinge", target_fraction: 
     n, c, h, w = labels.shape
     y = labels.float()
     count = y.sum(dim=(2, 3)).view(n, c, 1, 1)
-    fraction = count / (h * w)
-    too_small = (count < 10).float()
-    fraction = too_small * target_fraction + (1 - too_small) * fraction
-    large = (fraction > target_fraction).float()
-    tf = large * fraction + (1 - large) * target_fraction
+    fraction = (count / (h * w)).masked_fill(count < 10, target_fraction)  # tiny objects count as tf
+    tf = fraction.clamp(min=target_fraction)  # the foreground's share of the loss
     weight_fg = tf / fraction
     weight_bg = (1 - tf) / (1 - fraction)
     return torch.sqrt(weight_fg * y + weight_bg * (1 - y))
@@ -98,6 +96,13 @@ class UpsamplingMetric:
         # products of neighbouring columns: P[d][Y, a] = U[Y, a] U[Y, a + d - 1] (0 outside)
         self.ph = torch.stack([self.uh * self._shift_columns(self.uh, d) for d in (-1, 0, 1)])  # (3, H, h)
         self.pw = torch.stack([self.uw * self._shift_columns(self.uw, d) for d in (-1, 0, 1)])  # (3, W, w)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=8)
+    def cached(score_size: tuple[int, int], label_size: tuple[int, int], device: torch.device) -> "UpsamplingMetric":
+        """One shared instance per sizes and device (it is only read): object starts on frames
+        of the same size skip building the matrices."""
+        return UpsamplingMetric(score_size, label_size, device)
 
     @staticmethod
     def _upsampling_matrix(n: int, size: int, device) -> torch.Tensor:
@@ -129,15 +134,12 @@ class UpsamplingMetric:
 
     @staticmethod
     def apply(metric: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """M v for v (N, 1, h, w) and M (N, 9, h, w)."""
-        h, w = v.shape[-2:]
-        vp = F.pad(v, (1, 1, 1, 1))
-        out = None
-        for k in range(9):
-            dy, dx = divmod(k, 3)
-            term = metric[:, k:k + 1] * vp[:, :, dy:dy + h, dx:dx + w]
-            out = term if out is None else out + term
-        return out
+        """M v for v (N, 1, h, w) and M (N, 9, h, w): map k weighs v shifted by (k // 3 − 1,
+        k % 3 − 1), which is row k of unfold(v): 3 ops. (The reduction rounds otherwise than a
+        term-by-term sum; it lands closer to upstream's full-resolution loss on every golden
+        tracker vector.)"""
+        n, _, h, w = v.shape
+        return (metric.flatten(2) * F.unfold(v, 3, padding=1)).sum(1).view(n, 1, h, w)
 
 
 class SampleMemory:
@@ -153,9 +155,9 @@ class SampleMemory:
     """
 
     def __init__(self, capacity: int, feature_shape: Sequence[int], label_size: Sequence[int],
-                 device: torch.device | str, learning_rate: float):
+                 device: torch.device | str, learning_rate: float, upsampling: "UpsamplingMetric | None" = None):
         h, w = feature_shape[-2:]
-        self.upsampling = UpsamplingMetric((h, w), label_size, device)
+        self.upsampling = upsampling if upsampling is not None else UpsamplingMetric((h, w), label_size, device)
         self.device = torch.device(device)
         self.samples = torch.zeros(capacity, *feature_shape, device=device).contiguous(memory_format=torch.channels_last)
         self.host_weights = torch.zeros(capacity)
@@ -171,16 +173,22 @@ class SampleMemory:
         squared = pixel_weights * pixel_weights
         return self.upsampling.metric(squared), self.upsampling.adjoint(squared * labels.float())
 
-    def initialize(self, features: torch.Tensor, labels: torch.Tensor, pixel_weights: torch.Tensor) -> None:
-        """features (K, C, h, w), labels and pixel_weights (K, 1, H, W)."""
+    @staticmethod
+    def first_weights(k: int) -> torch.Tensor:
+        """Host weights (K,) of the K first samples: 2/K for the first, 1/K for the others, normalized."""
+        w = torch.full((k,), 1.0 / k)
+        w[0] = 2.0 / k
+        return w / w.sum()
+
+    def initialize(self, features: torch.Tensor, labels: torch.Tensor | None, pixel_weights: torch.Tensor | None,
+                   encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """features (K, C, h, w), labels and pixel_weights (K, 1, H, W); or instead of those two
+        `encoded`, the (metrics (K, 9, h, w), targets (K, 1, h, w)) they encode to."""
         k = features.shape[0]
         self.samples[:k] = features.detach()
-        w = self.host_weights
-        w[:k] = 1.0 / k
-        w[0] = 2.0 / k
-        w[:k] = w[:k] / w[:k].sum()
-        self.weights = to_device(w, self.device)
-        self.metrics[:k], self.targets[:k] = self._encode(labels, pixel_weights)
+        self.host_weights[:k] = self.first_weights(k)
+        self.weights = to_device(self.host_weights, self.device)
+        self.metrics[:k], self.targets[:k] = encoded if encoded is not None else self._encode(labels, pixel_weights)
         self.size = k
 
     def insert(self, feature: torch.Tensor, label: torch.Tensor, pixel_weight: torch.Tensor) -> None:
@@ -220,17 +228,16 @@ class SampleMemory:
         return slot
 
 
-class LeastSquaresProblem:
-    """Weighted least squares over the memory's active samples (sample weight > 0):
-    ‖sqrt(sample weight) · w ⊙ (resize(net(x), label size) − y)‖² + Σ_i ‖reg_i · θ_i‖²,
-    the data term in the score-resolution form of `UpsamplingMetric`."""
+class FilterProblem:
+    """The update problem: weighted least squares over the memory's active samples (weight > 0),
+    ‖sqrt(sample weight) · w ⊙ (resize(filter(x), label size) − y)‖² + ‖reg · θ‖², θ the filter
+    weights flattened to (1, D). The scores are linear in θ, so J and Jᵀ are written out (a
+    filtering and a correlation, both one GEMM)."""
 
-    def __init__(self, memory: SampleMemory, net: Callable[[torch.Tensor], torch.Tensor],
-                 regs: Sequence[float], precond: Sequence[float]):
+    def __init__(self, memory: SampleMemory, regs: Sequence[float], precond: Sequence[float]):
         self.memory = memory
-        self.net = net
-        self.regs = list(regs)
-        self.precond = list(precond)
+        (self.reg,) = regs
+        (self.precond,) = precond
         self.x = self.metric = self.target = None
 
     def select_samples(self) -> None:
@@ -243,124 +250,150 @@ class LeastSquaresProblem:
         self.metric = m.metrics[active] * sample_weights
         self.target = m.targets[active] * sample_weights
 
-    def normal_equations(self, params: list[torch.Tensor]):
-        """Gauss-Newton system at `params`: (b, A) with b = −Jᵀ(M s − g, reg θ) and
-        A(v) = JᵀMJ v + reg² v, J the Jacobian of the scores. Generic version by autograd:
-        Jᵀu as a function of u (built with a graph) gives Jv by differentiating w.r.t. u."""
-        for p in params:
-            p.requires_grad_(True)
-        outputs = [self.net(self.x)] + [r * p for r, p in zip(self.regs, params)]
-        u = [o.detach().requires_grad_(True) for o in outputs]
-        jtu = torch.autograd.grad(outputs, params, u, create_graph=True)
-        direction = [UpsamplingMetric.apply(self.metric, outputs[0].detach()) - self.target] + \
-            [o.detach() for o in outputs[1:]]
-        b = [-t for t in torch.autograd.grad(outputs, params, direction, retain_graph=True)]
-
-        def normal_op(v: list[torch.Tensor]) -> list[torch.Tensor]:
-            jv = list(torch.autograd.grad(jtu, u, v, retain_graph=True))
-            jv[0] = UpsamplingMetric.apply(self.metric, jv[0])
-            return list(torch.autograd.grad(outputs, params, jv, retain_graph=True))
-
-        return b, normal_op
-
-
-class FilterProblem(LeastSquaresProblem):
-    """The update problem: scores linear in the filter weights (net = the ScoreFilter), so J
-    and Jᵀ are written out (a filtering and a correlation, both one GEMM) instead of autograd."""
-
-    def normal_equations(self, params: list[torch.Tensor]):
-        (weight,) = params
-        (reg,) = self.regs
-        x = self.x
+    def normal_equations(self, theta: torch.Tensor):
+        """Gauss-Newton system at θ (1, D): (b, A) with b = −(Jᵀ(M s − g) + reg² θ) and
+        A(v) = JᵀMJ v + reg² v, J the Jacobian of the scores."""
+        x, reg = self.x, self.reg
         n, c, h, w = x.shape
         pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
 
-        def jacobian(v: torch.Tensor) -> torch.Tensor:  # filter weights (1, C, 3, 3) -> scores
-            return ScoreFilter.filter(pixels, v, (n, h, w))
+        def jacobian(v: torch.Tensor) -> torch.Tensor:  # filter weights (1, D) -> scores (N, 1, h, w)
+            return ScoreFilter.filter(pixels, v.view(1, c, 3, 3), (n, h, w))
 
-        def jacobian_t(s: torch.Tensor) -> torch.Tensor:  # scores (N, 1, h, w) -> weights
+        def jacobian_t(s: torch.Tensor) -> torch.Tensor:  # scores (N, 1, h, w) -> weights (1, D)
             sp = F.pad(s, (1, 1, 1, 1))
             shifted = torch.stack([sp[:, 0, 2 - i:2 - i + h, 2 - j:2 - j + w] for i in range(3) for j in range(3)])
-            return (shifted.reshape(9, -1) @ pixels).t().reshape(1, c, 3, 3)
+            return (shifted.reshape(9, -1) @ pixels).t().reshape(1, c * 9)
 
-        with torch.no_grad():
-            scores = jacobian(weight)
-            b = [-(jacobian_t(UpsamplingMetric.apply(self.metric, scores) - self.target) + reg * (reg * weight))]
+        scores = jacobian(theta)
+        b = -(jacobian_t(UpsamplingMetric.apply(self.metric, scores) - self.target) + reg * (reg * theta))
 
-        def normal_op(v: list[torch.Tensor]) -> list[torch.Tensor]:
-            with torch.no_grad():
-                return [jacobian_t(UpsamplingMetric.apply(self.metric, jacobian(v[0]))) + reg * (reg * v[0])]
+        def normal_op(v: torch.Tensor) -> torch.Tensor:
+            return jacobian_t(UpsamplingMetric.apply(self.metric, jacobian(v))) + reg * (reg * v)
 
         return b, normal_op
 
 
-def _dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-    """Inner product over a list of tensors (summed per tensor, then over tensors)."""
-    total = a[0].reshape(-1) @ b[0].reshape(-1)
-    for x, y in zip(a[1:], b[1:]):
-        total = total + x.reshape(-1) @ y.reshape(-1)
-    return total
+class ProjectFilterProblem:
+    """The initialization problem of O target models at once: the same least squares as
+    `FilterProblem`, but over projection and filter together, s = filter(project(x)), on K
+    samples per object. θ per object (flattened to (O, D)) = (projection P (c, C), filter taps
+    G (9, c)), G[k] the filter's tap (2 − k // 3, 2 − k % 3) (reversed, so that tap k's shift
+    is row k of `F.unfold`). Written out at (P, G), per object:
+        J(dP, dG) = S*((G dP) Xᵀ + dG Zᵀ),   Z = X Pᵀ the projected pixels (K h w, c),
+        Jᵀ(u) = (Gᵀ U X, U Z),               U = S(u) the 9 shifted copies of u (9, K h w),
+    S a convolution with fixed one-hot kernels and S* its transpose: batched matmuls over the
+    objects instead of autograd's double backward."""
+
+    def __init__(self, features: torch.Tensor, metric: torch.Tensor, target: torch.Tensor, channels: int,
+                 regs: Sequence[float], precond: Sequence[float]):
+        """features (O, K, C, h, w); metric (O*K, 9, h, w) and target (O*K, 1, h, w), both
+        already multiplied by the sample weights."""
+        o, k, c_in, h, w = features.shape
+        self.shape = (o, k, c_in, channels, h, w)
+        self.pixels = features.permute(0, 1, 3, 4, 2).reshape(o, k * h * w, c_in)  # X
+        self.metric = metric
+        self.target = target
+        sizes = (channels * c_in, 9 * channels)
+        self.reg2 = torch.cat([torch.full((n,), r * r, device=features.device) for n, r in zip(sizes, regs)])
+        self.precond = torch.cat([torch.full((n,), p, device=features.device) for n, p in zip(sizes, precond)])
+
+    def select_samples(self) -> None:
+        pass  # fixed samples
+
+    def split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """θ (O, D) -> views P (O, c, C), G (O, 9, c)."""
+        o, _, c_in, c, _, _ = self.shape
+        return theta[:, :c * c_in].view(o, c, c_in), theta[:, c * c_in:].view(o, 9, c)
+
+    def _scores(self, taps: torch.Tensor) -> torch.Tensor:
+        """S*: taps (O, K h w, 9) -> scores (O*K, 1, h, w)."""
+        o, k, _, _, h, w = self.shape
+        return F.fold(taps.view(o * k, h * w, 9).transpose(1, 2), (h, w), 3, padding=1)
+
+    def normal_equations(self, theta: torch.Tensor):
+        """Gauss-Newton system at θ (O, D): (b, A) as `FilterProblem.normal_equations`."""
+        o, k, c_in, c, h, w = self.shape
+        proj, taps = self.split(theta)
+        x = self.pixels
+        z = torch.bmm(x, proj.transpose(1, 2))  # (O, K h w, c)
+        xz = torch.cat([x, z], dim=2).view(o * k, h * w, c_in + c)
+
+        def jacobian(v: torch.Tensor) -> torch.Tensor:
+            dp, dg = self.split(v)
+            return self._scores(torch.baddbmm(torch.bmm(z, dg.transpose(1, 2)), x, torch.bmm(taps, dp).transpose(1, 2)))
+
+        def jacobian_t(u: torch.Tensor, reg_v: torch.Tensor) -> torch.Tensor:  # + reg² ⊙ reg_v
+            uxz = torch.bmm(F.unfold(u, 3, padding=1), xz).view(o, k, 9, c_in + c).sum(1)  # (O, 9, C + c)
+            dp = torch.bmm(taps.transpose(1, 2), uxz[..., :c_in]).view(o, c_in, c)  # (c, C) read as (C, c)
+            grad = torch.cat([dp, uxz[..., c_in:]], dim=1).view(o, -1)
+            return torch.addcmul(grad, self.reg2, reg_v)
+
+        scores = self._scores(torch.bmm(z, taps.transpose(1, 2)))
+        b = -jacobian_t(UpsamplingMetric.apply(self.metric, scores) - self.target, theta)
+
+        def normal_op(v: torch.Tensor) -> torch.Tensor:
+            return jacobian_t(UpsamplingMetric.apply(self.metric, jacobian(v)), v)
+
+        return b, normal_op
 
 
 class GaussNewtonCG:
     """Gauss-Newton steps, each solving JᵀMJ δ = −Jᵀ(M s − g) (regularization included) by
-    preconditioned conjugate gradient (Polak-Ribière, β ≥ 0), as FRTM's optimizer. The CG
-    direction and ρ persist across runs; ρ is divided by `forget_factor` at the start of each
-    CG run so old directions fade."""
+    preconditioned conjugate gradient (Polak-Ribière, β ≥ 0), as FRTM's optimizer, for O
+    independent problems at once: θ (O, D), one row per object, updated in place; every CG
+    scalar is per row. The CG direction and ρ persist across runs; ρ is divided by
+    `forget_factor` at the start of each CG run so old directions fade."""
 
-    def __init__(self, problem: LeastSquaresProblem, params: list[torch.Tensor], forget_factor: float):
+    def __init__(self, problem, theta: torch.Tensor, forget_factor: float):
         self.problem = problem
-        self.params = params
+        self.theta = theta
         self.forget_factor = forget_factor
-        self.direction: list[torch.Tensor] | None = None
+        self.direction: torch.Tensor | None = None
         self.rho: torch.Tensor | None = None
-        self.r_prev: list[torch.Tensor] | None = None
+        # The residual r and the previous one, r_prev, as the two rows of one tensor (O, 2, D),
+        # so that one batched matmul gives both rᵀz and r_prevᵀz; row `self.current` is r.
+        self.residuals = torch.zeros(theta.shape[0], 2, theta.shape[1], device=theta.device)
+        self.current = 0
 
     def run(self, cg_iters: Sequence[int]) -> None:
         """One GN step per entry of cg_iters, with that many CG iterations."""
         self.problem.select_samples()
-        if len(cg_iters) == 0:
-            return
-        with torch.enable_grad():
-            for n in cg_iters:
-                self._gauss_newton_step(n)
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def _gauss_newton_step(self, cg_iters: int) -> None:
-        b, normal_op = self.problem.normal_equations(self.params)
-        step = self._conjugate_gradient(b, normal_op, cg_iters)
         with torch.no_grad():
-            for p, d in zip(self.params, step):
-                p.requires_grad_(False)
-                p += d
+            for n in cg_iters:
+                b, normal_op = self.problem.normal_equations(self.theta)
+                self.theta += self._conjugate_gradient(b, normal_op, n)
 
-    def _conjugate_gradient(self, b, normal_op, iters: int) -> list[torch.Tensor]:
+    def _next_residual(self) -> torch.Tensor:
+        """The row to write the next r into (it holds r_prev, no longer needed); it becomes r."""
+        self.current = 1 - self.current
+        return self.residuals[:, self.current]
+
+    def _conjugate_gradient(self, b: torch.Tensor, normal_op, iters: int) -> torch.Tensor:
+        """The step δ: A δ = b solved approximately."""
         if self.forget_factor == 0:
-            self.direction, self.rho, self.r_prev = None, None, None
+            self.direction, self.rho = None, None
         elif self.direction is not None:
             self.rho = self.rho / self.forget_factor
-        r = b
-        x = None
+        r = self._next_residual()
+        r.copy_(b)
+        step = torch.zeros_like(b)
         for i in range(iters):
-            z = [ri / pc for ri, pc in zip(r, self.problem.precond)]
+            z = r / self.problem.precond
             rho_prev = self.rho
-            self.rho = _dot(r, z)
+            dots = torch.bmm(self.residuals, z.unsqueeze(2))
+            self.rho = dots[:, self.current]
             if self.direction is None:
                 self.direction = z
             else:
-                beta = ((self.rho - _dot(self.r_prev, z)) / rho_prev).clamp(min=0)
-                self.direction = [zi + di * beta for zi, di in zip(z, self.direction)]
+                beta = ((self.rho - dots[:, 1 - self.current]) / rho_prev).clamp(min=0)
+                self.direction = torch.addcmul(z, self.direction, beta)
             q = normal_op(self.direction)
-            alpha = self.rho / _dot(self.direction, q)
-            self.r_prev = r
-            if x is None:
-                x = [d * alpha for d in self.direction]
-            else:
-                x = [xi + d * alpha for xi, d in zip(x, self.direction)]
+            alpha = self.rho / torch.bmm(self.direction.unsqueeze(1), q.unsqueeze(2)).view(-1, 1)
+            step = self.direction * alpha if i == 0 else torch.addcmul(step, self.direction, alpha)
             if i < iters - 1:
-                r = [ri - qi * alpha for ri, qi in zip(r, q)]
-        return x if x is not None else [torch.zeros_like(t) for t in b]
+                r = torch.addcmul(r, q, alpha, value=-1, out=self._next_residual())
+        return step
 
 
 class ScoreFilter(nn.Conv2d):
@@ -377,16 +410,13 @@ class ScoreFilter(nn.Conv2d):
 
     @staticmethod
     def filter(pixels: torch.Tensor, weight: torch.Tensor, shape) -> torch.Tensor:
-        """pixels (N*h*w, C) (channels-last features, a free view), weight (1, C, 3, 3) -> (N, 1, h, w)."""
+        """pixels (N*h*w, C) (channels-last features, a free view), weight (1, C, 3, 3) -> (N, 1, h, w).
+        One matmul gives each pixel's 9 tap values; `F.fold` sums them into place. Fold row k
+        lands at offset (k // 3 − 1, k % 3 − 1), so it takes tap 8 − k (hence the flip)."""
         n, h, w = shape
         c = pixels.shape[1]
-        taps = (weight[0].reshape(c, 9).t() @ pixels.t()).view(9, n, h, w).permute(1, 0, 2, 3)
-        taps = F.pad(taps, (1, 1, 1, 1))
-        out = taps[:, 0:1, 0:h, 0:w]
-        for k in range(1, 9):
-            i, j = divmod(k, 3)
-            out = out + taps[:, k:k + 1, i:i + h, j:j + w]
-        return out
+        taps = pixels @ weight[0].reshape(c, 9).flip(1)  # (N h w, 9)
+        return F.fold(taps.view(n, h * w, 9).transpose(1, 2), (h, w), 3, padding=1)
 
 
 class TargetModel(nn.Module):
@@ -423,28 +453,15 @@ class TargetModel(nn.Module):
     def initialize(self, features: torch.Tensor, masks: torch.Tensor) -> None:
         """Train from the augmented first frame: features (K, C_in, h, w), masks (K, 1, H, W).
         Always in full fp32, whatever the precision of the features."""
-        with full_fp32(self.device):
-            self._initialize(features.float(), masks.float())
+        self.initialize_many([self], features[None], masks[None])
 
-    def _initialize(self, features: torch.Tensor, masks: torch.Tensor) -> None:
-        cfg = self.config
-        device = features.device
-        pw = pixel_weights(masks, cfg.pixel_weighting, cfg.target_fraction)
-
-        # Project and filter together on the raw features.
-        memory = SampleMemory(masks.shape[0], features.shape[-3:], masks.shape[-2:], device, cfg.learning_rate)
-        memory.initialize(features, masks, pw)
-        problem = LeastSquaresProblem(memory, lambda x: self.filter(self.project(x)), cfg.filter_reg, cfg.precond)
-        GaussNewtonCG(problem, [self.project.weight, self.filter.weight], self.forget_factor).run(cfg.init_iters)
-
-        # Re-project the samples and keep them; from now on only the filter is optimized.
-        with torch.no_grad():
-            projected = self.project(features)
-        self.memory = SampleMemory(cfg.memory_size, projected.shape[-3:], masks.shape[-2:], device, cfg.learning_rate)
-        self.memory.initialize(projected, masks, pw)
-        problem = FilterProblem(self.memory, self.filter, cfg.filter_reg[1:], cfg.precond[1:])
-        self.update_optimizer = GaussNewtonCG(problem, [self.filter.weight], self.forget_factor)
-        self.update_optimizer.run(cfg.update_iters)
+    @staticmethod
+    def initialize_many(models: Sequence["TargetModel"], features: torch.Tensor, masks: torch.Tensor) -> None:
+        """Train O target models (same config and device) together, each from its augmented
+        first frame: features (O, K, C_in, h, w), masks (O, K, 1, H, W). The same results as
+        initializing them one by one, up to float rounding; fp32 whatever the features' precision."""
+        with full_fp32(models[0].device):
+            _initialize_many(models, features.float(), masks.float())
 
     def load_trained(self, state_dict: dict) -> None:
         """Use an already trained (cached) target model; it will not be updated."""
@@ -479,3 +496,42 @@ class TargetModel(nn.Module):
             if self.applications % cfg.train_skipping != 0:
                 return
             self.update_optimizer.run(cfg.update_iters)
+
+
+def _initialize_many(models: Sequence[TargetModel], features: torch.Tensor, masks: torch.Tensor) -> None:
+    """`TargetModel.initialize_many` in fp32: project and filter together by Gauss-Newton on the raw
+    features, then re-project the samples into each model's memory and optimize the filter alone."""
+    cfg = models[0].config
+    o, k, c_in, h, w = features.shape
+    c = cfg.channels
+    device = features.device
+    masks = masks.flatten(0, 1)
+    pw = pixel_weights(masks, cfg.pixel_weighting, cfg.target_fraction)
+    upsampling = UpsamplingMetric.cached((h, w), tuple(masks.shape[-2:]), device)
+    squared = pw * pw
+    metrics, targets = upsampling.metric(squared), upsampling.adjoint(squared * masks)  # (O K, 9, h, w), (O K, 1, h, w)
+    sample_weights = to_device(SampleMemory.first_weights(k).repeat(o), device).view(-1, 1, 1, 1)
+
+    # θ per object: projection (c, C_in), then the filter's taps flipped (see ProjectFilterProblem).
+    proj = torch.stack([m.project.weight.view(c, c_in) for m in models])
+    taps = torch.stack([m.filter.weight.view(c, 9) for m in models]).flip(2).transpose(1, 2)
+    theta = torch.cat([proj.reshape(o, -1), taps.reshape(o, -1)], dim=1)
+    problem = ProjectFilterProblem(features, metrics * sample_weights, targets * sample_weights, c,
+                                   cfg.filter_reg, cfg.precond)
+    GaussNewtonCG(problem, theta, models[0].forget_factor).run(cfg.init_iters)
+    proj, taps = problem.split(theta)
+    filters = taps.flip(1).transpose(1, 2)  # (O, c, 9)
+
+    # Re-project the samples (channels-last, as the memory keeps them); from now on only the
+    # filter is optimized, on each object's own memory.
+    projected = torch.bmm(problem.pixels, proj.transpose(1, 2)).view(o, k, h, w, c).permute(0, 1, 4, 2, 3)
+    for i, model in enumerate(models):
+        model.project.weight.copy_(proj[i].view(c, c_in, 1, 1))
+        model.filter.weight.copy_(filters[i].reshape(1, c, 3, 3))
+        rows = slice(i * k, (i + 1) * k)
+        model.memory = SampleMemory(cfg.memory_size, (c, h, w), masks.shape[-2:], device, cfg.learning_rate,
+                                    upsampling)
+        model.memory.initialize(projected[i], None, None, encoded=(metrics[rows], targets[rows]))
+        problem = FilterProblem(model.memory, cfg.filter_reg[1:], cfg.precond[1:])
+        model.update_optimizer = GaussNewtonCG(problem, model.filter.weight.view(1, -1), model.forget_factor)
+        model.update_optimizer.run(cfg.update_iters)

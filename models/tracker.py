@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Hashable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -94,6 +94,21 @@ class _Sequence:
 
     objects: list[_Object] = field(default_factory=list)
     ids: torch.Tensor | None = None  # (1 + N,) uint8 on the device: merge row -> object id
+
+    def starting(self, new_ids: list[int]) -> list[int]:
+        """The ids of `new_ids` not yet tracked."""
+        known = {o.id for o in self.objects}
+        return [i for i in new_ids if i not in known]
+
+
+@dataclass
+class _Slot:
+    """One of `track_many`'s sequences in flight."""
+
+    key: Hashable
+    frames: Iterator[tuple]  # `Tracker._on_device` of its frames
+    sequence: _Sequence
+    t: int = 0
 
 
 def fetch(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -205,6 +220,64 @@ class Tracker:
                                      keep_probabilities, keep_raw)
             yield dataclasses.replace(result, seconds=time.perf_counter() - start)
 
+    def track_many(self, sequences: Iterable[tuple[Hashable, Iterable[Frame]]], threshold: float = 0.7,
+                   batch: int = 2, keep_probabilities: bool = True,
+                   keep_raw: bool = False) -> Iterator[tuple[Hashable, FrameResult]]:
+        """Track `batch` sequences in lockstep: each step takes one frame of every open sequence,
+        and the frames of one size that start no object go through the backbone's low stages
+        in one batch; gates, target models and decoders stay per sequence (each object's reuse
+        decision is its own). `sequences` yields (key, frames), frames as `track` takes them;
+        yields (key, FrameResult), each sequence's frames in order. A sequence that ends hands
+        its slot to the next one. A frame's `seconds` is its share of the step's time."""
+        source = iter(sequences)
+        slots: list[_Slot] = []
+        while True:
+            step: list[tuple[_Slot, tuple]] = []
+            for slot in slots:
+                frame = next(slot.frames, None)
+                if frame is not None:
+                    step.append((slot, frame))
+            slots = [slot for slot, _ in step]
+            while len(slots) < batch:  # refill from the next sequences
+                nxt = next(source, None)
+                if nxt is None:
+                    break
+                key, frames = nxt
+                slot = _Slot(key, self._on_device(frames), _Sequence())
+                frame = next(slot.frames, None)
+                if frame is not None:
+                    slots.append(slot)
+                    step.append((slot, frame))
+            if not step:
+                return
+            start = time.perf_counter()
+            results = []
+            with torch.no_grad():
+                # frames where objects start take the start's backbone pass instead
+                low = self._batched_low([(slot, frame) for slot, frame in step
+                                         if slot.sequence.objects and not slot.sequence.starting(frame[2])])
+                for slot, (image, labels, new_ids) in step:
+                    results.append(self._frame(slot.sequence, slot.t, image, labels, new_ids, float(threshold),
+                                               keep_probabilities, keep_raw, low.get(id(slot))))
+                    slot.t += 1
+            seconds = (time.perf_counter() - start) / len(step)
+            for (slot, _), result in zip(step, results):
+                yield slot.key, dataclasses.replace(result, seconds=seconds)
+
+    def _batched_low(self, step: list[tuple["_Slot", tuple]]) -> dict[int, dict]:
+        """The low backbone stages of the step's frames, one batch per frame size -> {id(slot):
+        that frame's features (batch 1)}."""
+        by_size: dict[tuple, list] = {}
+        for slot, frame in step:
+            by_size.setdefault(tuple(frame[0].shape[-2:]), []).append((slot, frame[0]))
+        out = {}
+        for group in by_size.values():
+            with self._autocast():
+                features = self.backbone.low(torch.cat([image for _, image in group]))
+            for i, (slot, _) in enumerate(group):
+                out[id(slot)] = {k: v[i:i + 1] for k, v in features.items()}
+        return out
+
     def _on_device(self, frames: Iterable[Frame]) -> Iterator[tuple]:
         """(image (1, 3, H, W) on the device, labels (H, W) on the host or None, new ids) per
         frame; the next frame's copy is issued before the current frame is yielded."""
@@ -227,11 +300,12 @@ class Tracker:
     # ------------------------------------------------------------------------------------------
 
     def _frame(self, sequence: _Sequence, t: int, image: torch.Tensor, labels: torch.Tensor | None,
-               new_ids: list[int], threshold: float, keep_probabilities: bool, keep_raw: bool) -> FrameResult:
+               new_ids: list[int], threshold: float, keep_probabilities: bool, keep_raw: bool,
+               low: dict | None = None) -> FrameResult:
+        """One frame of one sequence; `low`: the frame's low backbone features when already computed."""
         size = image.shape[-2:]
         objects = sequence.objects
-        known = {o.id for o in objects}
-        new_ids = [i for i in new_ids if i not in known]
+        new_ids = sequence.starting(new_ids)
         if new_ids and labels is None:
             raise ValueError(f"frame {t}: objects {new_ids} start here but no labels were given")
 
@@ -243,16 +317,15 @@ class Tracker:
             empty = [i for i in new_ids if i not in present]
             if empty:
                 raise UsageError(f"frame {t}: object {empty[0]} starts here but its mask is empty")
-            labels_dev = to_device(labels, self.device)
-            with self._autocast():
-                features = self.backbone(image)
-            new_objects = [self._start_object(obj_id, t, image, labels_dev, features) for obj_id in new_ids]
+            new_objects, features = self._start_objects(new_ids, t, image, to_device(labels, self.device))
             objects.extend(new_objects)
             sequence.ids = to_device(torch.tensor([0] + [o.id for o in objects], dtype=torch.uint8), self.device)
         if not old:
             return FrameResult(labels=torch.zeros(size, dtype=torch.uint8) if labels is None
                                else labels.to(torch.uint8))
 
+        if features is None:
+            features = low
         if features is None:
             with self._autocast():
                 features = self.backbone.low(image)
@@ -298,27 +371,39 @@ class Tracker:
                            reuse_prob={out.obj.id: out.reuse_prob for out in tracked if out.reuse_prob is not None},
                            scores=scores, logits=logits)
 
-    def _start_object(self, obj_id: int, t: int, image: torch.Tensor, labels: torch.Tensor,
+    def _start_objects(self, ids: list[int], t: int, image: torch.Tensor,
+                       labels: torch.Tensor) -> tuple[list[_Object], dict]:
+        """Initialize the objects starting at frame t -> (their states, the frame's features).
+        Their first frames are augmented one by one, then the frame and all augmented images go
+        through the backbone in one batch and the target models are trained together."""
+        masks = [(labels == obj_id).float().view(1, 1, *labels.shape) for obj_id in ids]
+        images, aug_masks = [image], []
+        for mask in masks:
+            if self.augmenter is not None:
+                rng = np.random.default_rng(self.seed)  # each object's augmentation from the same seed
+                augmented, augmented_masks = self.augmenter.augment(image[0], mask[0], rng)
+                images.append(augmented[1:])  # [0] is the frame itself
+                aug_masks.append(augmented_masks)
+            else:
+                aug_masks.append(mask)
+        with self._autocast():
+            all_features = self.backbone(torch.cat([images[0].float()] + images[1:]) if len(images) > 1 else image)
+        features = {k: v[:1] for k, v in all_features.items()}
+        layer4 = all_features["layer4"]
+        k = aug_masks[0].shape[0]
+        aug_layer4 = torch.stack([torch.cat([layer4[:1], layer4[1 + i * (k - 1):1 + (i + 1) * (k - 1)]])
+                                  for i in range(len(ids))])  # (O, K, C, h, w)
+        targets = [TargetModel(layer4.shape[1], self.target_config, self.device, seed=self.seed) for _ in ids]
+        for i, target in enumerate(targets):  # fp32 whatever the precision
+            target.initialize(aug_layer4[i], aug_masks[i])
+        return [self._object_state(obj_id, t, mask, target, features)
+                for obj_id, mask, target in zip(ids, masks, targets)], features
+
+    def _object_state(self, obj_id: int, t: int, mask4d: torch.Tensor, target: TargetModel,
                       features: dict) -> _Object:
-        """Initialize an object at its first frame: target model, template, score and state."""
-        mask = (labels == obj_id).float()
+        """An object's tracking state at its first frame: template, score and decoder state."""
         h8, w8 = features["layer3"].shape[-2:]
         h16, w16 = features["layer4"].shape[-2:]
-        mask4d = mask.view(1, 1, *mask.shape)
-
-        if self.augmenter is not None:
-            rng = np.random.default_rng(self.seed)  # each object's augmentation from the same seed
-            images, masks = self.augmenter.augment(image[0], mask4d[0], rng)
-        else:
-            images, masks = image.float(), mask4d
-        if images.shape[0] > 1:
-            with self._autocast():
-                aug_layer4 = self.backbone(images)["layer4"]
-        else:
-            aug_layer4 = features["layer4"]
-        target = TargetModel(features["layer4"].shape[1], self.target_config, self.device, seed=self.seed)
-        target.initialize(aug_layer4, masks)  # fp32 whatever the precision
-
         score = target.apply(features["layer4"])
         with self._autocast():
             template = None
@@ -326,7 +411,8 @@ class Tracker:
                 template = self.network.make_template(features["layer3"],
                                                       F.interpolate(mask4d, (h8, w8), mode="nearest"))
             x16 = self.network.deep_stages(features, score)
-        return _Object(obj_id, t, mask, target, template, F.interpolate(mask4d, (h16, w16), mode="nearest"), x16)
+        return _Object(obj_id, t, mask4d[0, 0], target, template, F.interpolate(mask4d, (h16, w16), mode="nearest"),
+                       x16)
 
     def _gates(self, groups: list[list[_Object]], layer3: torch.Tensor,
                threshold: float) -> tuple[list[torch.Tensor | None], list[list[float | None]]]:

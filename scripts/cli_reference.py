@@ -25,7 +25,8 @@ SCRIPTS = {"train.py": "train", "evaluate.py": "evaluate", "demo.py": "demo", "v
            "-m benchmarks.train_speed": "benchmarks.train_speed",
            "-m benchmarks.precision_ops": "benchmarks.precision_ops",
            "-m benchmarks.precision_fidelity": "benchmarks.precision_fidelity",
-           "-m benchmarks.parallel_eval": "benchmarks.parallel_eval"}
+           "-m benchmarks.parallel_eval": "benchmarks.parallel_eval",
+           "-m benchmarks.throughput": "benchmarks.throughput"}
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -135,3 +135,19 @@ def test_precision_ops_splits_the_frame_by_operator(capsys):
     printed = capsys.readouterr().out
     assert re.search(r"^convolutions +[\d.]+ +1\.00x +[\d.]+ +[\d.]+x", printed, flags=re.M)
     assert len(re.findall(r"^  +\d+x\d+x\d+ +\d+x\d+x\d+x\d+ ", printed, flags=re.M)) == 3
+
+
+def test_throughput_counts_ops_at_tiny_size(capsys):
+    """benchmarks.throughput runs; a start costs more ops than a tracked frame, a reused frame
+    fewer than a computed one, and ops per object start shrink when objects start together."""
+    from benchmarks import throughput
+    args = throughput.get_parser().parse_args(["--size", "64x96", "--num-aug", "1", "--objects", "1,2",
+                                               "--frames", "3", "--sequences", "2", "--batch", "2", "--repeats", "1"])
+    out = throughput.main(args)
+    one = out[1]
+    assert one["start"] > one["frame"] > one["reused"] > 0
+    assert out[2]["start"] < one["start"]
+    # in lockstep the low backbone stages run once per step for both sequences
+    assert one["batches"][2]["sequence_frame"] < one["batches"][1]["sequence_frame"]
+    printed = capsys.readouterr().out
+    assert "start/obj" in printed and re.search(r"B=2 / B=1: wall FPS [\d.]+x", printed)

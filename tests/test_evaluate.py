@@ -436,6 +436,23 @@ def test_sequences_and_resume(checkpoint, davis_root, tmp_path):
     assert reseeded["sequences_computed"] == list(DAVIS_SEQS)
 
 
+def test_batch_sequences_writes_the_same_pngs(dv2017, checkpoint, davis_root, tmp_path, monkeypatch):
+    """--batch-sequences 2 (the sample's sequences in lockstep, frames batched through the
+    backbone) writes byte-identical PNGs and the same J&F and reuse as one at a time."""
+    from models.tracker import Tracker
+
+    results_dir, expected = dv2017
+    monkeypatch.setattr(Tracker, "track", None)  # the lockstep path only
+    got = run(checkpoint, tmp_path, *davis_args(davis_root), "--batch-sequences", "2")
+    lockstep_dir = tmp_path / "result" / results_dir.name
+    assert png_bytes(lockstep_dir) == png_bytes(results_dir) and len(png_bytes(results_dir)) > 0
+    assert got["sequences_computed"] == expected["sequences_computed"] == list(DAVIS_SEQS)
+    for seq in DAVIS_SEQS:
+        for key in ("J&F", "reuse_rate", "frames"):
+            assert got["sequences"][seq][key] == expected["sequences"][seq][key], (seq, key)
+    no_partials(lockstep_dir)
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: one clear error naming the path or flag
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from models.backbone import Backbone
 from models.network import Upsampler, upsample2x_bicubic
-from models.target_model import (FilterProblem, LeastSquaresProblem, SampleMemory, ScoreFilter,
+from models.target_model import (FilterProblem, ProjectFilterProblem, SampleMemory, ScoreFilter,
                                  UpsamplingMetric)
 
 
@@ -50,21 +50,64 @@ def test_upsampling_metric_equals_full_resolution_loss():
     torch.testing.assert_close(low, full, rtol=1e-5, atol=1e-4)
 
 
+def autograd_normal_equations(net, params, x, metric, target, regs):
+    """Reference Gauss-Newton system by autograd (double backward), per parameter:
+    b = −Jᵀ(M s − g, reg θ), A(v) = JᵀMJ v + reg² v."""
+    params = [p.detach().clone().requires_grad_(True) for p in params]
+    outputs = [net(x, *params)] + [r * p for r, p in zip(regs, params)]
+    u = [o.detach().requires_grad_(True) for o in outputs]
+    jtu = torch.autograd.grad(outputs, params, u, create_graph=True)
+    residual = [UpsamplingMetric.apply(metric, outputs[0].detach()) - target] + [o.detach() for o in outputs[1:]]
+    b = [-t for t in torch.autograd.grad(outputs, params, residual, retain_graph=True)]
+
+    def normal_op(v):
+        jv = list(torch.autograd.grad(jtu, u, v, retain_graph=True))
+        jv[0] = UpsamplingMetric.apply(metric, jv[0])
+        return list(torch.autograd.grad(outputs, params, jv, retain_graph=True))
+
+    return b, normal_op
+
+
 def test_explicit_filter_jacobians_equal_autograd():
     torch.manual_seed(0)
     f = ScoreFilter(6)
     memory = SampleMemory(4, (6, 5, 7), (20, 28), "cpu", 0.1)
     memory.initialize(torch.randn(3, 6, 5, 7), (torch.rand(3, 1, 20, 28) > 0.5).float(), torch.rand(3, 1, 20, 28))
-    v = [torch.randn(1, 6, 3, 3)]
-    results = []
-    for cls in (LeastSquaresProblem, FilterProblem):
-        problem = cls(memory, f, [0.1], [1.0])
-        problem.select_samples()
-        b, op = problem.normal_equations([f.weight])
-        results.append((b[0].detach(), op(v)[0].detach()))
-        f.weight.requires_grad_(False)
-    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-4)
+    v = torch.randn(1, 6, 3, 3)
+    problem = FilterProblem(memory, [0.1], [1.0])
+    problem.select_samples()
+    b, op = problem.normal_equations(f.weight.detach().view(1, -1))
+    ref_b, ref_op = autograd_normal_equations(lambda x, w: F.conv2d(x, w, padding=1), [f.weight], problem.x,
+                                              problem.metric, problem.target, [0.1])
+    torch.testing.assert_close(b.view(1, 6, 3, 3), ref_b[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(op(v.view(1, -1)).view(1, 6, 3, 3), ref_op([v])[0], atol=1e-5, rtol=1e-4)
+
+
+def test_explicit_project_filter_jacobians_equal_autograd():
+    """The initialization's written-out J and Jᵀ, two objects at once, against autograd per object."""
+    torch.manual_seed(0)
+    o, k, c_in, c, h, w = 2, 3, 10, 4, 5, 7
+    x = torch.randn(o, k, c_in, h, w)
+    metric = torch.rand(o * k, 9, h, w)
+    target = torch.randn(o * k, 1, h, w)
+    proj, filt = torch.randn(o, c, c_in, 1, 1), torch.randn(o, 1, c, 3, 3)
+    dproj, dfilt = torch.randn(o, c, c_in, 1, 1), torch.randn(o, 1, c, 3, 3)
+    regs = [0.1, 0.3]
+    problem = ProjectFilterProblem(x, metric, target, c, regs, [1.0, 1.0])
+
+    def flat(p, f):  # θ layout: projection, then the flipped filter taps
+        n = p.shape[0]
+        return torch.cat([p.reshape(n, -1), f.reshape(n, c, 9).flip(2).transpose(1, 2).reshape(n, -1)], dim=1)
+
+    b, op = problem.normal_equations(flat(proj, filt))
+    ab = op(flat(dproj, dfilt))
+    net = lambda xi, p, f: F.conv2d(F.conv2d(xi, p), f, padding=1)  # noqa: E731
+    for i in range(o):
+        rows = slice(i * k, (i + 1) * k)
+        ref_b, ref_op = autograd_normal_equations(net, [proj[i], filt[i]], x[i], metric[rows], target[rows], regs)
+        torch.testing.assert_close(b[i:i + 1], flat(ref_b[0][None], ref_b[1][None]), atol=1e-3, rtol=1e-4)
+        ref_ab = ref_op([dproj[i], dfilt[i]])
+        torch.testing.assert_close(ab[i:i + 1], flat(ref_ab[0][None], ref_ab[1][None]), atol=1e-3, rtol=1e-4)
 
 
 def test_fused_channels_last_backbone_equals_plain():

@@ -175,3 +175,29 @@ def test_backbone_weights_that_do_not_fit_are_a_user_error():
         Backbone("resnet18", state)
     with pytest.raises(UsageError, match="--ftext"):
         Backbone("resnet50", "random")
+
+
+def test_track_many_equals_one_at_a_time(checkpoint, clip, mixed_threshold):
+    """Lockstep tracking (B = 2) of three sequences, one shorter, one with a late start, one of
+    another size: each sequence's frames in order, and labels, gates and raw outputs bitwise
+    those of `track` one sequence at a time."""
+    images, labels = clip
+    small = (images[:5, :, :96, :160], labels[:5, :96, :160])
+    sequences = {"clip": lambda: frames_of(clip),
+                 "short": lambda: frames_of((images[:4].flip(3), labels[:4].flip(2)), {0: [1, 2]}),
+                 "small": lambda: frames_of(small, {0: [1], 2: [2]})}
+    tracker = tracker_for(checkpoint)
+    one = {key: list(tracker.track(make(), mixed_threshold, keep_raw=True)) for key, make in sequences.items()}
+    many: dict[str, list] = {}
+    for key, result in tracker.track_many(((key, make()) for key, make in sequences.items()), mixed_threshold,
+                                          batch=2, keep_raw=True):
+        many.setdefault(key, []).append(result)
+    assert {key: len(r) for key, r in many.items()} == {key: len(r) for key, r in one.items()}
+    reused = [v for r in one.values() for f in r for v in f.reused.values()]
+    assert any(reused) and not all(reused), "the threshold must exercise both paths"
+    for key in sequences:
+        for fa, fb in zip(one[key], many[key]):
+            assert fa.reused == fb.reused
+            assert torch.equal(fa.labels, fb.labels)
+            for k in fa.scores:
+                assert torch.equal(fa.scores[k], fb.scores[k]) and torch.equal(fa.logits[k], fb.logits[k])
