@@ -22,7 +22,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.tracker_speed import make_frames, random_tracker
-from lib.cli import add_precision_flag, add_threads_flag, cpu_threads, image_size, int_at_least, run
+from lib.cli import (add_precision_flag, add_random_backbone_flag, add_threads_flag, cpu_threads, image_size,
+                     int_at_least, run)
 
 # The CPU kernels aten::convolution dispatches to (oneDNN, or the native fallbacks).
 CONV_OPS = ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward", "aten::_nnpack_spatial_convolution",
@@ -84,8 +85,7 @@ def _measure(args: argparse.Namespace) -> dict:
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", choices=("resnet18", "resnet101"), default="resnet18",
-                   help="backbone of the seeded random network (default resnet18)")
+    add_random_backbone_flag(p)
     p.add_argument("--size", type=image_size(32), default=(480, 854), help="frame size HxW (default 480x854)")
     p.add_argument("--frames", type=int_at_least(2), default=4,
                    help="frames per run; the first initializes and is not profiled (default 4)")

@@ -32,11 +32,10 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks import tracker_speed
 from benchmarks.tracker_speed import make_frames
-from lib.cli import (add_device_flag, add_num_aug_flag, add_threads_flag, cpu_threads, image_size, int_at_least,
-                     resolve_device, run)
-from models import build_tracker
-from models.network import GFRTM
+from lib.cli import (add_device_flag, add_num_aug_flag, add_random_backbone_flag, add_threads_flag, cpu_threads,
+                     image_size, int_at_least, resolve_device, run)
 from models.target_model import GaussNewtonCG, SampleMemory
 
 # Factory functions and other ops that only allocate or alias: not counted, as views are not.
@@ -90,15 +89,8 @@ def sections(counter: OpCounter):
 
 
 def random_tracker(backbone: str, device: torch.device, num_aug: int, reuse: bool | None):
-    """A seeded random G-FRTM tracker; reuse True / False forces every gate decision."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        net = GFRTM(backbone).eval()
-    if reuse is not None:
-        with torch.no_grad():
-            net.reuse_gate.conv2.bias.copy_(torch.tensor([100.0, -100.0] if reuse else [-100.0, 100.0]))
-    return build_tracker({"model": net.state_dict(), "backbone": backbone}, device=device, num_aug=num_aug,
-                         backbone_weights="random")
+    """benchmarks.tracker_speed's seeded random tracker with `num_aug` first-frame images."""
+    return tracker_speed.random_tracker(backbone, device, reuse, num_aug=num_aug)
 
 
 def count_ops(tracker, frames: list[tuple], num_objects: int) -> dict:
@@ -166,12 +158,12 @@ def frames_per_second(tracker, sequences: list[list[tuple]], repeats: int,
 
 
 def main(args: argparse.Namespace) -> dict:
+    """Count and time as the module's docstring says; returns the printed numbers."""
     with cpu_threads(args.threads):
-        return _measure(args)
+        return _count_and_time(args, *resolve_device(args.dev))
 
 
-def _measure(args: argparse.Namespace) -> dict:
-    device, _ = resolve_device(args.dev)
+def _count_and_time(args: argparse.Namespace, device: torch.device, _: str) -> dict:
     h, w = args.size
     print(f"{args.backbone}, {h}x{w}, --num-aug {args.num_aug}, {args.frames} frames, random weights, device {device}"
           f"{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}, "
@@ -211,8 +203,7 @@ def _measure(args: argparse.Namespace) -> dict:
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", choices=("resnet18", "resnet101"), default="resnet18",
-                   help="backbone of the seeded random network (default resnet18)")
+    add_random_backbone_flag(p)
     p.add_argument("--size", type=image_size(32), default=(240, 432), help="frame size HxW (default 240x432)")
     add_num_aug_flag(p, default=5)
     p.add_argument("--objects", type=lambda s: [int_at_least(1)(n) for n in s.split(",")], default=[1, 3],

@@ -60,7 +60,7 @@ def make_frames(num_objects: int, num_frames: int, size: tuple[int, int], seed: 
 
 
 def random_tracker(backbone: str, device: torch.device | str, reuse: bool | None = None,
-                   precision: str = "fp32") -> Tracker:
+                   precision: str = "fp32", num_aug: int = 1) -> Tracker:
     """A tracker with seeded random weights; reuse True / False forces every gate decision."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -68,7 +68,7 @@ def random_tracker(backbone: str, device: torch.device | str, reuse: bool | None
     if reuse is not None:
         with torch.no_grad():
             net.reuse_gate.conv2.bias.copy_(torch.tensor([100.0, -100.0] if reuse else [-100.0, 100.0]))
-    return build_tracker({"model": net.state_dict(), "backbone": backbone}, device=device, num_aug=1,
+    return build_tracker({"model": net.state_dict(), "backbone": backbone}, device=device, num_aug=num_aug,
                          backbone_weights="random", precision=precision)
 
 

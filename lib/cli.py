@@ -101,6 +101,12 @@ def add_backbone_weights_flag(parser) -> None:
                              "tests only: meaningless results) (default: imagenet)")
 
 
+def add_random_backbone_flag(parser) -> None:
+    """--backbone of the benchmarks' seeded random networks."""
+    parser.add_argument("--backbone", choices=("resnet18", "resnet101"), default="resnet18",
+                        help="backbone of the seeded random network (default resnet18)")
+
+
 def add_num_aug_flag(parser, default: int) -> None:
     """--num-aug (evaluate.py and demo.py: 5, as upstream evaluates; train.py: 15, as upstream
     trains its cached target models)."""
