@@ -26,7 +26,7 @@ from typing import Optional
 
 from lib.background import BackgroundWriter, read_ahead
 import main_job
-from lib.cli import (UsageError, add_backbone_weights_flag, add_device_flag, add_num_aug_flag, add_precision_flag,
+from lib.cli import (UsageError, add_backbone_weights_flag, add_batch_sequences_flag, add_device_flag, add_num_aug_flag, add_precision_flag,
                      add_seed_flag, add_threads_flag, add_threshold_flag, int_at_least, positive_float, resolve_device,
                      run)
 from lib.image_io import resize_labels_nearest_exact, write_label_png
@@ -89,6 +89,7 @@ def get_parser() -> argparse.ArgumentParser:
     job.add_argument("--epochs", type=int_at_least(1), default=45,
                      help="training epochs of 12 samples (default 45: a few minutes on 2 CPU cores; the reuse "
                           "gate starts reusing on still stretches)")
+    add_batch_sequences_flag(job)
     add_threads_flag(job, default=main_job.JOB_THREADS,
                      why=" for the job's training and evaluation; docs/main-job.md's run used 2: the job's "
                          "floating-point results, and with them whether the gate meets its goals, change with the "
@@ -113,6 +114,9 @@ def run_own_video(args: argparse.Namespace) -> dict:
         raise UsageError("--mask is required with --video (the first frame's label PNG or a folder of them)")
     if args.model is None:
         raise UsageError("--model is required with --video (a G-FRTM checkpoint)")
+    if args.batch_sequences > 1:
+        raise UsageError("--batch-sequences: --video tracks one video; several sequences at a time are for the "
+                         "main job's evaluation (no --video) and evaluate.py")
     if isinstance(args.TH, tuple):
         raise UsageError(f"--TH: one threshold with --video, got {len(args.TH)} (a list of thresholds is for "
                          f"the main job, or evaluate.py on annotated videos)")

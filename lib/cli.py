@@ -123,6 +123,14 @@ def add_threads_flag(parser, default: Optional[int], why: str = "") -> None:
                         help=f"CPU threads (torch.set_num_threads){why} (default: {shown})")
 
 
+def add_batch_sequences_flag(parser) -> None:
+    """--batch-sequences (evaluate.py; demo.py's main job): EvalConfig.batch_sequences."""
+    parser.add_argument("--batch-sequences", type=int_at_least(1), default=1, metavar="B",
+                        help="track B sequences at a time in lockstep: their frames go through the backbone, "
+                             "template matching, reuse gate and decoder together (the same PNGs as 1, up to float "
+                             "rounding; docs/evaluation.md) (default 1: one sequence at a time)")
+
+
 @contextlib.contextmanager
 def cpu_threads(count: Optional[int]) -> Iterator[None]:
     """Run the block on `count` torch CPU threads (None: leave torch's count), then restore

@@ -18,22 +18,19 @@ import math
 import os
 import sys
 import time
-from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
 from dataset.presets import PRESETS, DataConfig, EvalData
 from lib import distributed
-from lib.background import BackgroundWriter, read_ahead
 from lib.cli import UsageError, resolve_device
 from lib.metrics import format_table, json_safe, write_results
-from lib.results import (SequenceWriter, TrackingStats, evaluate_data_dir, read_sequence_stats, results_dir,
-                         sequence_complete, summarize_tracking, write_json, write_submission_zip)
+from lib.results import (evaluate_data_dir, read_sequence_stats, results_dir, sequence_complete, summarize_tracking,
+                         write_json, write_submission_zip)
+from lib.tracking import SequenceFailure, percent, track_lockstep, track_one_by_one
 
 FPS_DEFINITION = ("frames / tracker time: object initialization (first-frame augmentation and target-model "
                   "training) included; reading frames from disk and writing PNGs excluded; CUDA synchronized "
@@ -45,8 +42,6 @@ WALL_FPS_DEFINITION = ("frames tracked in this run / wall-clock time of the trac
 REUSE_DEFINITION = ("reused object-frames / tracked object-frames, an object being tracked in every frame after "
                     "its first; pooled over all sequences of all ranks")
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pth.tar")
-PREFETCH_FRAMES = 4  # frames decoded ahead of the tracker
-PENDING_WRITES = 8  # PNGs queued for the writer thread
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,69 +206,6 @@ def build_tracker(job: Job):
         raise UsageError(f"checkpoint {job.checkpoint} (--model): {exc.args[0]}") from exc
 
 
-class WriteError(UsageError):
-    """A result file could not be written (disk full, permissions): names the path."""
-
-
-class SequenceOutput:
-    """One sequence's results as they are tracked: PNGs by a background writer into the
-    sequence's temporary folder, statistics; `finish` flushes and checks the PNGs, writes the
-    timeline and moves the folder into place. A context manager (an error discards the folder)."""
-
-    def __init__(self, job: Job, seq):
-        self.job, self.seq = job, seq
-        self.stats = TrackingStats()
-        self.started = time.perf_counter()
-        self._stack = ExitStack()
-        self.writer = self._stack.enter_context(SequenceWriter(job.out_dir, seq.name, seq.frame_names))
-        self.pngs = self._stack.enter_context(BackgroundWriter(PENDING_WRITES))
-
-    def __enter__(self) -> "SequenceOutput":
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return self._stack.__exit__(*exc)
-
-    def add(self, t: int, frame) -> None:
-        """Frame t's FrameResult: its PNG queued, its statistics counted."""
-        name = self.seq.frame_names[t]
-        self.pngs.submit(self.writer.tmp_dir / f"{name}.png", partial(self.writer.write, name, frame.labels.numpy()))
-        self.stats.add(frame, name)
-
-    def finish(self) -> dict:
-        """Flush the PNGs, write timeline.json and the statistics -> the statistics."""
-        job, stats = self.job, self.stats
-        self.pngs.flush()
-        wall = time.perf_counter() - self.started
-        self.writer.write_json("timeline.json", {"fps": stats.fps, "frames": stats.timeline})
-        result = {**stats.as_dict(), "wall_seconds": wall,
-                  "wall_fps": stats.frames / wall if wall > 0 else math.nan, "settings": job.settings,
-                  "device": str(job.device), "torch_version": torch.__version__, "rank": job.ctx.rank}
-        self.writer.finish(result)
-        return result
-
-
-def track_sequence(job: Job, tracker, seq, frames=None) -> dict:
-    """Track one sequence: frames decoded ahead in a thread (or `frames`, the sequence's frames
-    already in memory), PNGs written by a background writer that is flushed and checked before
-    the sequence folder is moved into place. Returns the statistics written with it."""
-    config = job.config
-    try:
-        with SequenceOutput(job, seq) as output, \
-                tqdm(total=len(seq), desc=seq.name, unit="frame", file=sys.stderr, dynamic_ncols=True,
-                     disable=not job.ctx.is_main) as bar, \
-                closing(read_ahead(seq if frames is None else frames, PREFETCH_FRAMES)) as frames:
-            for t, frame in enumerate(tracker.track(frames, config.TH, keep_probabilities=False)):
-                output.add(t, frame)
-                bar.update(1)
-                bar.set_postfix(fps=f"{output.stats.fps:.1f}", reuse=_pct(output.stats.reuse_rate), refresh=False)
-            return output.finish()
-    except OSError as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise WriteError(f"{exc} (free space or fix the permissions of {job.out_dir})") from exc
-
-
 def track_sequences(job: Job, sequences: list, tracker=None, frames: Optional[dict] = None) -> dict:
     """Track this rank's sequences, stopping at the first failure (with `tracker`, else a new
     one; `frames`: {sequence name: its frames in memory} for those not to be read from disk).
@@ -294,21 +226,16 @@ def track_sequences(job: Job, sequences: list, tracker=None, frames: Optional[di
             pass
     job.out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    if job.config.batch_sequences > 1:
-        from lib.lockstep import track_lockstep
-        track_lockstep(job, tracker, sequences, frames, outcome)
-        outcome["wall_seconds"] = time.perf_counter() - started
-        return outcome
-    for seq in sequences:
-        try:
-            stats = track_sequence(job, tracker, seq, frames.get(seq.name))
-        except Exception as exc:
-            outcome["failure"] = {"sequence": seq.name, "error": _with_context(str(exc), seq.name, job.out_dir)}
-            outcome["exception"] = exc
-            break
-        outcome["sequences"].append(seq.name)
-        outcome["frames"] += stats["frames"]
-        outcome["tracker_seconds"] += stats["seconds"]
+    track = track_lockstep if job.config.batch_sequences > 1 else track_one_by_one
+    try:
+        for name, stats in track(job, tracker, sequences, frames):
+            outcome["sequences"].append(name)
+            outcome["frames"] += stats["frames"]
+            outcome["tracker_seconds"] += stats["seconds"]
+    except SequenceFailure as failure:
+        outcome["failure"] = {"sequence": failure.sequence,
+                              "error": _with_context(str(failure.error), failure.sequence, job.out_dir)}
+        outcome["exception"] = failure.error
     outcome["wall_seconds"] = time.perf_counter() - started
     return outcome
 
@@ -408,19 +335,15 @@ def _metadata(job: Job, computed: list[str], outcomes: list[dict]) -> dict:
 # Report
 
 
-def _pct(value) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
-
-
 def _num(value, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, (int, float)) and math.isfinite(value) else "n/a"
 
 
 def _speed_table(per_sequence: dict, overall: dict) -> str:
-    rows = [(name, str(s["frames"]), _num(s.get("fps")), _num(s.get("wall_fps")), _pct(s.get("reuse_rate")))
+    rows = [(name, str(s["frames"]), _num(s.get("fps")), _num(s.get("wall_fps")), percent(s.get("reuse_rate")))
             for name, s in per_sequence.items()]
     rows.append(("overall", str(overall["frames"]), _num(overall["fps"]), _num(overall.get("wall_fps")),
-                 _pct(overall["reuse_rate"])))
+                 percent(overall["reuse_rate"])))
     header = ("Sequence", "Frames", "FPS", "Wall FPS", "Reuse")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r))
@@ -463,7 +386,7 @@ def report(results: dict) -> None:
     ranks = f" over {results['world_size']} ranks" if results.get("world_size", 1) > 1 else ""
     print(f"FPS {_num(shown['fps'])} ({results['frames']} frames / {shown['seconds']:.2f} s tracker time{ranks}; "
           f"object initialization included, disk I/O excluded)  wall FPS {_num(shown['wall_fps'])} (frames tracked "
-          f"in this run / {shown['wall_seconds']:.2f} s wall time)  reuse rate {_pct(shown['reuse_rate'])} "
+          f"in this run / {shown['wall_seconds']:.2f} s wall time)  reuse rate {percent(shown['reuse_rate'])} "
           f"({results['reused_object_frames']} of {results['tracked_object_frames']} object-frames)")
     if results.get("metric") is not None:
         print(summary_line(results))

@@ -74,6 +74,12 @@ def same_format(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def per_sample(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """Rows of per-frame tensors t (F, ...) for the samples, `rows` (B,) the frame of each
+    sample; t itself without `rows` (batch 1, shared by all samples, or one row per sample)."""
+    return t if rows is None else t.index_select(0, rows)
+
+
 def conv(ic: int, oc: int, ksize: int, bias: bool = True, groups: int = 1) -> nn.Conv2d:
     """'Same' convolution (stride 1, padding ksize // 2)."""
     return nn.Conv2d(ic, oc, ksize, padding=ksize // 2, bias=bias, groups=groups)
@@ -109,10 +115,12 @@ class TemplateMatching(nn.Module):
         hw = value.shape[-1]
         return torch.softmax(torch.bmm(value, key.transpose(1, 2)) / math.sqrt(hw), dim=2)
 
-    def match(self, layer3: torch.Tensor, score8: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
-        """layer3 (1 or B, C3, H8, W8), score8 (B, 1, H8, W8), template (B, 64, 64) -> M (B, 64, H8, W8)."""
+    def match(self, layer3: torch.Tensor, score8: torch.Tensor, template: torch.Tensor,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
+        """layer3 (1 or B, C3, H8, W8), or (F, ...) with `rows` (B,) each sample's row of it;
+        score8 (B, 1, H8, W8), template (B, 64, 64) -> M (B, 64, H8, W8)."""
         b = score8.shape[0]
-        x = torch.cat([layer3.expand(b, -1, -1, -1), score8.to(layer3.dtype)], dim=1)
+        x = torch.cat([per_sample(layer3, rows).expand(b, -1, -1, -1), score8.to(layer3.dtype)], dim=1)
         key = self.key(x)
         feature = self.feature(x)
         h, w = key.shape[-2:]
@@ -207,16 +215,17 @@ class Decoder(nn.Module):
         self.RRB2 = nn.ModuleDict({L: ResidualBlock(channels) for L in DECODER_LEVELS})
 
     def stage(self, level: str, feature: torch.Tensor, score: torch.Tensor,
-              x: torch.Tensor | None) -> torch.Tensor:
+              x: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """One decoder level.
 
         feature (1 or B, C_L, H_L, W_L): backbone features, shared by all objects when batch 1;
+        or (F, ...), the features of F frames, with rows (B,) each object's frame;
         score (B, 1, h, w): score map at any stride, resized to the level;
         x (B, 64, h', w') or None: state from the deeper level (None at layer5).
         Returns the new state (B, 64, H_L, W_L).
         """
         tse = self.TSE[level]
-        h = tse.reduce(feature)  # computed once per frame when objects share the features
+        h = per_sample(tse.reduce(feature), rows)  # reduced once per frame, shared by its objects
         pooled = F.adaptive_avg_pool2d(h, 1) if x is None else x
         b = score.shape[0]
         # the score joins in the features' dtype (fp32 scores would promote the concatenation)
@@ -225,19 +234,20 @@ class Decoder(nn.Module):
         h = self.CAB[level](pooled, h)
         return self.RRB2[level](h)
 
-    def deep(self, features: Mapping[str, torch.Tensor], score: torch.Tensor) -> torch.Tensor:
+    def deep(self, features: Mapping[str, torch.Tensor], score: torch.Tensor,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
         """Deep stages (layer5, layer4) -> decoder state x16 (B, 64, H16, W16)."""
         x = None
         for level in DEEP_LEVELS:
-            x = self.stage(level, features[level], score, x)
+            x = self.stage(level, features[level], score, x, rows)
         return x
 
     def shallow(self, features: Mapping[str, torch.Tensor], score: torch.Tensor,
-                x16: torch.Tensor) -> torch.Tensor:
+                x16: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Shallow stages (layer3, layer2) from x16 -> state at stride 4 (B, 64, H4, W4)."""
         x = x16
         for level in SHALLOW_LEVELS:
-            x = self.stage(level, features[level], score, x)
+            x = self.stage(level, features[level], score, x, rows)
         return x
 
 
@@ -331,9 +341,10 @@ class GFRTM(nn.Module):
         """(B, C3, H8, W8), (B, 1, H8, W8) -> template (B, 64, 64)."""
         return self.template_matching.make_template(layer3, mask8)
 
-    def match(self, layer3: torch.Tensor, score8: torch.Tensor, template: torch.Tensor) -> torch.Tensor:
-        """Template matching -> M (B, 64, H8, W8)."""
-        return self.template_matching.match(layer3, score8, template)
+    def match(self, layer3: torch.Tensor, score8: torch.Tensor, template: torch.Tensor,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Template matching -> M (B, 64, H8, W8); `rows`: see `TemplateMatching.match`."""
+        return self.template_matching.match(layer3, score8, template, rows)
 
     def gate_logits(self, matched: torch.Tensor) -> torch.Tensor:
         """M (B, 64, H8, W8) -> reuse gate logits (B, 2), index 0 = reuse."""
@@ -343,14 +354,15 @@ class GFRTM(nn.Module):
         """M (B, 64, H8, W8) -> Δ (B, 1, H16, W16)."""
         return self.delta_generator(matched)
 
-    def deep_stages(self, features: Mapping[str, torch.Tensor], score: torch.Tensor) -> torch.Tensor:
-        """Decoder deep stages -> x16 (B, 64, H16, W16)."""
-        return self.decoder.deep(features, score)
+    def deep_stages(self, features: Mapping[str, torch.Tensor], score: torch.Tensor,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Decoder deep stages -> x16 (B, 64, H16, W16); `rows`: see `Decoder.stage`."""
+        return self.decoder.deep(features, score, rows)
 
     def shallow_stages(self, features: Mapping[str, torch.Tensor], score: torch.Tensor,
-                       x16: torch.Tensor) -> torch.Tensor:
+                       x16: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder shallow stages -> (B, 64, H4, W4)."""
-        return self.decoder.shallow(features, score, x16)
+        return self.decoder.shallow(features, score, x16, rows)
 
     def translate(self, x16: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """Refine-translator: previous x16 and Δ -> x16 for the current frame."""
@@ -362,19 +374,21 @@ class GFRTM(nn.Module):
 
     # Compositions of the steps ----------------------------------------------------------------
 
-    def decode_computed(self, features: Mapping[str, torch.Tensor], score: torch.Tensor,
-                        image_size) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gate 0: full decoder with the target-model score -> (logits, new x16)."""
-        x16 = self.deep_stages(features, score)
-        return self.upsample(self.shallow_stages(features, score, x16), image_size), x16
+    def decode_computed(self, features: Mapping[str, torch.Tensor], score: torch.Tensor, image_size,
+                        rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate 0: full decoder with the target-model score -> (logits, new x16). `rows`: each
+        object's frame when the features are those of several frames (`Decoder.stage`)."""
+        x16 = self.deep_stages(features, score, rows)
+        return self.upsample(self.shallow_stages(features, score, x16, rows), image_size), x16
 
     def decode_reused(self, features: Mapping[str, torch.Tensor], score: torch.Tensor, x16_prev: torch.Tensor,
-                      delta: torch.Tensor, image_size) -> tuple[torch.Tensor, torch.Tensor]:
+                      delta: torch.Tensor, image_size,
+                      rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Gate 1: translate the previous x16, shallow stages with score = prev score + Δ ->
         (logits, next x16). The state carried to the next frame is x16_prev itself: only a
         computed frame renews it (upstream), the translated state serves this frame alone."""
         x16 = self.translate(x16_prev, delta)
-        return self.upsample(self.shallow_stages(features, score, x16), image_size), x16_prev
+        return self.upsample(self.shallow_stages(features, score, x16, rows), image_size), x16_prev
 
     def decode_training(self, features: Mapping[str, torch.Tensor], score: torch.Tensor,
                         deep_score: torch.Tensor, gate: torch.Tensor, x16_prev: torch.Tensor,

@@ -169,7 +169,8 @@ class SampleMemory:
         self.learning_rate = learning_rate
         self._last_slot: int | None = None
 
-    def _encode(self, labels: torch.Tensor, pixel_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, labels: torch.Tensor, pixel_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels and pixel weights (N, 1, H, W) -> the samples' (metrics (N, 9, h, w), targets (N, 1, h, w))."""
         squared = pixel_weights * pixel_weights
         return self.upsampling.metric(squared), self.upsampling.adjoint(squared * labels.float())
 
@@ -188,14 +189,14 @@ class SampleMemory:
         self.samples[:k] = features.detach()
         self.host_weights[:k] = self.first_weights(k)
         self.weights = to_device(self.host_weights, self.device)
-        self.metrics[:k], self.targets[:k] = encoded if encoded is not None else self._encode(labels, pixel_weights)
+        self.metrics[:k], self.targets[:k] = encoded if encoded is not None else self.encode(labels, pixel_weights)
         self.size = k
 
-    def insert(self, feature: torch.Tensor, label: torch.Tensor, pixel_weight: torch.Tensor) -> None:
-        """Insert one sample: feature (1, C, h, w), label and pixel_weight (1, 1, H, W)."""
+    def insert(self, feature: torch.Tensor, metric: torch.Tensor, target: torch.Tensor) -> None:
+        """Insert one sample: feature (1, C, h, w) and its label and pixel weights as `encode`
+        gives them, metric (1, 9, h, w) and target (1, 1, h, w)."""
         slot = self._update_weights()
         self.samples[slot] = feature.detach()[0]
-        metric, target = self._encode(label, pixel_weight)
         self.metrics[slot], self.targets[slot] = metric[0], target[0]
         self.size = min(self.size + 1, self.capacity)
         self._last_slot = slot
@@ -482,20 +483,29 @@ class TargetModel(nn.Module):
         `train_skipping`-th application re-optimize the filter. `enough_foreground`: the
         config's `enough_foreground(soft_mask)` already fetched by the caller (else fetched
         here, which waits on the device)."""
-        cfg = self.config
-        if self.current_sample is None or self.memory is None:
-            return
         if enough_foreground is None:
-            enough_foreground = bool(cfg.enough_foreground(soft_mask)[0])
-        if not enough_foreground:
+            enough_foreground = bool(self.config.enough_foreground(soft_mask)[0])
+        TargetModel.update_many([self], soft_mask, [enough_foreground])
+
+    @staticmethod
+    def update_many(models: Sequence["TargetModel"], soft_masks: torch.Tensor, enough_foreground: Sequence[bool]) -> None:
+        """`update` of N target models (same config, device and sizes) after a computed frame:
+        soft_masks (N, 1, H, W), enough_foreground (N,) fetched by the caller. The new samples'
+        pixel weights and encodings are computed in one batch (the same numbers as one by one)."""
+        chosen = [i for i, (model, enough) in enumerate(zip(models, enough_foreground))
+                  if enough and model.current_sample is not None and model.memory is not None]
+        if not chosen:
             return
-        with full_fp32(self.device):
-            soft_mask = soft_mask.float()
-            pw = pixel_weights((soft_mask > 0.5).float(), cfg.pixel_weighting, cfg.target_fraction)
-            self.memory.insert(self.current_sample, soft_mask, pw)
-            if self.applications % cfg.train_skipping != 0:
-                return
-            self.update_optimizer.run(cfg.update_iters)
+        cfg = models[chosen[0]].config
+        with full_fp32(models[chosen[0]].device):
+            masks = (soft_masks if len(chosen) == len(models) else torch.cat([soft_masks[i:i + 1] for i in chosen])).float()
+            pw = pixel_weights((masks > 0.5).float(), cfg.pixel_weighting, cfg.target_fraction)
+            metrics, targets = models[chosen[0]].memory.encode(masks, pw)
+            for j, i in enumerate(chosen):
+                models[i].memory.insert(models[i].current_sample, metrics[j:j + 1], targets[j:j + 1])
+            for i in chosen:
+                if models[i].applications % cfg.train_skipping == 0:
+                    models[i].update_optimizer.run(cfg.update_iters)
 
 
 def _initialize_many(models: Sequence[TargetModel], features: torch.Tensor, masks: torch.Tensor) -> None:

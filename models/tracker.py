@@ -5,7 +5,8 @@ Per tracked object and frame: template matching and the reuse gate decide betwee
   computing objects), full decoder, target-model update;
 * reused: previous score + Δ, refine-translated decoder state, shallow decoder stages only.
 Objects are batched through the network by default; `batch_objects=False` runs them one by one
-(same outputs, used by the tests).
+(same outputs, used by the tests). `track_many` steps several sequences together, their frames and
+objects batched the same way (`_step` serves both).
 
 The frame loop does not wait on the device more than it must: all gate decisions of a frame are
 fetched in one transfer, the labels (with the target models' update checks, and probabilities
@@ -111,6 +112,38 @@ class _Slot:
     t: int = 0
 
 
+@dataclass
+class _Entry:
+    """One sequence's frame in a tracking step."""
+
+    sequence: _Sequence
+    t: int
+    image: torch.Tensor  # (1, 3, H, W) on the device
+    labels: torch.Tensor | None  # (H, W) on the host
+    new_ids: list[int]
+    features: dict | None = None  # level -> (1, C, h, w), when already computed
+    low_batch: dict | None = None  # the `_batched_low` batch `features` are row `low_row` of
+    low_row: int = 0
+    tracked: list[_Object] = field(default_factory=list)  # objects tracked before this frame
+    started: list[_Object] = field(default_factory=list)  # objects starting on this frame
+
+
+@dataclass
+class _Group:
+    """Objects gated, scored and decoded together: those of frames of one size (or a single
+    object when objects are not batched). `rows` maps each object to its frame's row in
+    `features`."""
+
+    features: dict  # level -> (F, C, h, w)
+    objects: list[_Object]
+    rows: list[int]
+    size: tuple[int, int]  # (H, W) of the frames
+
+    @property
+    def frames(self) -> int:
+        return self.features["layer3"].shape[0]
+
+
 def fetch(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Copy device tensors to the host in one transfer (one wait for the device): their bytes are
     packed into one buffer, widest dtypes first so every piece stays aligned; each result gets
@@ -132,38 +165,40 @@ def fetch(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _max_over_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max and argmax (first wins ties) over dim 0 of a short (R, H, W) stack; much faster on
-    CPU than a strided reduction when R is small."""
-    best, index = x[0].clone(), torch.zeros(x.shape[1:], dtype=torch.long, device=x.device)
-    for i in range(1, x.shape[0]):
-        better = x[i] > best
-        index.masked_fill_(better, i)
-        torch.maximum(best, x[i], out=best)
+    """Max and argmax (first wins ties) over the rows (dim -3) of a short (..., R, H, W) stack;
+    much faster on CPU than a strided reduction when R is small."""
+    best = x[..., 0, :, :].clone()
+    index = torch.zeros(best.shape, dtype=torch.long, device=x.device)
+    for i in range(1, x.shape[-3]):
+        row = x[..., i, :, :]
+        index.masked_fill_(row > best, i)
+        torch.maximum(best, row, out=best)
     return best, index
 
 
 def merge_probabilities(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """FRTM's merge. p (1 + N, H, W): row 0 ignored (background), rows 1.. object probabilities.
+    """FRTM's merge. p (1 + N, H, W), or (F, 1 + N, H, W) for F frames at once: row 0 ignored
+    (background), rows 1.. object probabilities.
 
     Clamp to [1e-7, 1 - 1e-7], background = min over objects of (1 - p), softmax of p / (1 - p)
-    over the rows. Returns the kept soft masks (1 + N, H, W) (each row's softmax value where it
-    wins, else 0) and the winning row per pixel (H, W).
+    over the rows. Returns the kept soft masks (each row's softmax value where it wins, else 0),
+    p's shape, and the winning row per pixel (..., H, W).
     """
     p = p.clamp(1e-7, 1 - 1e-7)
-    p[0] = 1 - _max_over_rows(p[1:])[0]  # = min over objects of (1 - p), exactly
+    p[..., 0, :, :] = 1 - _max_over_rows(p[..., 1:, :, :])[0]  # = min over objects of (1 - p), exactly
     odds = p / (1 - p)
     top, _ = _max_over_rows(odds)
-    e = torch.exp(odds - top)
-    segs = e / e.sum(dim=0)
+    e = torch.exp(odds - top.unsqueeze(-3))
+    segs = e / e.sum(dim=-3, keepdim=True)
     _, winner = _max_over_rows(segs)
-    rows = torch.arange(segs.shape[0], device=segs.device).view(-1, 1, 1)
-    return segs * (winner == rows), winner
+    rows = torch.arange(segs.shape[-3], device=segs.device).view(-1, 1, 1)
+    return segs * (winner.unsqueeze(-3) == rows), winner
 
 
 def labels_from_merge(soft: torch.Tensor, winner: torch.Tensor) -> torch.Tensor:
-    """Label rows (H, W) as upstream computes them: it merges the kept soft masks once more,
+    """Label rows (..., H, W) as upstream computes them: it merges the kept soft masks once more,
     which keeps an object's pixel only where its kept value exceeds 0.5 (else background)."""
-    kept = soft.gather(0, winner[None])[0]
+    kept = soft.gather(-3, winner.unsqueeze(-3)).squeeze(-3)
     return torch.where((winner > 0) & (kept.clamp(max=1 - 1e-7) > 0.5), winner, torch.zeros_like(winner))
 
 
@@ -216,19 +251,19 @@ class Tracker:
         for t, (image, labels, new_ids) in enumerate(self._on_device(frames)):
             start = time.perf_counter()
             with torch.no_grad():
-                result = self._frame(sequence, t, image, labels, new_ids, float(threshold),
-                                     keep_probabilities, keep_raw)
+                (result,) = self._step([_Entry(sequence, t, image, labels, new_ids)], float(threshold),
+                                       keep_probabilities, keep_raw)
             yield dataclasses.replace(result, seconds=time.perf_counter() - start)
 
     def track_many(self, sequences: Iterable[tuple[Hashable, Iterable[Frame]]], threshold: float = 0.7,
                    batch: int = 2, keep_probabilities: bool = True,
                    keep_raw: bool = False) -> Iterator[tuple[Hashable, FrameResult]]:
-        """Track `batch` sequences in lockstep: each step takes one frame of every open sequence,
-        and the frames of one size that start no object go through the backbone's low stages
-        in one batch; gates, target models and decoders stay per sequence (each object's reuse
-        decision is its own). `sequences` yields (key, frames), frames as `track` takes them;
-        yields (key, FrameResult), each sequence's frames in order. A sequence that ends hands
-        its slot to the next one. A frame's `seconds` is its share of the step's time."""
+        """Track `batch` sequences in lockstep: each step takes one frame of every open sequence;
+        the frames of one size go through the backbone together, and their objects through
+        template matching, the reuse gate and the decoder (each object's reuse decision is its
+        own). `sequences` yields (key, frames), frames as `track` takes them; yields (key,
+        FrameResult), each sequence's frames in order. A sequence that ends hands its slot to
+        the next one. A frame's `seconds` is its share of the step's time."""
         source = iter(sequences)
         slots: list[_Slot] = []
         while True:
@@ -251,32 +286,28 @@ class Tracker:
             if not step:
                 return
             start = time.perf_counter()
-            results = []
+            entries = [_Entry(slot.sequence, slot.t, *frame) for slot, frame in step]
             with torch.no_grad():
                 # frames where objects start take the start's backbone pass instead
-                low = self._batched_low([(slot, frame) for slot, frame in step
-                                         if slot.sequence.objects and not slot.sequence.starting(frame[2])])
-                for slot, (image, labels, new_ids) in step:
-                    results.append(self._frame(slot.sequence, slot.t, image, labels, new_ids, float(threshold),
-                                               keep_probabilities, keep_raw, low.get(id(slot))))
-                    slot.t += 1
+                self._batched_low([e for e in entries if e.sequence.objects and not e.sequence.starting(e.new_ids)])
+                results = self._step(entries, float(threshold), keep_probabilities, keep_raw)
             seconds = (time.perf_counter() - start) / len(step)
             for (slot, _), result in zip(step, results):
+                slot.t += 1
                 yield slot.key, dataclasses.replace(result, seconds=seconds)
 
-    def _batched_low(self, step: list[tuple["_Slot", tuple]]) -> dict[int, dict]:
-        """The low backbone stages of the step's frames, one batch per frame size -> {id(slot):
-        that frame's features (batch 1)}."""
-        by_size: dict[tuple, list] = {}
-        for slot, frame in step:
-            by_size.setdefault(tuple(frame[0].shape[-2:]), []).append((slot, frame[0]))
-        out = {}
+    def _batched_low(self, entries: list[_Entry]) -> None:
+        """The low backbone stages of the entries' frames, one batch per frame size; each entry
+        gets its rows (views)."""
+        by_size: dict[tuple, list[_Entry]] = {}
+        for entry in entries:
+            by_size.setdefault(tuple(entry.image.shape[-2:]), []).append(entry)
         for group in by_size.values():
             with self._autocast():
-                features = self.backbone.low(torch.cat([image for _, image in group]))
-            for i, (slot, _) in enumerate(group):
-                out[id(slot)] = {k: v[i:i + 1] for k, v in features.items()}
-        return out
+                features = self.backbone.low(torch.cat([e.image for e in group]))
+            for i, entry in enumerate(group):
+                entry.features = {k: v[i:i + 1] for k, v in features.items()}
+                entry.low_batch, entry.low_row = features, i
 
     def _on_device(self, frames: Iterable[Frame]) -> Iterator[tuple]:
         """(image (1, 3, H, W) on the device, labels (H, W) on the host or None, new ids) per
@@ -299,77 +330,204 @@ class Tracker:
 
     # ------------------------------------------------------------------------------------------
 
-    def _frame(self, sequence: _Sequence, t: int, image: torch.Tensor, labels: torch.Tensor | None,
-               new_ids: list[int], threshold: float, keep_probabilities: bool, keep_raw: bool,
-               low: dict | None = None) -> FrameResult:
-        """One frame of one sequence; `low`: the frame's low backbone features when already computed."""
-        size = image.shape[-2:]
-        objects = sequence.objects
-        new_ids = sequence.starting(new_ids)
+    def _step(self, entries: list[_Entry], threshold: float, keep_probabilities: bool,
+              keep_raw: bool) -> list[FrameResult]:
+        """One frame of each entry's sequence: objects start (sequence by sequence), then the
+        tracked objects of all frames are gated (one transfer for all decisions), scored and
+        decoded in groups (`_groups`), merged into labels (`_merge`), and the labels and the
+        target models' update checks of all frames come to the host in one more transfer."""
+        for entry in entries:
+            self._start(entry)
+        tracking = [e for e in entries if e.tracked]
+        for entry in tracking:
+            if entry.features is None:
+                with self._autocast():
+                    entry.features = self.backbone.low(entry.image)
+        groups = self._groups(tracking)
+        matched, p_reuse = self._gates(groups, threshold)
+        outputs: dict[int, _Output] = {}  # id(object) -> its output
+        for group, group_matched, group_p in zip(groups, matched, p_reuse):
+            for out in self._decode(group, group_matched, group_p, threshold):
+                outputs[id(out.obj)] = out
+
+        labels, computed = self._merge(tracking, outputs)
+        updates: dict[tuple, list] = {}  # the target models' update samples, by frame size
+        for frame in computed:
+            for obj, soft_mask in frame:
+                updates.setdefault(tuple(soft_mask.shape), []).append((obj, soft_mask))
+        update_masks = [torch.cat([m for _, m in u]) for u in updates.values()]
+        wanted = [self.target_config.enough_foreground(masks) for masks in update_masks]
+        for entry, frame_labels in zip(tracking, labels):
+            tracked = [outputs[id(o)] for o in entry.tracked]
+            wanted.append(frame_labels)
+            wanted.append(torch.stack([out.probability for out in tracked]) if keep_probabilities else None)
+            wanted.append(torch.cat([out.score.float() for out in tracked]) if keep_raw else None)
+            wanted.append(torch.cat([out.logits.float() for out in tracked]) if keep_raw else None)
+        host = iter(_fetch_some(wanted))
+        for samples, masks in zip(updates.values(), update_masks):
+            TargetModel.update_many([obj.target_model for obj, _ in samples], masks, next(host).tolist())
+
+        results = []
+        for entry in entries:
+            if not entry.tracked:
+                results.append(FrameResult(labels=torch.zeros(entry.image.shape[-2:], dtype=torch.uint8)
+                                           if entry.labels is None else entry.labels.to(torch.uint8)))
+                continue
+            frame_labels, probabilities, scores, logits = (next(host) for _ in range(4))
+            tracked = [outputs[id(o)] for o in entry.tracked]
+            ids = [out.obj.id for out in tracked]
+            results.append(FrameResult(
+                labels=frame_labels, probabilities=dict(zip(ids, probabilities)) if keep_probabilities else {},
+                reused={out.obj.id: out.reused for out in tracked},
+                reuse_prob={out.obj.id: out.reuse_prob for out in tracked if out.reuse_prob is not None},
+                scores={i: s[None] for i, s in zip(ids, scores)} if keep_raw else {},
+                logits={i: s[None] for i, s in zip(ids, logits)} if keep_raw else {}))
+        return results
+
+    def _merge(self, entries: list[_Entry], outputs: dict[int, _Output]
+               ) -> tuple[list[torch.Tensor], list[list[tuple[_Object, torch.Tensor]]]]:
+        """Merge each frame's object probabilities into labels, frames of the same size and
+        object count together. Objects starting on a frame claim their masks, older objects are
+        suppressed under them. -> per entry: labels (H, W) uint8 ids on the device, and
+        (object, its kept soft mask (1, 1, H, W)) for each object computed on that frame (the
+        target-model update's sample)."""
+        by_kind: dict[tuple, list[int]] = {}
+        for i, entry in enumerate(entries):
+            by_kind.setdefault((tuple(entry.image.shape[-2:]), len(entry.sequence.objects)), []).append(i)
+        labels: list = [None] * len(entries)
+        computed: list = [None] * len(entries)
+        for (size, _), members in by_kind.items():
+            rows = []
+            for i in members:
+                entry = entries[i]
+                rows.append(torch.zeros(size, device=self.device))
+                for obj in entry.sequence.objects:
+                    if obj.start_frame == entry.t:
+                        rows.append(obj.start_mask)
+                        continue
+                    p = outputs[id(obj)].probability
+                    for new in entry.started:
+                        p = p * (1 - new.start_mask)
+                    rows.append(p)
+            p = torch.stack(rows)
+            soft, winner = merge_probabilities(p.view(len(members), -1, *size) if len(members) > 1 else p)
+            merged = labels_from_merge(soft, winner)
+            ids = entries[members[0]].sequence.ids if len(members) == 1 else \
+                torch.stack([entries[i].sequence.ids for i in members])
+            if len(members) == 1:
+                soft, merged = soft[None], ids[merged][None]
+            else:
+                merged = ids.gather(1, merged.flatten(1)).view(merged.shape)
+            for j, i in enumerate(members):
+                labels[i] = merged[j]
+                computed[i] = [(o, soft[j, 1 + k].view(1, 1, *size)) for k, o in enumerate(entries[i].sequence.objects)
+                               if id(o) in outputs and not outputs[id(o)].reused]
+        return labels, computed
+
+    def _start(self, entry: _Entry) -> None:
+        """Start the entry's new objects (their target models trained on the augmented frame);
+        sets the entry's tracked and started objects, and its features when a start computed them."""
+        sequence, t, labels = entry.sequence, entry.t, entry.labels
+        new_ids = sequence.starting(entry.new_ids)
         if new_ids and labels is None:
             raise ValueError(f"frame {t}: objects {new_ids} start here but no labels were given")
+        entry.tracked = list(sequence.objects)
+        if not new_ids:
+            return
+        present = set(torch.unique(labels).tolist())  # host labels: no device wait
+        empty = [i for i in new_ids if i not in present]
+        if empty:
+            raise UsageError(f"frame {t}: object {empty[0]} starts here but its mask is empty")
+        entry.started, entry.features = self._start_objects(new_ids, t, entry.image, to_device(labels, self.device))
+        sequence.objects.extend(entry.started)
+        sequence.ids = to_device(torch.tensor([0] + [o.id for o in sequence.objects], dtype=torch.uint8), self.device)
 
-        old = list(objects)
-        features = None
-        new_objects = []
-        if new_ids:
-            present = set(torch.unique(labels).tolist())  # host labels: no device wait
-            empty = [i for i in new_ids if i not in present]
-            if empty:
-                raise UsageError(f"frame {t}: object {empty[0]} starts here but its mask is empty")
-            new_objects, features = self._start_objects(new_ids, t, image, to_device(labels, self.device))
-            objects.extend(new_objects)
-            sequence.ids = to_device(torch.tensor([0] + [o.id for o in objects], dtype=torch.uint8), self.device)
-        if not old:
-            return FrameResult(labels=torch.zeros(size, dtype=torch.uint8) if labels is None
-                               else labels.to(torch.uint8))
+    def _groups(self, entries: list[_Entry]) -> list[_Group]:
+        """The entries' tracked objects in groups: with `batch_objects`, one group per frame size
+        (frames whose start already computed the high backbone levels apart); else one per object."""
+        if not self.batch_objects:
+            return [_Group(e.features, [obj], [0], tuple(e.image.shape[-2:])) for e in entries for obj in e.tracked]
+        by_kind: dict[tuple, list[_Entry]] = {}
+        for entry in entries:
+            by_kind.setdefault((tuple(entry.image.shape[-2:]), "layer4" in entry.features), []).append(entry)
+        groups = []
+        for group in by_kind.values():
+            features = _stack(group)
+            objects = [obj for e in group for obj in e.tracked]
+            rows = [i for i, e in enumerate(group) for _ in e.tracked]
+            groups.append(_Group(features, objects, rows, tuple(group[0].image.shape[-2:])))
+        return groups
 
-        if features is None:
-            features = low
-        if features is None:
+    def _row_index(self, rows: list[int], frames: int) -> torch.Tensor | None:
+        """Object -> frame row index for the network's step methods; None where features of one
+        frame are shared by all objects or rows are the frames in order (no gather needed)."""
+        if frames == 1 or rows == list(range(frames)):
+            return None
+        return to_device(torch.tensor(rows), self.device)
+
+    def _gates(self, groups: list[_Group], threshold: float
+               ) -> tuple[list[torch.Tensor | None], list[list[float | None]]]:
+        """Template matching and reuse-gate probabilities of every group: (matched (N, 64, H8, W8)
+        or None per group, reuse probability per object or None where the gate does not run).
+        All gate decisions of the step come to the host in one transfer."""
+        if not groups or not self.network.has_gate or threshold >= 1:  # threshold >= 1: nothing reused
+            return [None] * len(groups), [[None] * len(g.objects) for g in groups]
+        net = self.network
+        matched, p_reuse = [], []
+        with self._autocast():
+            for group in groups:
+                layer3 = group.features["layer3"]
+                prev = F.interpolate(torch.cat([o.prev_score for o in group.objects]), layer3.shape[-2:],
+                                     mode="bilinear", align_corners=False)
+                m = net.match(layer3, prev, torch.cat([o.template for o in group.objects]),
+                              self._row_index(group.rows, group.frames))
+                matched.append(m)
+                p_reuse.append(torch.softmax(net.gate_logits(m).float(), dim=1)[:, 0])
+        flat = torch.cat(p_reuse).tolist()
+        probs, k = [], 0
+        for group in groups:
+            probs.append(flat[k:k + len(group.objects)])
+            k += len(group.objects)
+        return matched, probs
+
+    def _decode(self, group: _Group, matched: torch.Tensor | None, p_reuse: list[float | None],
+                threshold: float) -> list[_Output]:
+        """Score and decode a group's objects on their gate decisions -> their outputs (device
+        tensors). Updates each object's carried state (previous score, decoder state)."""
+        net = self.network
+        objs, rows, size = group.objects, group.rows, group.size
+        reuse = [p is not None and p > threshold for p in p_reuse]
+        computed = [i for i, r in enumerate(reuse) if not r]
+        reused = [i for i, r in enumerate(reuse) if r]
+        outputs: list[_Output] = []
+        if computed:
+            # the high backbone levels once per frame with a computing object, shared by its objects
+            frames = sorted({rows[i] for i in computed})
+            features = {k: _rows(v, frames) for k, v in group.features.items()}
+            if "layer4" not in features:
+                with self._autocast():
+                    features.update(self.backbone.high(features["layer3"]))
+            local = [frames.index(rows[i]) for i in computed]
+            scores = torch.cat([objs[i].target_model.apply(features["layer4"][f:f + 1]) for i, f in zip(computed, local)])
             with self._autocast():
-                features = self.backbone.low(image)
-        outputs = {out.obj.id: out for out in self._track_objects(old, features, size, threshold)}
-
-        # Objects starting now claim their masks; older objects are suppressed under them.
-        rows = [torch.zeros(size, device=self.device)]
-        for obj in objects:
-            if obj.start_frame == t:
-                rows.append(obj.start_mask)
-            else:
-                p = outputs[obj.id].probability
-                for new in new_objects:
-                    p = p * (1 - new.start_mask)
-                rows.append(p)
-        soft, winner = merge_probabilities(torch.stack(rows))
-        labels_out = sequence.ids[labels_from_merge(soft, winner)]
-        computed = [(1 + i, o) for i, o in enumerate(objects) if o.id in outputs and not outputs[o.id].reused]
-        updates = [soft[row].view(1, 1, *size) for row, _ in computed]
-        enough = self.target_config.enough_foreground(torch.cat(updates)) if updates else None
-
-        # One transfer: labels, the update checks, and what the caller asked to keep.
-        tracked = [outputs[o.id] for o in old]
-        wanted = [labels_out] + ([enough] if updates else [])
-        if keep_probabilities:
-            wanted.append(torch.stack([out.probability for out in tracked]))
-        if keep_raw:
-            wanted += [torch.cat([out.score.float() for out in tracked]),
-                       torch.cat([out.logits.float() for out in tracked])]
-        host = fetch(wanted)
-        labels_host = host.pop(0)
-        if updates:
-            for (_, obj), soft_mask, ok in zip(computed, updates, host.pop(0).numpy()):
-                obj.target_model.update(soft_mask, bool(ok))
-        ids = [out.obj.id for out in tracked]
-        probabilities = dict(zip(ids, host.pop(0))) if keep_probabilities else {}
-        scores, logits = {}, {}
-        if keep_raw:
-            scores = {i: s[None] for i, s in zip(ids, host.pop(0))}
-            logits = {i: s[None] for i, s in zip(ids, host.pop(0))}
-        return FrameResult(labels=labels_host, probabilities=probabilities,
-                           reused={out.obj.id: out.reused for out in tracked},
-                           reuse_prob={out.obj.id: out.reuse_prob for out in tracked if out.reuse_prob is not None},
-                           scores=scores, logits=logits)
+                logits, x16 = net.decode_computed(features, scores, size, self._row_index(local, len(frames)))
+            probs = torch.sigmoid(logits.float())  # fp32: the merge needs it
+            for j, i in enumerate(computed):
+                obj = objs[i]
+                obj.prev_score, obj.x16 = scores[j:j + 1], x16[j:j + 1]
+                outputs.append(_Output(obj, False, probs[j, 0], scores[j:j + 1], logits[j:j + 1], p_reuse[i]))
+        if reused:
+            with self._autocast():
+                delta = net.delta(_rows(matched, reused))
+                scores = torch.cat([objs[i].prev_score for i in reused]) + delta.float()
+                x16_prev = torch.cat([objs[i].x16 for i in reused])
+                logits, x16 = net.decode_reused(group.features, scores, x16_prev, delta, size,
+                                                self._row_index([rows[i] for i in reused], group.frames))
+            probs = torch.sigmoid(logits.float())
+            for j, i in enumerate(reused):
+                objs[i].x16 = x16[j:j + 1]
+                outputs.append(_Output(objs[i], True, probs[j, 0], scores[j:j + 1], logits[j:j + 1], p_reuse[i]))
+        return outputs
 
     def _start_objects(self, ids: list[int], t: int, image: torch.Tensor,
                        labels: torch.Tensor) -> tuple[list[_Object], dict]:
@@ -414,71 +572,32 @@ class Tracker:
         return _Object(obj_id, t, mask4d[0, 0], target, template, F.interpolate(mask4d, (h16, w16), mode="nearest"),
                        x16)
 
-    def _gates(self, groups: list[list[_Object]], layer3: torch.Tensor,
-               threshold: float) -> tuple[list[torch.Tensor | None], list[list[float | None]]]:
-        """Template matching and reuse-gate probabilities of every group: (matched (B, 64, H8, W8)
-        or None per group, reuse probability per object or None where the gate does not run).
-        All gate decisions of the frame come to the host in one transfer."""
-        if not self.network.has_gate or threshold >= 1:  # with threshold >= 1 nothing can be reused
-            return [None] * len(groups), [[None] * len(g) for g in groups]
-        net = self.network
-        h8, w8 = layer3.shape[-2:]
-        matched, p_reuse = [], []
-        with self._autocast():
-            for group in groups:
-                prev = F.interpolate(torch.cat([o.prev_score for o in group]), (h8, w8), mode="bilinear",
-                                     align_corners=False)
-                m = net.match(layer3, prev, torch.cat([o.template for o in group]))
-                matched.append(m)
-                p_reuse.append(torch.softmax(net.gate_logits(m).float(), dim=1)[:, 0])
-        flat = torch.cat(p_reuse).tolist()
-        probs, k = [], 0
-        for group in groups:
-            probs.append(flat[k:k + len(group)])
-            k += len(group)
-        return matched, probs
-
-    def _track_objects(self, objs: list[_Object], features: dict, size, threshold: float) -> list[_Output]:
-        """Gate, score and decode the already started objects -> their outputs (device tensors).
-        Updates each object's carried state (previous score, decoder state)."""
-        net = self.network
-        groups = [objs] if self.batch_objects else [[o] for o in objs]
-        matched, p_reuse = self._gates(groups, features["layer3"], threshold)
-        outputs: list[_Output] = []
-        for group, group_matched, group_p in zip(groups, matched, p_reuse):
-            reuse = [p is not None and p > threshold for p in group_p]
-            computed = [i for i, r in enumerate(reuse) if not r]
-            reused = [i for i, r in enumerate(reuse) if r]
-            if computed:
-                if "layer4" not in features:  # high backbone once per frame, shared by all objects
-                    with self._autocast():
-                        features = {**features, **self.backbone.high(features["layer3"])}
-                scores = torch.cat([group[i].target_model.apply(features["layer4"]) for i in computed])
-                with self._autocast():
-                    logits, x16 = net.decode_computed(features, scores, size)
-                probs = torch.sigmoid(logits.float())  # fp32: the merge needs it
-                for j, i in enumerate(computed):
-                    obj = group[i]
-                    obj.prev_score, obj.x16 = scores[j:j + 1], x16[j:j + 1]
-                    outputs.append(_Output(obj, False, probs[j, 0], scores[j:j + 1], logits[j:j + 1], group_p[i]))
-            if reused:
-                with self._autocast():
-                    delta = net.delta(_rows(group_matched, reused))
-                    scores = torch.cat([group[i].prev_score for i in reused]) + delta.float()
-                    x16_prev = torch.cat([group[i].x16 for i in reused])
-                    logits, x16 = net.decode_reused(features, scores, x16_prev, delta, size)
-                probs = torch.sigmoid(logits.float())
-                for j, i in enumerate(reused):
-                    group[i].x16 = x16[j:j + 1]
-                    outputs.append(_Output(group[i], True, probs[j, 0], scores[j:j + 1], logits[j:j + 1], group_p[i]))
-        return outputs
-
 
 def _rows(t: torch.Tensor, index: list[int]) -> torch.Tensor:
     """t[index] for a short host list of row indices, by slices (no index tensor to copy to the device)."""
     if index == list(range(t.shape[0])):
         return t
+    if len(index) == 1:
+        return t[index[0]:index[0] + 1]
     return torch.cat([t[i:i + 1] for i in index])
+
+
+def _stack(entries: list[_Entry]) -> dict:
+    """The entries' frame features -> level -> (F, C, h, w). Frames that are all the rows of one
+    `_batched_low` batch, in order, give that batch back without a copy."""
+    if len(entries) == 1:
+        return entries[0].features
+    batch = entries[0].low_batch
+    if batch is not None and all(e.low_batch is batch for e in entries) and \
+            [e.low_row for e in entries] == list(range(batch["layer3"].shape[0])):
+        return batch
+    return {level: torch.cat([e.features[level] for e in entries]) for level in entries[0].features}
+
+
+def _fetch_some(tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """`fetch` of the tensors that are not None, in one transfer; None stays None."""
+    host = iter(fetch([t for t in tensors if t is not None]))
+    return [None if t is None else next(host) for t in tensors]
 
 
 def _as_image(image) -> torch.Tensor:

@@ -23,15 +23,16 @@ def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
 
     import lib.evaluation
     import trainers.trainer
-    seen_threads = []
+    seen_threads, seen_configs = [], []
     for module, name in ((trainers.trainer, "run_training"), (lib.evaluation, "evaluate")):
         monkeypatch.setattr(module, name, lambda config, run=getattr(module, name):
-                            seen_threads.append(torch.get_num_threads()) or run(config))
+                            seen_threads.append(torch.get_num_threads()) or seen_configs.append(config) or run(config))
     threads = torch.get_num_threads()
     job_threads = 1 if threads != 1 else 2  # differs from the test's own count
     out = demo.main(demo.get_parser().parse_args(["--work", str(tmp_path), "--epochs", "1", "--dev", "cpu",
-                                                  "--threads", str(job_threads)]))
+                                                  "--threads", str(job_threads), "--batch-sequences", "2"]))
     assert seen_threads == [job_threads] * 3  # --threads reaches the training and both evaluations
+    assert [c.batch_sequences for c in seen_configs[1:]] == [2, 2]  # and --batch-sequences both evaluations
     assert torch.get_num_threads() == threads  # and is undone afterwards
     printed = capsys.readouterr().out
     assert f"{job_threads} CPU threads" in printed

@@ -234,6 +234,9 @@ def test_errors(dog, checkpoint, tmp_path):
         run_demo(dog / "frames", stray, checkpoint, out)
     with pytest.raises(ValueError, match="--mask is required"):
         demo.main(demo.get_parser().parse_args(["--video", str(dog / "frames"), "--model", str(checkpoint)]))
+    with pytest.raises(ValueError, match="--batch-sequences.*one video"):
+        demo.main(demo.get_parser().parse_args(["--video", str(dog / "frames"), "--mask", str(dog / "mask.png"),
+                                                "--model", str(checkpoint), "--batch-sequences", "2"]))
     with pytest.raises(SystemExit):
         demo.get_parser().parse_args(["--TH", "1.5"])
     with pytest.raises(SystemExit):

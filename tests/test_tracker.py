@@ -105,10 +105,11 @@ def test_forced_reuse_skips_high_backbone_and_target_model(checkpoint, clip, mon
 
     tracker = tracker_for(checkpoint)
     calls, applied, updated = [], [], []
-    high, apply, update = tracker.backbone.high, TargetModel.apply, TargetModel.update
+    high, apply, update = tracker.backbone.high, TargetModel.apply, TargetModel.update_many
     monkeypatch.setattr(tracker.backbone, "high", lambda x: calls.append(1) or high(x))
     monkeypatch.setattr(TargetModel, "apply", lambda self, x: applied.append(1) or apply(self, x))
-    monkeypatch.setattr(TargetModel, "update", lambda self, m, *a: updated.append(1) or update(self, m, *a))
+    monkeypatch.setattr(TargetModel, "update_many", staticmethod(
+        lambda models, masks, enough: updated.extend(models) or update(models, masks, enough)))
     starts = {0: [1, 2]}
     result = tracker.run_sequence(frames_of(clip, starts), threshold=-1.0)  # p > -1: always reuse
     assert all(all(f.reused.values()) for f in result.frames[1:])
@@ -179,8 +180,9 @@ def test_backbone_weights_that_do_not_fit_are_a_user_error():
 
 def test_track_many_equals_one_at_a_time(checkpoint, clip, mixed_threshold):
     """Lockstep tracking (B = 2) of three sequences, one shorter, one with a late start, one of
-    another size: each sequence's frames in order, and labels, gates and raw outputs bitwise
-    those of `track` one sequence at a time."""
+    another size: each sequence's frames in order, gates and labels those of `track` one
+    sequence at a time, target-model scores bitwise, logits up to float rounding (the decoder's
+    convolutions run on a larger batch)."""
     images, labels = clip
     small = (images[:5, :, :96, :160], labels[:5, :96, :160])
     sequences = {"clip": lambda: frames_of(clip),
@@ -195,9 +197,13 @@ def test_track_many_equals_one_at_a_time(checkpoint, clip, mixed_threshold):
     assert {key: len(r) for key, r in many.items()} == {key: len(r) for key, r in one.items()}
     reused = [v for r in one.values() for f in r for v in f.reused.values()]
     assert any(reused) and not all(reused), "the threshold must exercise both paths"
+    worst = 0.0
     for key in sequences:
         for fa, fb in zip(one[key], many[key]):
             assert fa.reused == fb.reused
             assert torch.equal(fa.labels, fb.labels)
             for k in fa.scores:
-                assert torch.equal(fa.scores[k], fb.scores[k]) and torch.equal(fa.logits[k], fb.logits[k])
+                assert torch.equal(fa.scores[k], fb.scores[k])
+                worst = max(worst, (fa.logits[k] - fb.logits[k]).abs().max().item())
+    print("largest logit difference", worst)
+    assert worst < 1e-5
