@@ -570,6 +570,28 @@ def test_corrupt_jpeg_keeps_finished_sequences(checkpoint, davis_root, dv2017, t
     no_partials(out / "result" / dv2017[0].name)
 
 
+def test_lockstep_failure_names_its_sequence_and_resume_completes(checkpoint, davis_root, dv2017, tmp_path):
+    """--batch-sequences 2: a corrupt frame of one sequence stops the run naming that sequence,
+    not the other one in flight; the open sequences leave no folders behind; --resume, the frame
+    repaired, gives the bytes of an uninterrupted run."""
+    davis = copy_davis(davis_root, tmp_path)
+    bad = davis / "JPEGImages" / "480p" / "motocross-jump" / "00003.jpg"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:200])
+    with pytest.raises(ValueError) as err:
+        run(checkpoint, tmp_path, *davis_args(davis), "--batch-sequences", "2")
+    assert str(bad) in str(err.value) and "sequence 'motocross-jump'" in str(err.value)
+    assert "--resume" in str(err.value)
+    results_dir = tmp_path / "result" / dv2017[0].name
+    assert not any((results_dir / seq).exists() for seq in DAVIS_SEQS)  # both were in flight
+    no_partials(results_dir)
+    bad.write_bytes(good)
+    resumed = run(checkpoint, tmp_path, *davis_args(davis), "--batch-sequences", "2", "--resume")
+    assert resumed["sequences_computed"] == list(DAVIS_SEQS)
+    assert png_bytes(results_dir) == png_bytes(dv2017[0])
+    no_partials(results_dir)
+
+
 def test_a_png_write_error_stops_the_run_naming_the_path(checkpoint, davis_root, dv2017, tmp_path, monkeypatch):
     """ENOSPC in the background PNG writer mid-sequence; --resume then completes the run."""
     import lib.results
