@@ -30,7 +30,7 @@ from lib.errors import UsageError
 from .backbone import Backbone
 from .network import GFRTM
 from .precision import autocast, check_precision, to_device
-from .target_model import TargetModel, TargetModelConfig
+from .target_model import TargetModel, TargetModelConfig, project_and_filter
 
 Frame = tuple  # (image uint8 3xHxW, labels uint8 HxW or None, new object ids)
 
@@ -179,7 +179,7 @@ class Tracker:
 
     def __init__(self, network: GFRTM, backbone: Backbone, target_config: TargetModelConfig,
                  augmenter=None, device: torch.device | str = "cpu", batch_objects: bool = True,
-                 seed: int = 0, channels_last: bool = True, precision: str = "fp32"):
+                 seed: int = 0, channels_last: bool = True, precision: str = "fp32", compile: bool | str = False):
         self.device = torch.device(device)
         self.precision = precision
         self.dtype = check_precision(precision, self.device)  # autocast dtype, None for fp32
@@ -198,6 +198,13 @@ class Tracker:
         self.augmenter = augmenter
         self.batch_objects = batch_objects
         self.seed = seed
+        # Regions called through these attributes; compile=True replaces them (models.compiled).
+        self.target_score = project_and_filter
+        self.merge_probabilities = merge_probabilities
+        self.compiled = None
+        if compile:
+            from .compiled import compile_regions
+            self.compiled = compile_regions(self, "inductor" if compile is True else compile)
 
     # ------------------------------------------------------------------------------------------
 
@@ -341,7 +348,7 @@ class Tracker:
                 for new in new_objects:
                     p = p * (1 - new.start_mask)
                 rows.append(p)
-        soft, winner = merge_probabilities(torch.stack(rows))
+        soft, winner = self.merge_probabilities(torch.stack(rows))
         labels_out = sequence.ids[labels_from_merge(soft, winner)]
         computed = [(1 + i, o) for i, o in enumerate(objects) if o.id in outputs and not outputs[o.id].reused]
         updates = [soft[row].view(1, 1, *size) for row, _ in computed]
@@ -393,7 +400,8 @@ class Tracker:
         k = aug_masks[0].shape[0]
         aug_layer4 = torch.stack([torch.cat([layer4[:1], layer4[1 + i * (k - 1):1 + (i + 1) * (k - 1)]])
                                   for i in range(len(ids))])  # (O, K, C, h, w)
-        targets = [TargetModel(layer4.shape[1], self.target_config, self.device, seed=self.seed) for _ in ids]
+        targets = [TargetModel(layer4.shape[1], self.target_config, self.device, seed=self.seed,
+                               score_fn=self.target_score) for _ in ids]
         for i, target in enumerate(targets):  # fp32 whatever the precision
             target.initialize(aug_layer4[i], aug_masks[i])
         return [self._object_state(obj_id, t, mask, target, features)
