@@ -34,9 +34,16 @@ def cache_dir() -> Path:
     """Where inductor keeps its compiled code: $TORCHINDUCTOR_CACHE_DIR when set, else
     ~/.cache/reuse-vos/inductor (set as $TORCHINDUCTOR_CACHE_DIR for this process), so that a
     second run loads the compiled kernels instead of building them."""
-    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # torch writes its own default (/tmp/torchinductor_<user>) into the variable once it looked
+    # it up: that one is not the user's choice
+    if not given or os.path.abspath(given) == os.path.abspath(default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(DEFAULT_CACHE.expanduser())
-    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    path = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def set_global_switches(device: torch.device) -> None:
