@@ -174,7 +174,8 @@ class Tracker:
     channels-last, and the backbone's batch norm is folded into its convolutions (same
     results, faster). With `precision` "bf16" or "fp16" their weights are converted to that
     dtype (autocast would otherwise convert them on every frame). Build them with
-    `models.build_tracker` unless you need to share them.
+    `models.build_tracker` unless you need to share them. `compile`: torch.compile the per-frame
+    regions (True: inductor, or a backend's name; models.compiled).
     """
 
     def __init__(self, network: GFRTM, backbone: Backbone, target_config: TargetModelConfig,
