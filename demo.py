@@ -26,9 +26,9 @@ from typing import Optional
 
 from lib.background import BackgroundWriter, read_ahead
 import main_job
-from lib.cli import (UsageError, add_backbone_weights_flag, add_batch_sequences_flag, add_device_flag, add_num_aug_flag, add_precision_flag,
-                     add_seed_flag, add_threads_flag, add_threshold_flag, int_at_least, positive_float, resolve_device,
-                     run)
+from lib.cli import (UsageError, add_backbone_weights_flag, add_batch_sequences_flag, add_compile_flag, add_device_flag,
+                     add_num_aug_flag, add_precision_flag, add_seed_flag, add_threads_flag, add_threshold_flag,
+                     int_at_least, positive_float, resolve_device, run)
 from lib.image_io import resize_labels_nearest_exact, write_label_png
 from lib.video_io import MaskSet, TrackerFeed, open_frames, processing_size
 from lib.results import TrackingStats
@@ -73,6 +73,7 @@ def get_parser() -> argparse.ArgumentParser:
     add_threshold_flag(own, several=True)
     add_device_flag(own)
     add_precision_flag(own)  # also the main job's training and evaluation
+    add_compile_flag(own)  # also the main job's evaluation
     add_num_aug_flag(own, default=5)  # also the main job's evaluation
     add_backbone_weights_flag(own)
     add_seed_flag(own)
@@ -138,7 +139,7 @@ def run_own_video(args: argparse.Namespace) -> dict:
 
     from models import build_tracker  # after the cheap checks
     tracker = build_tracker(str(Path(args.model).expanduser()), device=device, num_aug=args.num_aug,
-                            backbone_weights=bw, seed=args.seed, precision=args.precision)
+                            backbone_weights=bw, seed=args.seed, precision=args.precision, compile=args.compile)
 
     resized = size != (height, width)
     print(f"{frames.name}: {width}x{height} frames"

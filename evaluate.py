@@ -17,7 +17,8 @@ import argparse
 from pathlib import Path
 
 from dataset.presets import PRESETS
-from lib.cli import (add_backbone_weights_flag, add_batch_sequences_flag, add_data_root_flags, add_device_flag,
+from lib.cli import (add_backbone_weights_flag, add_batch_sequences_flag, add_compile_flag, add_data_root_flags,
+                     add_device_flag,
                      add_num_aug_flag, add_precision_flag, add_seed_flag, add_threshold_flag, int_at_least, run)
 from lib.evaluation import EvalConfig, evaluate
 from lib.score import score_results
@@ -59,6 +60,7 @@ def get_parser() -> argparse.ArgumentParser:
     add_device_flag(g)
     add_precision_flag(g)
     add_batch_sequences_flag(g)
+    add_compile_flag(g)
 
     g = parser.add_argument_group("data")
     g.add_argument("--dset", choices=tuple(PRESETS), default="dv2016val", metavar="DSET",

@@ -131,7 +131,7 @@ def _main_job(args: argparse.Namespace) -> dict:
     def evaluation(th) -> EvalConfig:  # the evaluation at TH th (a float, or a tuple: a sweep)
         return EvalConfig(model=str(checkpoint), dset="ytvos-layout", data_root=val_data, output_root=work, TH=th,
                           num_aug=args.num_aug, backbone_weights="random", seed=args.seed, dev=dev,
-                          precision=args.precision, timing_runs=JOB_TIMING_RUNS,
+                          precision=args.precision, compile=args.compile, timing_runs=JOB_TIMING_RUNS,
                           batch_sequences=args.batch_sequences)
     if len(listed) > 1:
         print(f"[3-5/6] evaluating and timing {checkpoint.name} at TH {', '.join(map(repr, thresholds))} on the "

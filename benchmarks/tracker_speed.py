@@ -2,7 +2,7 @@
 
     python -m benchmarks.tracker_speed [--size 480x854] [--frames 10] [--repeats 3]
         [--configs resnet18:1,resnet101:1] [--model CKPT --TH 0.7] [--dev cpu] [--threads 2]
-        [--precision fp32,bf16]
+        [--precision fp32,bf16] [--compile [--peak-gflops G]]
 
 For each backbone and object count, the same synthetic frames are tracked by
 * FRTM: TH 1.0, so no template matching and no gate (plain FRTM);
@@ -17,6 +17,11 @@ FRTM, the gate's overhead (computed vs FRTM), and the checkpoint's speed-up over
 reuse rate. With several --precision values every variant runs in each of them (all alternating)
 and each row ends with its speed-up over the first precision listed, computed and reused. On
 CUDA the rows also give FPS and the peak GPU memory. No reference timing is stored anywhere.
+
+With --compile (docs/performance.md), computed and reused run eager and compiled (models.compiled),
+all four alternating; each row gives both times, the compiled speed-up, and the compiled
+FLOP/s as a fraction of the device's peak (--peak-gflops, else the default `default_peak` says).
+The compiled trackers compile in the warm-up (its time is printed to stderr) and not in the timing.
 Random weights unless --model: speed does not depend on them.
 """
 from __future__ import annotations
@@ -29,8 +34,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset.synthetic import render_sequence
-from lib.cli import (add_backbone_weights_flag, add_device_flag, add_precision_flag, add_threads_flag,
-                     add_threshold_flag, cpu_threads, image_size, resolve_device)
+from lib.cli import (UsageError, add_backbone_weights_flag, add_compile_flag, add_device_flag, add_precision_flag,
+                     add_threads_flag, add_threshold_flag, cpu_threads, image_size, positive_float, resolve_device)
 from models import build_tracker
 from models.network import GFRTM
 from models.tracker import Tracker
@@ -44,6 +49,7 @@ class Variant:
     tracker: Tracker
     threshold: float
     forced: bool | None = None  # every gate decision must be this (None: the gate decides)
+    eager_twin: str | None = None  # compiled: the variant with the same FLOPs, counted there
 
     @property
     def key(self) -> tuple[str, str]:
@@ -60,8 +66,9 @@ def make_frames(num_objects: int, num_frames: int, size: tuple[int, int], seed: 
 
 
 def random_tracker(backbone: str, device: torch.device | str, reuse: bool | None = None,
-                   precision: str = "fp32", num_aug: int = 1) -> Tracker:
-    """A tracker with seeded random weights; reuse True / False forces every gate decision."""
+                   precision: str = "fp32", num_aug: int = 1, compile: bool | str = False) -> Tracker:
+    """A tracker with seeded random weights; reuse True / False forces every gate decision;
+    compile as `build_tracker`'s."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         net = GFRTM(backbone).eval()
@@ -69,7 +76,7 @@ def random_tracker(backbone: str, device: torch.device | str, reuse: bool | None
         with torch.no_grad():
             net.reuse_gate.conv2.bias.copy_(torch.tensor([100.0, -100.0] if reuse else [-100.0, 100.0]))
     return build_tracker({"model": net.state_dict(), "backbone": backbone}, device=device, num_aug=num_aug,
-                         backbone_weights="random", precision=precision)
+                         backbone_weights="random", precision=precision, compile=compile)
 
 
 def variants_for(backbone: str, device: torch.device | str, model: str | None, th: float, backbone_weights: str,
@@ -83,6 +90,29 @@ def variants_for(backbone: str, device: torch.device | str, model: str | None, t
                                 precision=precision)
         out += [Variant("model TH 1.0", trained, 1.0), Variant(f"model TH {th:g}", trained, th)]
     return out
+
+
+def compiled_variants_for(backbone: str, device: torch.device | str, precision: str = "fp32") -> list[Variant]:
+    """Computed and reused (forced), each eager and compiled."""
+    out = []
+    for name, reuse in (("computed", False), ("reused", True)):
+        out += [Variant(name, random_tracker(backbone, device, reuse=reuse, precision=precision), 0.5, forced=reuse),
+                Variant(f"{name} compiled", random_tracker(backbone, device, reuse=reuse, precision=precision,
+                                                           compile=True), 0.5, forced=reuse, eager_twin=name)]
+    return out
+
+
+def default_peak(device: torch.device, threads: int) -> tuple[float | None, str]:
+    """(peak GFLOP/s, how it was found) when --peak-gflops is not given. CPU: threads x clock
+    (/proc/cpuinfo) x 32 fp32 FLOP per cycle (two 256-bit FMA pipes, as AVX2 cores and Zen 4
+    have; a core with two 512-bit FMA units peaks twice as high). CUDA: no default."""
+    if device.type != "cpu":
+        return None, "no default peak off the CPU: pass --peak-gflops"
+    try:
+        mhz = next(float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz"))
+    except (OSError, StopIteration, ValueError):
+        return None, "no clock in /proc/cpuinfo: pass --peak-gflops"
+    return threads * mhz * 32 / 1000, f"{threads} threads x {mhz:.0f} MHz x 32 FLOP/cycle"
 
 
 def track_once(variant: Variant, frames: list[tuple]) -> tuple[list[float], int, int]:
@@ -126,8 +156,12 @@ def measure(variants: list[Variant], frames: list[tuple], repeats: int) -> dict[
     out: dict[str, dict[str, dict]] = {}
     for v in variants:
         out.setdefault(v.key[0], {})[v.name] = {
-            "ms": 1000 * float(np.median(seconds[v.key])), "gflops": gflops_per_frame(v, frames),
+            "ms": 1000 * float(np.median(seconds[v.key])),
+            "gflops": None if v.eager_twin else gflops_per_frame(v, frames),
             "reuse_rate": reused[v.key][0] / max(1, reused[v.key][1]), "peak_mib": peak[v.key]}
+    for v in variants:
+        if v.eager_twin:
+            out[v.key[0]][v.name]["gflops"] = out[v.key[0]][v.eager_twin]["gflops"]
     return out
 
 
@@ -136,6 +170,7 @@ COLUMNS = ("backbone", "obj", "FRTM ms", "comp ms", "reuse ms", "FRTM GF", "comp
 MODEL_COLUMNS = ("TH vs 1.0", "reused")
 PRECISION_COLUMNS = ("precision", "comp gain", "reuse gain")
 CUDA_COLUMNS = ("comp FPS", "reuse FPS", "peak MiB")
+COMPILED_COLUMNS = ("backbone", "obj", "variant", "eager ms", "compiled ms", "speed-up", "GF", "GFLOP/s", "of peak")
 
 
 def format_row(cells) -> str:
@@ -162,9 +197,47 @@ def report_row(backbone: str, num_objects: int, m: dict[str, dict], precision: s
     return format_row(cells)
 
 
+def report_compiled(backbone: str, num_objects: int, m: dict[str, dict], peak: float | None) -> list[str]:
+    """Rows of the --compile table: eager and compiled ms/frame, speed-up, compiled GFLOP/s and
+    its fraction of the peak."""
+    rows = []
+    for name in ("computed", "reused"):
+        eager, compiled = m[name], m[f"{name} compiled"]
+        rate = compiled["gflops"] / compiled["ms"] * 1000
+        rows.append(format_row([backbone, num_objects, name, f"{eager['ms']:.0f}", f"{compiled['ms']:.0f}",
+                                f"{eager['ms'] / compiled['ms']:.2f}x", f"{compiled['gflops']:.1f}", f"{rate:.1f}",
+                                "n/a" if peak is None else f"{100 * rate / peak:.1f}%"]))
+    return rows
+
+
 def main(args: argparse.Namespace) -> dict:
     with cpu_threads(args.threads):
-        return _measure(args)
+        return _measure_compiled(args) if args.compile else _measure(args)
+
+
+def _measure_compiled(args: argparse.Namespace) -> dict:
+    device, _ = resolve_device(args.dev)
+    h, w = args.size
+    precision = args.precision[0]
+    if len(args.precision) > 1 or args.model:
+        raise UsageError("--compile compares eager and compiled at one precision, without --model: "
+                         "pass one --precision and leave out --model")
+    peak, how = (args.peak_gflops, "--peak-gflops") if args.peak_gflops else default_peak(device, torch.get_num_threads())
+    print(f"{h}x{w}, {args.frames} frames x {args.repeats} repeats (eager and compiled alternating, medians), "
+          f"device {device}{f' ({torch.cuda.get_device_name(device)})' if device.type == 'cuda' else ''}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, precision {precision}; peak "
+          f"{'n/a' if peak is None else f'{peak:.0f} GFLOP/s'} ({how})")
+    print(format_row(COMPILED_COLUMNS))
+    measured = {}
+    for backbone, num_objects in args.configs:
+        frames = make_frames(num_objects, args.frames, (h, w))
+        m = measure(compiled_variants_for(backbone, device, precision), frames, args.repeats)[precision]
+        measured[(backbone, num_objects, precision)] = m
+        for row in report_compiled(backbone, num_objects, m, peak):
+            print(row, flush=True)
+    print("speed-up: eager ms over compiled ms; GF: GFLOPs per frame (the same computation both ways); "
+          "GFLOP/s and peak: the compiled run's")
+    return measured
 
 
 def _measure(args: argparse.Namespace) -> dict:
@@ -214,6 +287,10 @@ def get_parser() -> argparse.ArgumentParser:
     add_threshold_flag(p)
     add_backbone_weights_flag(p)
     add_precision_flag(p, several=True)
+    add_compile_flag(p)
+    p.add_argument("--peak-gflops", type=positive_float, default=None,
+                   help="with --compile: the device's peak GFLOP/s, to print the compiled FLOP/s as a fraction of "
+                        "it (default on the CPU: threads x clock x 32 FLOP/cycle; none on CUDA)")
     return p
 
 

@@ -201,6 +201,16 @@ def add_precision_flag(parser, several: bool = False, default: str = "fp32") -> 
                              f"with bf16; fp16 needs a CUDA GPU")
 
 
+def add_compile_flag(parser) -> None:
+    """--compile (evaluate.py, demo.py, benchmarks.tracker_speed)."""
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the tracker's per-frame regions (inductor; CUDA graphs on CUDA): the "
+                             "first frames of each new frame size or object count compile (minutes on a CPU, "
+                             "printed to stderr; the cache in $TORCHINDUCTOR_CACHE_DIR, default "
+                             "~/.cache/reuse-vos/inductor, makes later runs start warm); docs/performance.md "
+                             "(default: off, eager)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Running a script
 

@@ -68,6 +68,7 @@ class EvalConfig(DataConfig):
     precision: str = "fp32"
     resume: bool = False
     batch_sequences: int = 1
+    compile: bool = False
     score: Optional[Path] = None
     output_root: Optional[Path] = None
 
@@ -201,7 +202,7 @@ def build_tracker(job: Job):
     try:
         return build(job.ckpt, device=job.device, fast=config.fast, num_aug=config.num_aug,
                      backbone_weights=config.backbone_weights, ftext=config.ftext, seed=config.seed,
-                     precision=config.precision)
+                     precision=config.precision, compile=config.compile)
     except KeyError as exc:
         raise UsageError(f"checkpoint {job.checkpoint} (--model): {exc.args[0]}") from exc
 

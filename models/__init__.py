@@ -20,7 +20,8 @@ __all__ = ["build_tracker", "Backbone", "GFRTM", "TargetModel", "TargetModelConf
 
 def build_tracker(checkpoint: CheckpointSource, device: str | torch.device = "cpu", fast: bool = True,
                   num_aug: int = 5, backbone_weights: BackboneWeights = "imagenet", ftext: str | None = None,
-                  batch_objects: bool = True, seed: int = 0, precision: str = "fp32") -> Tracker:
+                  batch_objects: bool = True, seed: int = 0, precision: str = "fp32",
+                  compile: bool | str = False) -> Tracker:
     """A tracker for a released G-FRTM / FRTM checkpoint or one of ours.
 
     checkpoint: path or loaded dict; the backbone (resnet18 / resnet101) follows from it and must
@@ -31,6 +32,8 @@ def build_tracker(checkpoint: CheckpointSource, device: str | torch.device = "cp
     precision: "fp32" (default), "bf16" or "fp16": the backbone and the network under autocast,
     the target models and the merge of object probabilities in fp32; a ValueError says what to
     use instead where the device cannot run it (fp16 on most CPUs, bf16 on older GPUs).
+    compile: torch.compile the per-frame regions with inductor (True) or the torch.compile backend
+    named (e.g. "aot_eager", which checks that they compile without generating code); models.compiled.
     """
     network, _ = build_network(checkpoint, expected_backbone=ftext)
     backbone = Backbone(network.backbone_name, backbone_weights, seed=seed)
@@ -39,4 +42,4 @@ def build_tracker(checkpoint: CheckpointSource, device: str | torch.device = "cp
         from .augmenter import FirstFrameAugmenter, evaluation_params
         augmenter = FirstFrameAugmenter(evaluation_params(num_aug))
     return Tracker(network, backbone, TargetModelConfig.evaluation(fast), augmenter, device,
-                   batch_objects=batch_objects, seed=seed, precision=precision)
+                   batch_objects=batch_objects, seed=seed, precision=precision, compile=compile)

@@ -420,13 +420,24 @@ class ScoreFilter(nn.Conv2d):
         return F.fold(taps.view(n, h * w, 9).transpose(1, 2), (h, w), 3, padding=1)
 
 
+def project_and_filter(layer4: torch.Tensor, project_weight: torch.Tensor,
+                       filter_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A target model's score as a function of its weights: layer4 (N, C_in, h, w) fp32,
+    project_weight (c, C_in, 1, 1), filter_weight (1, c, 3, 3) -> (projected sample
+    (N, c, h, w), score (N, 1, h, w))."""
+    projected = F.conv2d(layer4, project_weight)
+    n, c, h, w = projected.shape
+    return projected, ScoreFilter.filter(projected.permute(0, 2, 3, 1).reshape(n * h * w, c), filter_weight, (n, h, w))
+
+
 class TargetModel(nn.Module):
     """Per-object target model: score = filter(project(layer4)) at stride 16."""
 
     def __init__(self, in_channels: int, config: TargetModelConfig, device: torch.device | str = "cpu",
-                 seed: int = 0):
+                 seed: int = 0, score_fn: Callable | None = None):
         super().__init__()
         self.config = config
+        self.score_fn = score_fn or project_and_filter  # the tracker passes its (maybe compiled) one
         with torch.random.fork_rng(devices=[]):  # the default init is replaced below: leave the global RNG alone
             self.project = nn.Conv2d(in_channels, config.channels, 1, bias=False)
             self.filter = ScoreFilter(config.channels)
@@ -475,8 +486,10 @@ class TargetModel(nn.Module):
         projected sample."""
         self.applications += 1
         with torch.no_grad(), full_fp32(self.device):
-            self.current_sample = self.project(layer4.float())
-            return self.filter(self.current_sample)
+            # plain tensors, not Parameters: a compiled score_fn then serves every object
+            self.current_sample, score = self.score_fn(layer4.float(), self.project.weight.detach(),
+                                                       self.filter.weight.detach())
+            return score
 
     def update(self, soft_mask: torch.Tensor, enough_foreground: bool | None = None) -> None:
         """After a computed frame: store (last sample, soft mask (1, 1, H, W)) and every

@@ -31,7 +31,7 @@ from lib.errors import UsageError
 from .backbone import Backbone
 from .network import GFRTM
 from .precision import autocast, check_precision, to_device
-from .target_model import TargetModel, TargetModelConfig
+from .target_model import TargetModel, TargetModelConfig, project_and_filter
 
 Frame = tuple  # (image uint8 3xHxW, labels uint8 HxW or None, new object ids)
 
@@ -209,12 +209,13 @@ class Tracker:
     channels-last, and the backbone's batch norm is folded into its convolutions (same
     results, faster). With `precision` "bf16" or "fp16" their weights are converted to that
     dtype (autocast would otherwise convert them on every frame). Build them with
-    `models.build_tracker` unless you need to share them.
+    `models.build_tracker` unless you need to share them. `compile`: torch.compile the per-frame
+    regions (True: inductor, or a backend's name; models.compiled).
     """
 
     def __init__(self, network: GFRTM, backbone: Backbone, target_config: TargetModelConfig,
                  augmenter=None, device: torch.device | str = "cpu", batch_objects: bool = True,
-                 seed: int = 0, channels_last: bool = True, precision: str = "fp32"):
+                 seed: int = 0, channels_last: bool = True, precision: str = "fp32", compile: bool | str = False):
         self.device = torch.device(device)
         self.precision = precision
         self.dtype = check_precision(precision, self.device)  # autocast dtype, None for fp32
@@ -233,6 +234,13 @@ class Tracker:
         self.augmenter = augmenter
         self.batch_objects = batch_objects
         self.seed = seed
+        # Regions called through these attributes; compile=True replaces them (models.compiled).
+        self.target_score = project_and_filter
+        self.merge_probabilities = merge_probabilities
+        self.compiled = None
+        if compile:
+            from .compiled import compile_regions
+            self.compiled = compile_regions(self, "inductor" if compile is True else compile)
 
     # ------------------------------------------------------------------------------------------
 
@@ -410,7 +418,7 @@ class Tracker:
                         p = p * (1 - new.start_mask)
                     rows.append(p)
             p = torch.stack(rows)
-            soft, winner = merge_probabilities(p.view(len(members), -1, *size) if len(members) > 1 else p)
+            soft, winner = self.merge_probabilities(p.view(len(members), -1, *size) if len(members) > 1 else p)
             merged = labels_from_merge(soft, winner)
             ids = entries[members[0]].sequence.ids if len(members) == 1 else \
                 torch.stack([entries[i].sequence.ids for i in members])
@@ -551,7 +559,8 @@ class Tracker:
         k = aug_masks[0].shape[0]
         aug_layer4 = torch.stack([torch.cat([layer4[:1], layer4[1 + i * (k - 1):1 + (i + 1) * (k - 1)]])
                                   for i in range(len(ids))])  # (O, K, C, h, w)
-        targets = [TargetModel(layer4.shape[1], self.target_config, self.device, seed=self.seed) for _ in ids]
+        targets = [TargetModel(layer4.shape[1], self.target_config, self.device, seed=self.seed,
+                               score_fn=self.target_score) for _ in ids]
         for i, target in enumerate(targets):  # fp32 whatever the precision
             target.initialize(aug_layer4[i], aug_masks[i])
         return [self._object_state(obj_id, t, mask, target, features)

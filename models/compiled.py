@@ -1,0 +1,156 @@
+"""Compiled frame regions (`--compile`, `build_tracker(..., compile=True)`; docs/performance.md).
+
+The tracker calls its per-frame work through plain callables: `backbone.low`, `backbone.high`,
+`network.match`, `network.gate_logits`, `network.delta`, `network.decode_computed`,
+`network.decode_reused`, the target-model score (`Tracker.target_score`, a function of the
+layer4 features and the projection and filter weights, so the one compiled graph serves every
+object) and `Tracker.merge_probabilities`. `compile_regions` replaces them on the instances by
+`torch.compile(fn, fullgraph=True, dynamic=False)` versions of the same code: the eager path is
+untouched, and a graph break is an error, not a silent fall-back.
+
+Each region compiles once per input shape (frame size, number of objects in a batch); on CUDA
+with `mode="reduce-overhead"`, so a region replays as a CUDA graph, its outputs cloned (a replay
+overwrites the previous outputs, and objects keep them across frames). The target-model
+optimizer, the memory insert and object starts (backbone on the augmented first frame,
+template, deep decoder stages) stay eager: their sample counts and batch sizes vary.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils._pytree import tree_map_only
+
+RECOMPILE_LIMIT = 256  # compiled shapes per region (frame sizes x object counts) before torch gives up
+
+DEFAULT_CACHE = Path("~/.cache/reuse-vos/inductor")
+
+
+def cache_dir() -> Path:
+    """Where inductor keeps its compiled code: $TORCHINDUCTOR_CACHE_DIR when set, else
+    ~/.cache/reuse-vos/inductor (set as $TORCHINDUCTOR_CACHE_DIR for this process), so that a
+    second run loads the compiled kernels instead of building them."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # torch writes its own default (/tmp/torchinductor_<user>) into the variable once it looked
+    # it up: that one is not the user's choice
+    if not given or os.path.abspath(given) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(DEFAULT_CACHE.expanduser())
+    path = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def set_global_switches(device: torch.device) -> None:
+    """What is set once for the process instead of inside the regions: inductor's freezing
+    (the frozen weights become constants it can fold and lay out), recompile limits high enough
+    for a data set of many frame sizes, and on CUDA full fp32 matmuls and convolutions (the
+    tracker's fp32; `precision.full_fp32` then has nothing left to switch)."""
+    import torch._dynamo.config
+    import torch._inductor.config
+
+    torch._inductor.config.freezing = True
+    # Past the limit torch would run the region eagerly from then on, with only a log warning.
+    torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                           16 * RECOMPILE_LIMIT)
+    if device.type == "cuda":
+        from .precision import _tf32_switches
+        for namespace, name, value in _tf32_switches():
+            setattr(namespace, name, value)
+
+
+class CompiledRegions:
+    """The compiled callables of one tracker, and the time spent compiling them."""
+
+    def __init__(self, device: torch.device, backend: str = "inductor"):
+        self.device = device
+        self.backend = backend
+        self.cudagraphs = device.type == "cuda" and backend == "inductor"
+        self.names: dict[str, Callable] = {}  # region name -> compiled callable
+        self.compile_seconds = 0.0  # total, every region and shape
+        self.pending: list[str] = []  # regions compiled since the last report
+        self.pending_seconds = 0.0
+        self.compiled_shapes: dict[str, int] = {}  # region name -> graphs compiled (input shapes seen)
+
+    def compile(self, name: str, fn: Callable) -> Callable:
+        """`fn` compiled whole (fullgraph) for static shapes, timed on the calls that compile."""
+        compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend=self.backend,
+                                 mode="reduce-overhead" if self.cudagraphs else None)
+        from torch._dynamo.utils import counters
+
+        def region(*args, **kwargs):
+            graphs = counters["stats"]["unique_graphs"]
+            start = time.perf_counter()
+            if self.cudagraphs:  # every call a new step: its outputs are cloned below
+                torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(*args, **kwargs)
+            if self.cudagraphs:
+                out = tree_map_only(torch.Tensor, torch.clone, out)
+            if counters["stats"]["unique_graphs"] != graphs:
+                seconds = time.perf_counter() - start
+                self.compile_seconds += seconds
+                self.pending_seconds += seconds
+                self.pending.append(name)
+                self.compiled_shapes[name] = self.compiled_shapes.get(name, 0) + 1
+            return out
+
+        region.__name__ = name
+        self.names[name] = region
+        return region
+
+    def report(self, sizes) -> None:
+        """One stderr line when regions were compiled since the last report (a new frame size or
+        object count): which, for which frame sizes (H, W), and how long it took."""
+        if not self.pending:
+            return
+        shown = ", ".join(f"{h}x{w}" for h, w in sizes)
+        print(f"--compile: {self.pending_seconds:.1f} s compiling {', '.join(dict.fromkeys(self.pending))} "
+              f"for {shown} frames ({self.compile_seconds:.1f} s in all; cache {cache_dir()})",
+              file=sys.stderr, flush=True)
+        self.pending, self.pending_seconds = [], 0.0
+
+
+def compile_regions(tracker, backend: str = "inductor") -> CompiledRegions:
+    """Replace the tracker's per-frame callables by compiled ones (see the module docstring).
+    backend: "inductor" (generated kernels; CUDA graphs on CUDA) or e.g. "aot_eager" (no code
+    generation: checks that every region traces as one graph)."""
+    if backend == "inductor":
+        cache_dir()
+    set_global_switches(tracker.device)
+    regions = CompiledRegions(tracker.device, backend)
+    backbone, net = tracker.backbone, tracker.network
+    low, high = backbone.low, backbone.high
+
+    def all_levels(image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Object starts, eager: a batch of 1 + augmentations per object, once per object."""
+        features = low(image)
+        features.update(high(features["layer3"]))
+        return features
+
+    backbone.forward = all_levels
+    backbone.low = regions.compile("backbone.low", low)
+    backbone.high = regions.compile("backbone.high", high)
+    if net.has_gate:
+        net.match = regions.compile("match", net.match)
+        net.gate_logits = regions.compile("gate_logits", net.gate_logits)
+        net.delta = regions.compile("delta", net.delta)
+        net.decode_reused = regions.compile("decode_reused", net.decode_reused)
+    net.decode_computed = regions.compile("decode_computed", net.decode_computed)
+    tracker.target_score = regions.compile("target_score", tracker.target_score)
+    tracker.merge_probabilities = regions.compile("merge_probabilities", tracker.merge_probabilities)
+
+    step = tracker._step
+
+    def step_then_report(entries, *args, **kwargs):
+        results = step(entries, *args, **kwargs)
+        regions.report(dict.fromkeys(tuple(e.image.shape[-2:]) for e in entries))
+        return results
+
+    tracker._step = step_then_report
+    return regions

@@ -1,0 +1,62 @@
+"""Compiled frame regions (models.compiled, --compile): every region compiles as one graph, and
+an inductor-compiled tracker tracks like the eager one (same gates and labels, probabilities
+within the golden tolerance)."""
+import pytest
+import torch
+
+from benchmarks.tracker_speed import make_frames, random_tracker
+from models.compiled import RECOMPILE_LIMIT, cache_dir
+
+REGIONS = {"backbone.low", "backbone.high", "match", "gate_logits", "delta", "decode_computed", "decode_reused",
+           "target_score", "merge_probabilities"}
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    """(frames, threshold, eager results): 1 object, 4 frames at 64x96, the seeded random gate's
+    own decisions at a threshold between its probabilities, so both decoder paths run."""
+    frames = make_frames(1, 4, (64, 96), seed=3)
+    computing = list(random_tracker("resnet18", "cpu").track(frames, threshold=0.999999))
+    p = sorted(r.reuse_prob[1] for r in computing[1:])
+    threshold = max((b - a, (a + b) / 2) for a, b in zip(p, p[1:]))[1]  # in the widest gap
+    eager = list(random_tracker("resnet18", "cpu").track(frames, threshold=threshold))
+    assert {r.reused[1] for r in eager[1:]} == {False, True}
+    margins = [abs(r.reuse_prob[1] - threshold) for r in eager[1:]]
+    assert min(margins) > 1e-4, f"gate probabilities {[r.reuse_prob for r in eager]} too close to {threshold}"
+    return frames, threshold, eager
+
+
+def assert_tracks_alike(got, want, probability_tol: dict) -> None:
+    for t, (g, w) in enumerate(zip(got, want)):
+        assert g.reused == w.reused, f"frame {t}"
+        for i in w.reuse_prob:
+            assert abs(g.reuse_prob[i] - w.reuse_prob[i]) < 1e-5, f"frame {t}"
+        assert torch.equal(g.labels, w.labels), f"frame {t}"
+        for i in w.probabilities:
+            torch.testing.assert_close(g.probabilities[i], w.probabilities[i], **probability_tol)
+
+
+def test_every_region_compiles_whole_with_aot_eager(mixed, capsys):
+    """fullgraph=True: a graph break would raise. A second frame size compiles anew (the
+    recompile limit is raised, so it does not fall back to eager)."""
+    import torch._dynamo.config
+
+    frames, threshold, eager = mixed
+    tracker = random_tracker("resnet18", "cpu", compile="aot_eager")
+    assert_tracks_alike(list(tracker.track(frames, threshold)), eager, dict(atol=1e-5, rtol=0))
+    assert set(tracker.compiled.compiled_shapes) == REGIONS
+    assert "--compile:" in capsys.readouterr().err  # the compile time, on stderr
+    assert tracker.compiled.compiled_shapes["backbone.low"] == 1
+    list(tracker.track(make_frames(1, 2, (96, 64)), threshold))
+    assert tracker.compiled.compiled_shapes["backbone.low"] == 2
+    assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+
+
+def test_inductor_tracks_like_eager(mixed):
+    """The one inductor run. Its compiled code is cached in models.compiled.cache_dir()
+    ($TORCHINDUCTOR_CACHE_DIR or ~/.cache/reuse-vos/inductor): minutes cold, well under one warm."""
+    frames, threshold, eager = mixed
+    tracker = random_tracker("resnet18", "cpu", compile=True)
+    assert_tracks_alike(list(tracker.track(frames, threshold)), eager, dict(atol=1e-4, rtol=1e-3))  # golden tolerance
+    assert set(tracker.compiled.compiled_shapes) == REGIONS
+    assert cache_dir().is_dir()
