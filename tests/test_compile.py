@@ -50,6 +50,14 @@ def test_every_region_compiles_whole_with_aot_eager(mixed, capsys):
     list(tracker.track(make_frames(1, 2, (96, 64)), threshold))
     assert tracker.compiled.compiled_shapes["backbone.low"] == 2
     assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+    # In lockstep the regions take two frames' objects at once (an index picks each one's frame).
+    other = make_frames(2, 4, (64, 96), seed=4)
+    want = {1: list(random_tracker("resnet18", "cpu").track(other, threshold))}
+    many: dict = {}
+    for key, result in tracker.track_many([(0, frames), (1, other)], threshold, batch=2):
+        many.setdefault(key, []).append(result)
+    assert_tracks_alike(many[0], eager, dict(atol=1e-5, rtol=0))
+    assert_tracks_alike(many[1], want[1], dict(atol=1e-5, rtol=0))
 
 
 def test_inductor_tracks_like_eager(mixed):
