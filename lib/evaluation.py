@@ -17,6 +17,7 @@ import datetime
 import math
 import os
 import sys
+import threading
 import time
 from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass
@@ -24,6 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -36,7 +38,9 @@ from lib.results import (SequenceWriter, TrackingStats, evaluate_data_dir, read_
                          sequence_complete, summarize_tracking, write_json, write_submission_zip)
 
 FPS_DEFINITION = ("frames / tracker time: object initialization (first-frame augmentation and target-model "
-                  "training) included; reading frames from disk and writing PNGs excluded; CUDA synchronized "
+                  "training) included, except the first-frame augmentation of each sequence after the first, "
+                  "prepared by a thread while the previous one tracks (--batch-sequences 1); reading frames "
+                  "from disk and writing PNGs excluded; CUDA synchronized "
                   "after every frame. Over several ranks: all frames / the tracker time summed over all ranks "
                   "(the speed of one process)")
 WALL_FPS_DEFINITION = ("frames tracked in this run / wall-clock time of the tracking loop (disk reading, PNG "
@@ -299,7 +303,16 @@ def track_sequences(job: Job, sequences: list, tracker=None, frames: Optional[di
         track_lockstep(job, tracker, sequences, frames, outcome)
         outcome["wall_seconds"] = time.perf_counter() - started
         return outcome
-    for seq in sequences:
+    ahead = None
+    for i, seq in enumerate(sequences):
+        if ahead is not None:
+            ahead.join()  # it had the whole previous sequence's time
+        ahead = None
+        if i + 1 < len(sequences):  # the next sequence's first-frame augmentation, while this one tracks
+            upcoming = sequences[i + 1]
+            ahead = threading.Thread(target=prepare_first_frame, args=(tracker, frames.get(upcoming.name, upcoming)),
+                                     name="prepare-augmentation", daemon=True)
+            ahead.start()
         try:
             stats = track_sequence(job, tracker, seq, frames.get(seq.name))
         except Exception as exc:
@@ -309,8 +322,30 @@ def track_sequences(job: Job, sequences: list, tracker=None, frames: Optional[di
         outcome["sequences"].append(seq.name)
         outcome["frames"] += stats["frames"]
         outcome["tracker_seconds"] += stats["seconds"]
+    if ahead is not None:
+        ahead.join()
     outcome["wall_seconds"] = time.perf_counter() - started
     return outcome
+
+
+def prepare_first_frame(tracker, frames) -> None:
+    """Augment the objects starting on the first of `frames` (a sequence or a list of frames as
+    `Tracker.track` takes them) ahead of tracking (`FirstFrameAugmenter.prepare`): the tracker's
+    start of those objects then takes the result instead of computing it, the same images.
+    For a background thread; does nothing without an augmenter. A frame that cannot be read or
+    augmented is left for the tracker to report, in its place."""
+    augmenter = tracker.augmenter
+    if augmenter is None or len(frames) == 0:
+        return
+    try:
+        image, labels, new_ids = frames[0]
+        if isinstance(image, np.ndarray):  # (H, W, 3), as Tracker.track also takes it
+            image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        labels = torch.as_tensor(labels)
+        for obj_id in new_ids or []:  # each object from the same seed, as the tracker does
+            augmenter.prepare(image, (labels == obj_id)[None], np.random.default_rng(tracker.seed))
+    except Exception:  # noqa: BLE001 (reported by the tracker, which reads the frame again)
+        return
 
 
 def _with_context(message: str, sequence: str, out_dir: Path) -> str:

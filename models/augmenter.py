@@ -12,7 +12,10 @@ the input's device.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import cv2
@@ -208,10 +211,22 @@ def _blur(planes: np.ndarray, kernel: np.ndarray | None) -> np.ndarray:
 class FirstFrameAugmenter:
     """Turns an object's first frame and mask into `num_aug` training images."""
 
+    PREPARED_CAPACITY = 16  # `prepare`d results kept
+
     def __init__(self, params: AugmentationParams):
         if params.num_aug < 1:
             raise ValueError(f"num_aug must be at least 1, got {params.num_aug}")
         self.params = params
+        self._prepared: OrderedDict = OrderedDict()  # key -> (images, masks, generator state after)
+        self._lock = threading.Lock()
+        self.prepared_hits = 0  # calls answered from `prepare`d results
+
+    def __getstate__(self) -> dict:  # a copy (or another process) starts without prepared results
+        return {**self.__dict__, "_lock": None, "_prepared": OrderedDict()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def augment(self, image: torch.Tensor, mask: torch.Tensor,
                 rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,12 +246,48 @@ class FirstFrameAugmenter:
         """As `augment`, but without repeating the input image, for a caller that already has it
         (the tracker puts the frame once in the backbone batch): uint8 images (K - 1, 3, H, W) of
         the augmented frames only, and float masks (K, 1, H, W), the input's first; both on the
-        input's device. Built on the host, so they cost the device one copy each."""
+        input's device. Built on the host, so they cost the device one copy each. A result
+        `prepare`d for the same image, mask and generator state is taken instead of computed."""
         image_np, mask_np = self._host_inputs(image, mask)
         rng = np.random.default_rng(0) if rng is None else rng
-        images, masks = self._host_frames(image_np, mask_np, rng)
+        prepared = self._take_prepared(image_np, mask_np, rng) if self._prepared else None
+        if prepared is None:
+            images, masks = self._host_frames(image_np, mask_np, rng)
+        else:
+            images, masks, rng.bit_generator.state = prepared
+            self.prepared_hits += 1
         device = image.device
         return torch.from_numpy(images).permute(0, 3, 1, 2).to(device), torch.from_numpy(masks).to(device)
+
+    def prepare(self, image: torch.Tensor, mask: torch.Tensor, rng: np.random.Generator | None = None) -> None:
+        """Compute `augmented_frames(image, mask, rng)` ahead, e.g. in a background thread while
+        the tracker works on another sequence, and keep it on the host (the latest
+        `PREPARED_CAPACITY`) for the call with the same image, mask and generator state, which
+        then returns it, leaving its generator in the state computing would. Thread-safe. An
+        input that cannot be augmented is left for that call to raise."""
+        rng = np.random.default_rng(0) if rng is None else rng
+        try:
+            image_np, mask_np = self._host_inputs(image, mask)
+            key = self._key(image_np, mask_np, rng)
+            images, masks = self._host_frames(image_np, mask_np, rng)
+        except (ValueError, RuntimeError):
+            return
+        with self._lock:
+            self._prepared[key] = (images, masks, rng.bit_generator.state)
+            while len(self._prepared) > self.PREPARED_CAPACITY:
+                self._prepared.popitem(last=False)
+
+    @staticmethod
+    def _key(image_np: np.ndarray | None, mask_np: np.ndarray, rng: np.random.Generator) -> tuple:
+        digest = hashlib.blake2b(mask_np.tobytes(), digest_size=16)
+        if image_np is not None:
+            digest.update(image_np.tobytes())
+        return mask_np.shape, digest.hexdigest(), repr(rng.bit_generator.state)
+
+    def _take_prepared(self, image_np: np.ndarray | None, mask_np: np.ndarray, rng: np.random.Generator):
+        key = self._key(image_np, mask_np, rng)
+        with self._lock:
+            return self._prepared.pop(key, None)
 
     def _host_inputs(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray]:
         """Checked inputs on the host: image (H, W, 3) uint8 (None when num_aug is 1: not needed)
