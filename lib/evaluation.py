@@ -33,7 +33,9 @@ from lib.results import (evaluate_data_dir, read_sequence_stats, results_dir, se
 from lib.tracking import SequenceFailure, percent, track_lockstep, track_one_by_one
 
 FPS_DEFINITION = ("frames / tracker time: object initialization (first-frame augmentation and target-model "
-                  "training) included; reading frames from disk and writing PNGs excluded; CUDA synchronized "
+                  "training) included, except the first-frame augmentation of each sequence after the first, "
+                  "prepared by a thread while the previous one tracks; reading frames "
+                  "from disk and writing PNGs excluded; CUDA synchronized "
                   "after every frame. Over several ranks: all frames / the tracker time summed over all ranks "
                   "(the speed of one process)")
 WALL_FPS_DEFINITION = ("frames tracked in this run / wall-clock time of the tracking loop (disk reading, PNG "

@@ -1,16 +1,19 @@
 """A rank's sequences tracked to disk (evaluate.py's tracking step): one at a time (`Tracker.track`)
 or `--batch-sequences` at a time in lockstep (`Tracker.track_many`). Both yield (sequence name,
 statistics) as each sequence's folder lands, and raise `SequenceFailure` naming the sequence
-whose tracking failed; `lib.evaluation.track_sequences` keeps the books."""
+whose tracking failed; `lib.evaluation.track_sequences` keeps the books. Both have a thread
+augment the next sequence's first frame while the current one tracks."""
 from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from contextlib import ExitStack, closing
 from functools import partial
 from typing import TYPE_CHECKING, Iterator
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -95,10 +98,50 @@ def percent(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
 
 
+def prepare_first_frame(tracker, frames) -> None:
+    """Augment the objects starting on the first of `frames` (a sequence or a list of frames as
+    `Tracker.track` takes them) ahead of tracking (`FirstFrameAugmenter.prepare`): the tracker's
+    start of those objects then takes the result instead of computing it, the same images.
+    For a background thread; does nothing without an augmenter. A frame that cannot be read or
+    augmented is left for the tracker to report, in its place."""
+    augmenter = tracker.augmenter
+    if augmenter is None or len(frames) == 0:
+        return
+    try:
+        image, labels, new_ids = frames[0]
+        if isinstance(image, np.ndarray):  # (H, W, 3), as Tracker.track also takes it
+            image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        labels = torch.as_tensor(labels)
+        for obj_id in new_ids or []:  # each object from the same seed, as the tracker does
+            augmenter.prepare(image, (labels == obj_id)[None], np.random.default_rng(tracker.seed))
+    except Exception:  # noqa: BLE001 (reported by the tracker, which reads the frame again)
+        return
+
+
+def _preparing_next(tracker, sequences: list, frames: dict) -> Iterator:
+    """The sequences, each handed out while a thread augments the objects starting on the next
+    one's first frame (`prepare_first_frame`); that thread is joined before the next is handed out."""
+    ahead = None
+    try:
+        for i, seq in enumerate(sequences):
+            if ahead is not None:
+                ahead.join()  # it had the previous sequence's time
+            ahead = None
+            if i + 1 < len(sequences):
+                upcoming = sequences[i + 1]
+                ahead = threading.Thread(target=prepare_first_frame, name="prepare-augmentation", daemon=True,
+                                         args=(tracker, frames.get(upcoming.name, upcoming)))
+                ahead.start()
+            yield seq
+    finally:
+        if ahead is not None:
+            ahead.join()
+
+
 def track_one_by_one(job: "Job", tracker, sequences: list, frames: dict) -> Iterator[tuple[str, dict]]:
     """Track the sequences one after another, each sequence's frames decoded ahead in a thread
     (or taken from `frames`, {name: its frames in memory}) -> (name, statistics) per sequence."""
-    for seq in sequences:
+    for seq in _preparing_next(tracker, sequences, frames):
         try:
             with SequenceOutput(job, seq) as output, _progress(job, len(seq), seq.name) as bar, \
                     closing(read_ahead(frames.get(seq.name, seq), PREFETCH_FRAMES)) as reader:
@@ -130,7 +173,7 @@ def track_lockstep(job: "Job", tracker, sequences: list, frames: dict) -> Iterat
     readers, failed = [], []
 
     def source():
-        for seq in sequences:
+        for seq in _preparing_next(tracker, sequences, frames):
             reader = read_ahead(frames.get(seq.name, seq), PREFETCH_FRAMES)
             readers.append(reader)
             outputs[seq.name] = SequenceOutput(job, seq)

@@ -12,7 +12,10 @@ the input's device.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import cv2
@@ -208,10 +211,22 @@ def _blur(planes: np.ndarray, kernel: np.ndarray | None) -> np.ndarray:
 class FirstFrameAugmenter:
     """Turns an object's first frame and mask into `num_aug` training images."""
 
+    PREPARED_CAPACITY = 16  # `prepare`d results kept
+
     def __init__(self, params: AugmentationParams):
         if params.num_aug < 1:
             raise ValueError(f"num_aug must be at least 1, got {params.num_aug}")
         self.params = params
+        self._prepared: OrderedDict = OrderedDict()  # key -> (images, masks, generator state after)
+        self._lock = threading.Lock()
+        self.prepared_hits = 0  # calls answered from `prepare`d results
+
+    def __getstate__(self) -> dict:  # a copy (or another process) starts without prepared results
+        return {**self.__dict__, "_lock": None, "_prepared": OrderedDict()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def augment(self, image: torch.Tensor, mask: torch.Tensor,
                 rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,37 +238,89 @@ class FirstFrameAugmenter:
         Raises ValueError for an empty mask or one below min_px_count, RuntimeError when
         max_rounds of drawing do not yield num_aug - 1 frames that keep the object.
         """
+        augmented, masks = self.augmented_frames(image, mask, rng)
+        return torch.cat([image.float().unsqueeze(0), augmented.float()]), masks
+
+    def augmented_frames(self, image: torch.Tensor, mask: torch.Tensor,
+                         rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `augment`, but without repeating the input image, for a caller that already has it
+        (the tracker puts the frame once in the backbone batch): uint8 images (K - 1, 3, H, W) of
+        the augmented frames only, and float masks (K, 1, H, W), the input's first; both on the
+        input's device. Built on the host, so they cost the device one copy each. A result
+        `prepare`d for the same image, mask and generator state is taken instead of computed."""
+        image_np, mask_np = self._host_inputs(image, mask)
+        rng = np.random.default_rng(0) if rng is None else rng
+        prepared = self._take_prepared(image_np, mask_np, rng) if self._prepared else None
+        if prepared is None:
+            images, masks = self._host_frames(image_np, mask_np, rng)
+        else:
+            images, masks, rng.bit_generator.state = prepared
+            self.prepared_hits += 1
+        device = image.device
+        return torch.from_numpy(images).permute(0, 3, 1, 2).to(device), torch.from_numpy(masks).to(device)
+
+    def prepare(self, image: torch.Tensor, mask: torch.Tensor, rng: np.random.Generator | None = None) -> None:
+        """Compute `augmented_frames(image, mask, rng)` ahead, e.g. in a background thread while
+        the tracker works on another sequence, and keep it on the host (the latest
+        `PREPARED_CAPACITY`) for the call with the same image, mask and generator state, which
+        then returns it, leaving its generator in the state computing would. Thread-safe. An
+        input that cannot be augmented is left for that call to raise."""
+        rng = np.random.default_rng(0) if rng is None else rng
+        try:
+            image_np, mask_np = self._host_inputs(image, mask)
+            key = self._key(image_np, mask_np, rng)
+            images, masks = self._host_frames(image_np, mask_np, rng)
+        except (ValueError, RuntimeError):
+            return
+        with self._lock:
+            self._prepared[key] = (images, masks, rng.bit_generator.state)
+            while len(self._prepared) > self.PREPARED_CAPACITY:
+                self._prepared.popitem(last=False)
+
+    @staticmethod
+    def _key(image_np: np.ndarray | None, mask_np: np.ndarray, rng: np.random.Generator) -> tuple:
+        digest = hashlib.blake2b(mask_np.tobytes(), digest_size=16)
+        if image_np is not None:
+            digest.update(image_np.tobytes())
+        return mask_np.shape, digest.hexdigest(), repr(rng.bit_generator.state)
+
+    def _take_prepared(self, image_np: np.ndarray | None, mask_np: np.ndarray, rng: np.random.Generator):
+        key = self._key(image_np, mask_np, rng)
+        with self._lock:
+            return self._prepared.pop(key, None)
+
+    def _host_inputs(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[np.ndarray | None, np.ndarray]:
+        """Checked inputs on the host: image (H, W, 3) uint8 (None when num_aug is 1: not needed)
+        and mask (H, W) uint8 0/1."""
         if image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"image must be 3xHxW, got shape {tuple(image.shape)}")
         mask = mask.reshape(-1, *mask.shape[-2:])
         if mask.shape[0] != 1 or mask.shape[-2:] != image.shape[-2:]:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match image {tuple(image.shape)}")
-
-        p = self.params
-        device = image.device
-        first_image = image.float().unsqueeze(0)
-        first_mask = (mask > 0).float().unsqueeze(0)
-
-        px_count = int(first_mask.sum().item())
+        mask_np = np.ascontiguousarray(mask[0].detach().cpu().numpy() > 0).astype(np.uint8)
+        px_count = int(mask_np.sum())
         if px_count == 0:
             raise ValueError("first-frame mask has no object")
-        if px_count < p.min_px_count:
+        if px_count < self.params.min_px_count:
             raise ValueError(f"first-frame object has {px_count} pixels, "
-                             f"fewer than min_px_count={p.min_px_count}")
-        if p.num_aug == 1:
-            return first_image, first_mask
+                             f"fewer than min_px_count={self.params.min_px_count}")
+        if self.params.num_aug == 1:
+            return None, mask_np
+        image_np = image.detach()
+        if image_np.dtype != torch.uint8:
+            image_np = image_np.float().round().clamp(0, 255).to(torch.uint8)
+        return np.ascontiguousarray(image_np.cpu().permute(1, 2, 0).numpy()), mask_np
 
-        rng = np.random.default_rng(0) if rng is None else rng
-        image_np = image.detach().float().round().clamp(0, 255).to(torch.uint8).cpu()
-        image_np = np.ascontiguousarray(image_np.permute(1, 2, 0).numpy())
-        mask_np = np.ascontiguousarray((mask[0] > 0).to(torch.uint8).cpu().numpy())
-
-        images, masks = self._augmented_frames(image_np, mask_np, px_count == mask_np.size, rng)
-
-        aug_images = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
-        aug_masks = torch.from_numpy(np.stack(masks)).unsqueeze(1).float()
-        return (torch.cat([first_image, aug_images.to(device)]),
-                torch.cat([first_mask, aug_masks.to(device)]))
+    def _host_frames(self, image_np: np.ndarray | None, mask_np: np.ndarray,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images (K - 1, H, W, 3) and float32 masks (K, 1, H, W), the input mask first."""
+        images, masks = [], [mask_np]
+        if image_np is not None:
+            images, augmented_masks = self._augmented_frames(image_np, mask_np, bool(mask_np.all()), rng)
+            masks += augmented_masks
+        h, w = mask_np.shape
+        images_np = np.stack(images) if images else np.zeros((0, h, w, 3), np.uint8)
+        return images_np, np.stack(masks).astype(np.float32)[:, None]
 
     def _augmented_frames(self, image: np.ndarray, mask: np.ndarray, no_background: bool,
                           rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -73,7 +73,7 @@ def pixel_weights(labels: torch.Tensor, method: str = "hinge", target_fraction: 
     tf = fraction.clamp(min=target_fraction)  # the foreground's share of the loss
     weight_fg = tf / fraction
     weight_bg = (1 - tf) / (1 - fraction)
-    return torch.sqrt(weight_fg * y + weight_bg * (1 - y))
+    return torch.sqrt(torch.lerp(weight_bg, weight_fg, y))  # exactly weight_fg or weight_bg for 0/1 labels
 
 
 class UpsamplingMetric:
@@ -94,8 +94,9 @@ class UpsamplingMetric:
         self.uh = self._upsampling_matrix(h, H, device)  # (H, h)
         self.uw = self._upsampling_matrix(w, W, device)  # (W, w)
         # products of neighbouring columns: P[d][Y, a] = U[Y, a] U[Y, a + d - 1] (0 outside)
-        self.ph = torch.stack([self.uh * self._shift_columns(self.uh, d) for d in (-1, 0, 1)])  # (3, H, h)
-        self.pw = torch.stack([self.uw * self._shift_columns(self.uw, d) for d in (-1, 0, 1)])  # (3, W, w)
+        self.ph = self._neighbour_products(self.uh)  # (3, H, h)
+        self.pw = self._neighbour_products(self.uw)  # (3, W, w)
+        self.pw_columns = self.pw.permute(1, 0, 2).reshape(self.pw.shape[1], -1)  # (W, 3 w): one GEMM for all dx
 
     @staticmethod
     @functools.lru_cache(maxsize=8)
@@ -111,20 +112,16 @@ class UpsamplingMetric:
         return F.interpolate(eye, (size, n), mode="bilinear", align_corners=False)[0, 0]
 
     @staticmethod
-    def _shift_columns(m: torch.Tensor, d: int) -> torch.Tensor:
-        """out[:, a] = m[:, a + d], zero where a + d is out of range."""
-        out = torch.zeros_like(m)
+    def _neighbour_products(m: torch.Tensor) -> torch.Tensor:
+        """(3, size, n): out[d][:, a] = m[:, a] m[:, a + d - 1], zero where a + d - 1 is out of range."""
         n = m.shape[1]
-        if d >= 0:
-            out[:, :n - d] = m[:, d:]
-        else:
-            out[:, -d:] = m[:, :n + d]
-        return out
+        padded = F.pad(m, (1, 1))
+        return m * torch.stack([padded[:, d:d + n] for d in range(3)])
 
     def metric(self, weights: torch.Tensor) -> torch.Tensor:
         """Squared pixel weights (N, 1, H, W) -> M as 9 neighbour maps (N, 9, h, w)."""
-        d = weights[:, 0]
-        t = torch.matmul(d.unsqueeze(1), self.pw.unsqueeze(0))  # (N, 3 dx, H, w)
+        n, _, H, W = weights.shape
+        t = (weights.reshape(n * H, W) @ self.pw_columns).view(n, H, 3, -1).transpose(1, 2)  # (N, 3 dx, H, w)
         m = torch.matmul(self.ph.transpose(1, 2).unsqueeze(0).unsqueeze(2), t.unsqueeze(1))  # (N, 3 dy, 3 dx, h, w)
         return m.flatten(1, 2)
 
@@ -296,8 +293,8 @@ class ProjectFilterProblem:
         self.metric = metric
         self.target = target
         sizes = (channels * c_in, 9 * channels)
-        self.reg2 = torch.cat([torch.full((n,), r * r, device=features.device) for n, r in zip(sizes, regs)])
-        self.precond = torch.cat([torch.full((n,), p, device=features.device) for n, p in zip(sizes, precond)])
+        self.reg2 = _blocks(sizes, tuple(r * r for r in regs), features.device)
+        self.precond = _blocks(sizes, tuple(precond), features.device)
 
     def select_samples(self) -> None:
         pass  # fixed samples
@@ -337,6 +334,36 @@ class ProjectFilterProblem:
             return jacobian_t(UpsamplingMetric.apply(self.metric, jacobian(v)), v)
 
         return b, normal_op
+
+
+@functools.lru_cache(maxsize=16)
+def _blocks(sizes: tuple[int, ...], values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """(sum(sizes),): values[i] repeated sizes[i] times, on the device; cached (only read), so
+    that object starts do not rebuild it."""
+    return to_device(torch.from_numpy(np.concatenate([np.full(n, v, np.float32) for n, v in zip(sizes, values)])),
+                     device)
+
+
+@functools.lru_cache(maxsize=16)
+def _taps_order(channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices between a filter weight flattened as (c, 3, 3) and the taps G (9, c) of
+    `ProjectFilterProblem` (G[k, j] = weight[j, 8 − k]): (to taps, from taps), on the device;
+    cached. One index_select each way instead of a flip, a transpose and a copy."""
+    k, j = np.meshgrid(np.arange(9), np.arange(channels), indexing="ij")
+    to_taps = (j * 9 + 8 - k).ravel()  # G flat position k c + j <- weight position j 9 + 8 - k
+    return to_device(torch.from_numpy(to_taps), device), to_device(torch.from_numpy(np.argsort(to_taps)), device)
+
+
+@functools.lru_cache(maxsize=16)
+def _first_sample_weights(k: int, objects: int, device: torch.device) -> torch.Tensor:
+    """`SampleMemory.first_weights(k)` for each of `objects` objects, (objects k, 1, 1, 1) on the
+    device; cached (only read)."""
+    return to_device(SampleMemory.first_weights(k).repeat(objects), device).view(-1, 1, 1, 1)
+
+
+def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, a view for a single tensor (one object starting: no copy)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
 
 
 class GaussNewtonCG:
@@ -533,24 +560,24 @@ def _initialize_many(models: Sequence[TargetModel], features: torch.Tensor, mask
     upsampling = UpsamplingMetric.cached((h, w), tuple(masks.shape[-2:]), device)
     squared = pw * pw
     metrics, targets = upsampling.metric(squared), upsampling.adjoint(squared * masks)  # (O K, 9, h, w), (O K, 1, h, w)
-    sample_weights = to_device(SampleMemory.first_weights(k).repeat(o), device).view(-1, 1, 1, 1)
+    sample_weights = _first_sample_weights(k, o, device)
 
-    # θ per object: projection (c, C_in), then the filter's taps flipped (see ProjectFilterProblem).
-    proj = torch.stack([m.project.weight.view(c, c_in) for m in models])
-    taps = torch.stack([m.filter.weight.view(c, 9) for m in models]).flip(2).transpose(1, 2)
-    theta = torch.cat([proj.reshape(o, -1), taps.reshape(o, -1)], dim=1)
+    # θ per object: projection (c, C_in), then the filter's taps reordered (see ProjectFilterProblem).
+    to_taps, from_taps = _taps_order(c, device)
+    proj = _stack([m.project.weight.view(-1) for m in models])
+    taps = _stack([m.filter.weight.view(-1) for m in models]).index_select(1, to_taps)
+    theta = torch.cat([proj, taps], dim=1)
     problem = ProjectFilterProblem(features, metrics * sample_weights, targets * sample_weights, c,
                                    cfg.filter_reg, cfg.precond)
     GaussNewtonCG(problem, theta, models[0].forget_factor).run(cfg.init_iters)
     proj, taps = problem.split(theta)
-    filters = taps.flip(1).transpose(1, 2)  # (O, c, 9)
 
     # Re-project the samples (channels-last, as the memory keeps them); from now on only the
     # filter is optimized, on each object's own memory.
     projected = torch.bmm(problem.pixels, proj.transpose(1, 2)).view(o, k, h, w, c).permute(0, 1, 4, 2, 3)
     for i, model in enumerate(models):
         model.project.weight.copy_(proj[i].view(c, c_in, 1, 1))
-        model.filter.weight.copy_(filters[i].reshape(1, c, 3, 3))
+        torch.index_select(taps[i].reshape(-1), 0, from_taps, out=model.filter.weight.view(-1))
         rows = slice(i * k, (i + 1) * k)
         model.memory = SampleMemory(cfg.memory_size, (c, h, w), masks.shape[-2:], device, cfg.learning_rate,
                                     upsampling)

@@ -547,18 +547,26 @@ class Tracker:
         for mask in masks:
             if self.augmenter is not None:
                 rng = np.random.default_rng(self.seed)  # each object's augmentation from the same seed
-                augmented, augmented_masks = self.augmenter.augment(image[0], mask[0], rng)
-                images.append(augmented[1:])  # [0] is the frame itself
+                augmented, augmented_masks = self.augmenter.augmented_frames(image[0], mask[0], rng)
+                images.append(augmented)  # uint8, without the frame itself: it comes first, once
                 aug_masks.append(augmented_masks)
             else:
                 aug_masks.append(mask)
-        with self._autocast():
-            all_features = self.backbone(torch.cat([images[0].float()] + images[1:]) if len(images) > 1 else image)
+        with self._autocast():  # the backbone takes uint8 images as they are
+            all_features = self.backbone(torch.cat(images) if len(images) > 1 else image)
         features = {k: v[:1] for k, v in all_features.items()}
         layer4 = all_features["layer4"]
         k = aug_masks[0].shape[0]
-        aug_layer4 = torch.stack([torch.cat([layer4[:1], layer4[1 + i * (k - 1):1 + (i + 1) * (k - 1)]])
-                                  for i in range(len(ids))])  # (O, K, C, h, w)
+        # Object i's K samples: the frame, then its own K - 1 augmented images (for the first
+        # object a slice of the batch). Without augmentation the sample is in NCHW layout: the
+        # layout decides which GEMM kernels Gauss-Newton runs, and their rounding is amplified
+        # into the tracked masks (see docs/performance.md, "Object starts").
+        if k == 1:
+            aug_layer4 = [layer4[:1].contiguous()] * len(ids)
+        else:
+            aug_layer4 = [layer4[:k] if i == 0 else
+                          torch.cat([layer4[:1], layer4[1 + i * (k - 1):1 + (i + 1) * (k - 1)]])
+                          for i in range(len(ids))]  # O x (K, C, h, w)
         targets = [TargetModel(layer4.shape[1], self.target_config, self.device, seed=self.seed,
                                score_fn=self.target_score) for _ in ids]
         for i, target in enumerate(targets):  # fp32 whatever the precision

@@ -189,3 +189,48 @@ def test_blur_matches_zero_padded_conv2d(size, angle):
     t = torch.from_numpy(x).permute(2, 0, 1).unsqueeze(1)
     ref = F.conv2d(t, torch.from_numpy(kernel)[None, None], padding=kernel.shape[0] // 2)
     np.testing.assert_allclose(ours, ref[:, 0].permute(1, 2, 0).numpy(), atol=1e-3)
+
+
+def test_a_prepared_result_serves_the_same_inputs_only():
+    """`prepare` computes ahead; the call with the same image, mask and generator state takes
+    it (same images, generator left as computing leaves it); other inputs are computed."""
+    image, mask = scene()
+    aug = FirstFrameAugmenter(evaluation_params(4))
+    expected_rng = np.random.default_rng(5)
+    expected = aug.augmented_frames(image, mask, expected_rng)
+    aug.prepare(image, mask, np.random.default_rng(5))
+    aug.prepare(image, mask, np.random.default_rng(6))
+
+    other_mask = mask.clone()
+    other_mask[0, 0] = 1
+    other = aug.augmented_frames(image, other_mask, np.random.default_rng(5))  # another mask: computed
+    assert aug.prepared_hits == 0
+    assert torch.equal(other[1][0, 0], other_mask.float())
+    rng = np.random.default_rng(5)
+    got = aug.augmented_frames(image, mask, rng)
+    assert aug.prepared_hits == 1
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert rng.bit_generator.state == expected_rng.bit_generator.state
+    aug.augmented_frames(image, mask, np.random.default_rng(5))  # taken once: computed again
+    assert aug.prepared_hits == 1
+    seeded6 = aug.augmented_frames(image, mask, np.random.default_rng(6))
+    assert aug.prepared_hits == 2 and not torch.equal(seeded6[0], expected[0])
+
+
+def test_tracking_with_prepared_first_frames_gives_the_same_results():
+    """lib.tracking prepares a sequence's first-frame augmentation in a thread while the
+    previous sequence tracks; the tracker's start takes it and tracks exactly as without."""
+    from benchmarks.tracker_speed import make_frames, random_tracker
+    from lib.tracking import prepare_first_frame
+
+    frames = make_frames(2, 3, (H, W), seed=3)
+    runs = []
+    for prepared in (False, True):
+        tracker = random_tracker("resnet18", "cpu", num_aug=3)
+        if prepared:
+            prepare_first_frame(tracker, frames)
+        runs.append(tracker.run_sequence(frames, threshold=0.5, keep_raw=True))
+        assert tracker.augmenter.prepared_hits == (2 if prepared else 0)
+    for a, b in zip(*(r.frames for r in runs)):
+        assert torch.equal(a.labels, b.labels)
+        assert all(torch.equal(a.logits[i], b.logits[i]) for i in a.logits)
