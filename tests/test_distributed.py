@@ -173,16 +173,18 @@ def test_two_processes_match_one(checkpoint, davis_root, single, tmp_path):
 
 
 def test_resume_with_another_process_count(checkpoint, davis_root, single, tmp_path):
-    """Sequences finished by a 1-process run are kept by a 2-process --resume run, and the
-    other way round."""
+    """Sequences finished by a 1-process run are kept by a 2-process --resume run (its ranks
+    tracking in lockstep, --batch-sequences), and the other way round."""
     one_dir, _ = single
     dst = tmp_path / "result" / one_dir.name
     shutil.copytree(one_dir, dst)
     shutil.rmtree(dst / "car-shadow")
     kept = {p.name: p.stat().st_mtime_ns for p in (dst / "motocross-jump").iterdir()}
-    proc = torchrun(2, checkpoint, tmp_path, "--dset", "dv2017val", "--davis-root", str(davis_root), "--resume")
+    proc = torchrun(2, checkpoint, tmp_path, "--dset", "dv2017val", "--davis-root", str(davis_root), "--resume",
+                    "--batch-sequences", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((dst / "results.json").read_text())
+    assert results["args"]["batch_sequences"] == 2
     assert results["sequences_computed"] == ["car-shadow"]
     assert {p.name: p.stat().st_mtime_ns for p in (dst / "motocross-jump").iterdir()} == kept
     assert png_bytes(dst) == png_bytes(one_dir)
