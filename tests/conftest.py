@@ -26,6 +26,22 @@ def _restore_thread_count():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def cheap_compile(monkeypatch) -> list:
+    """The backends trackers were asked to compile with (`--compile` reached them); the regions
+    are compiled with aot_eager whatever was asked (seconds, not minutes)."""
+    import models.compiled
+
+    real, asked = models.compiled.compile_regions, []
+
+    def cheap(tracker, backend="inductor"):
+        asked.append(backend)
+        return real(tracker, "aot_eager")
+
+    monkeypatch.setattr(models.compiled, "compile_regions", cheap)
+    return asked
+
+
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     if not GOLDEN.is_dir():

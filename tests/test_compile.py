@@ -1,6 +1,8 @@
 """Compiled frame regions (models.compiled, --compile): every region compiles as one graph, and
 an inductor-compiled tracker tracks like the eager one (same gates and labels, probabilities
 within the golden tolerance)."""
+import re
+
 import pytest
 import torch
 
@@ -68,3 +70,22 @@ def test_inductor_tracks_like_eager(mixed):
     assert_tracks_alike(list(tracker.track(frames, threshold)), eager, dict(atol=1e-4, rtol=1e-3))  # golden tolerance
     assert set(tracker.compiled.compiled_shapes) == REGIONS
     assert cache_dir().is_dir()
+
+
+def test_tracker_speed_puts_compiled_beside_eager(cheap_compile, capsys):
+    """benchmarks.tracker_speed --compile: computed and reused, eager and compiled, the speed-up
+    and the compiled GFLOP/s as a share of --peak-gflops."""
+    from benchmarks import tracker_speed
+    args = tracker_speed.get_parser().parse_args(["--size", "64x96", "--frames", "3", "--repeats", "1",
+                                                  "--configs", "resnet18:1", "--compile", "--peak-gflops", "1000"])
+    m = tracker_speed.main(args)[("resnet18", 1, "fp32")]
+    assert cheap_compile == ["inductor", "inductor"]  # computed and reused compiled trackers
+    out = capsys.readouterr().out
+    assert "peak 1000 GFLOP/s (--peak-gflops)" in out
+    for name in ("computed", "reused"):
+        row = re.search(rf"^resnet18 +1 +{name} +(\d+) +(\d+) +([\d.]+)x +([\d.]+) +([\d.]+) +([\d.]+)%$", out, re.M)
+        assert row, out
+        compiled = m[f"{name} compiled"]
+        rate = compiled["gflops"] / compiled["ms"] * 1000
+        assert float(row[5]) == pytest.approx(rate, abs=0.06) and float(row[6]) == pytest.approx(rate / 10, abs=0.06)
+        assert float(row[3]) == pytest.approx(m[name]["ms"] / compiled["ms"], abs=0.006)

@@ -436,6 +436,12 @@ def test_sequences_and_resume(checkpoint, davis_root, tmp_path):
     assert reseeded["sequences_computed"] == list(DAVIS_SEQS)
 
 
+def test_compile_flag_reaches_the_tracker(checkpoint, davis_root, tmp_path, cheap_compile):
+    got = run(checkpoint, tmp_path, *davis_args(davis_root), "--sequences", "car-shadow", "--compile")
+    assert cheap_compile == ["inductor"] and got["sequences_computed"] == ["car-shadow"]
+    assert got["args"]["compile"] is True
+
+
 def test_batch_sequences_writes_the_same_pngs(dv2017, checkpoint, davis_root, tmp_path, monkeypatch):
     """--batch-sequences 2 (the sample's sequences in lockstep, frames batched through the
     backbone) writes byte-identical PNGs and the same J&F and reuse as one at a time."""

@@ -151,6 +151,11 @@ def test_mp4_video_and_half_size_mask(dog, checkpoint, tmp_path):
     assert gif_frame_ms(out / "overlay.gif") == 40  # 1000 / 24 ms, in the GIF's 10 ms units
 
 
+def test_compile_flag_reaches_the_tracker(dog, checkpoint, tmp_path, cheap_compile):
+    out = run_demo(dog / "frames", dog / "mask.png", checkpoint, tmp_path / "out", "--compile")
+    assert cheap_compile == ["inductor"] and out["frames"] == 4
+
+
 def test_fps_out_overrides_the_video_frame_rate(tmp_path):
     assert demo.overlay_fps(None, 24.0) == 24.0
     assert demo.overlay_fps(None, None) == demo.DEFAULT_FPS_OUT
