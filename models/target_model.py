@@ -125,6 +125,12 @@ class UpsamplingMetric:
         m = torch.matmul(self.ph.transpose(1, 2).unsqueeze(0).unsqueeze(2), t.unsqueeze(1))  # (N, 3 dy, 3 dx, h, w)
         return m.flatten(1, 2)
 
+    def encode(self, labels: torch.Tensor, pixel_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Labels and pixel weights (N, 1, H, W) -> samples as the memory keeps them: (metrics
+        M (N, 9, h, w), targets g = Uᵀ(w² ⊙ y) (N, 1, h, w))."""
+        squared = pixel_weights * pixel_weights
+        return self.metric(squared), self.adjoint(squared * labels.float())
+
     def adjoint(self, image: torch.Tensor) -> torch.Tensor:
         """Uᵀ applied to (N, 1, H, W) -> (N, 1, h, w)."""
         return torch.matmul(torch.matmul(self.uh.t(), image[:, 0]), self.uw).unsqueeze(1)
@@ -166,11 +172,6 @@ class SampleMemory:
         self.learning_rate = learning_rate
         self._last_slot: int | None = None
 
-    def encode(self, labels: torch.Tensor, pixel_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Labels and pixel weights (N, 1, H, W) -> the samples' (metrics (N, 9, h, w), targets (N, 1, h, w))."""
-        squared = pixel_weights * pixel_weights
-        return self.upsampling.metric(squared), self.upsampling.adjoint(squared * labels.float())
-
     @staticmethod
     def first_weights(k: int) -> torch.Tensor:
         """Host weights (K,) of the K first samples: 2/K for the first, 1/K for the others, normalized."""
@@ -186,11 +187,12 @@ class SampleMemory:
         self.samples[:k] = features.detach()
         self.host_weights[:k] = self.first_weights(k)
         self.weights = to_device(self.host_weights, self.device)
-        self.metrics[:k], self.targets[:k] = encoded if encoded is not None else self.encode(labels, pixel_weights)
+        self.metrics[:k], self.targets[:k] = encoded if encoded is not None else \
+            self.upsampling.encode(labels, pixel_weights)
         self.size = k
 
     def insert(self, feature: torch.Tensor, metric: torch.Tensor, target: torch.Tensor) -> None:
-        """Insert one sample: feature (1, C, h, w) and its label and pixel weights as `encode`
+        """Insert one sample: feature (1, C, h, w) and its label and pixel weights as `UpsamplingMetric.encode`
         gives them, metric (1, 9, h, w) and target (1, 1, h, w)."""
         slot = self._update_weights()
         self.samples[slot] = feature.detach()[0]
@@ -540,7 +542,7 @@ class TargetModel(nn.Module):
         with full_fp32(models[chosen[0]].device):
             masks = (soft_masks if len(chosen) == len(models) else torch.cat([soft_masks[i:i + 1] for i in chosen])).float()
             pw = pixel_weights((masks > 0.5).float(), cfg.pixel_weighting, cfg.target_fraction)
-            metrics, targets = models[chosen[0]].memory.encode(masks, pw)
+            metrics, targets = models[chosen[0]].memory.upsampling.encode(masks, pw)
             for j, i in enumerate(chosen):
                 models[i].memory.insert(models[i].current_sample, metrics[j:j + 1], targets[j:j + 1])
             for i in chosen:
@@ -558,8 +560,7 @@ def _initialize_many(models: Sequence[TargetModel], features: torch.Tensor, mask
     masks = masks.flatten(0, 1)
     pw = pixel_weights(masks, cfg.pixel_weighting, cfg.target_fraction)
     upsampling = UpsamplingMetric.cached((h, w), tuple(masks.shape[-2:]), device)
-    squared = pw * pw
-    metrics, targets = upsampling.metric(squared), upsampling.adjoint(squared * masks)  # (O K, 9, h, w), (O K, 1, h, w)
+    metrics, targets = upsampling.encode(masks, pw)  # (O K, 9, h, w), (O K, 1, h, w)
     sample_weights = _first_sample_weights(k, o, device)
 
     # θ per object: projection (c, C_in), then the filter's taps reordered (see ProjectFilterProblem).
