@@ -145,12 +145,4 @@ def compile_regions(tracker, backend: str = "inductor") -> CompiledRegions:
     tracker.target_score = regions.compile("target_score", tracker.target_score)
     tracker.merge_probabilities = regions.compile("merge_probabilities", tracker.merge_probabilities)
 
-    step = tracker._step
-
-    def step_then_report(entries, *args, **kwargs):
-        results = step(entries, *args, **kwargs)
-        regions.report(dict.fromkeys(tuple(e.image.shape[-2:]) for e in entries))
-        return results
-
-    tracker._step = step_then_report
     return regions

@@ -390,6 +390,8 @@ class Tracker:
                 reuse_prob={out.obj.id: out.reuse_prob for out in tracked if out.reuse_prob is not None},
                 scores={i: s[None] for i, s in zip(ids, scores)} if keep_raw else {},
                 logits={i: s[None] for i, s in zip(ids, logits)} if keep_raw else {}))
+        if self.compiled is not None:  # one line when this step compiled regions
+            self.compiled.report(dict.fromkeys(tuple(e.image.shape[-2:]) for e in entries))
         return results
 
     def _merge(self, entries: list[_Entry], outputs: dict[int, _Output]
