@@ -11,8 +11,10 @@ sequences, random weights (the counts do not depend on them):
 * object start: the ops of the frame where the objects start, per object;
 * computed / reused frame: median ops of a tracked frame with the gate forced to compute / reuse,
   frames where the target models re-optimize excluded;
-* memory insert: per target-model memory insert (one per object and computed frame);
-* optimizer frame: the ops of one object's filter re-optimization (every 8th application);
+* memory insert: per insert into the target models' memories (one per frame, all its computed
+  objects together);
+* optimizer frame: the ops of one filter re-optimization (every 8th application; the objects
+  due together run as one);
 * sequence-frame: the ops of tracking the --sequences sequences over their frames after the
   first (where the objects start), per sequence-frame, and over all frames (starts included),
   at B = 1 (one sequence at a time) and at B = --batch (in lockstep).
@@ -38,7 +40,7 @@ from benchmarks import tracker_speed
 from benchmarks.tracker_speed import make_frames
 from lib.cli import (add_device_flag, add_num_aug_flag, add_random_backbone_flag, add_threads_flag, cpu_threads,
                      image_size, int_at_least, resolve_device, run)
-from models.target_model import GaussNewtonCG, SampleMemory
+from models.target_model import TargetModelTable
 
 # Factory functions and other ops that only allocate or alias: not counted, as views are not.
 ALLOCATIONS = {"empty", "empty_strided", "empty_like", "zeros", "zeros_like", "ones", "ones_like", "full",
@@ -76,7 +78,7 @@ class OpCounter(TorchDispatchMode):
 @contextmanager
 def sections(counter: OpCounter):
     """Attribute the ops of memory inserts and target-model optimizer runs to their own sections."""
-    insert, optimize = SampleMemory.insert, GaussNewtonCG.run
+    insert, optimize = TargetModelTable.insert, TargetModelTable.optimize
 
     def counted_insert(self, *args, **kwargs):
         with counter.section("insert"):
@@ -86,7 +88,8 @@ def sections(counter: OpCounter):
         with counter.section("optimizer"):
             return optimize(self, *args, **kwargs)
 
-    with mock.patch.object(SampleMemory, "insert", counted_insert), mock.patch.object(GaussNewtonCG, "run", counted_run):
+    with mock.patch.object(TargetModelTable, "insert", counted_insert), \
+            mock.patch.object(TargetModelTable, "optimize", counted_run):
         yield
 
 
@@ -217,8 +220,8 @@ def _count_and_time(args: argparse.Namespace, device: torch.device, _: str) -> d
             print(f"{'':>8}B={b} / B=1: seq-frame ops {rows[b]['sequence_frame'] / rows[1]['sequence_frame']:.2f}x, "
                   f"wall FPS {fps[b][0] / fps[1][0]:.2f}x, tracker FPS {fps[b][1] / fps[1][1]:.2f}x", flush=True)
     print("ops: aten ops dispatched, views and allocations excluded; start/obj: the start frame's ops per object; "
-          "computed, reused: per frame (gate forced), optimizer frames excluded (B = 1); insert: per memory insert; "
-          "optimizer: per target-model re-optimization; seq-frame: the sequences' ops per frame after their first "
+          "computed, reused: per frame (gate forced), optimizer frames excluded (B = 1); insert: per memory insert "
+          "(a frame's objects together); optimizer: per re-optimization (the objects due together); seq-frame: the sequences' ops per frame after their first "
           "(computed; B > 1: in lockstep), with starts: over all their frames; FPS: gate forced to compute, medians of --repeats "
           "runs, B = 1 and B alternating")
     return out

@@ -2,17 +2,18 @@
 
 The tracker calls its per-frame work through plain callables: `backbone.low`, `backbone.high`,
 `network.match`, `network.gate_logits`, `network.delta`, `network.decode_computed`,
-`network.decode_reused`, the target-model score (`Tracker.target_score`, a function of the
-layer4 features and the projection and filter weights, so the one compiled graph serves every
-object) and `Tracker.merge_probabilities`. `compile_regions` replaces them on the instances by
+`network.decode_reused`, the target-model scores (`Tracker.target_score`: the rows of a
+`TargetModelTable` scored together, a function of the layer4 features and the stacked
+projection and filter weights, so one compiled graph serves every set of objects of one count) and `Tracker.merge_probabilities`. `compile_regions` replaces them on the instances by
 `torch.compile(fn, fullgraph=True, dynamic=False)` versions of the same code: the eager path is
 untouched, and a graph break is an error, not a silent fall-back.
 
 Each region compiles once per input shape (frame size, number of objects in a batch); on CUDA
 with `mode="reduce-overhead"`, so a region replays as a CUDA graph, its outputs cloned (a replay
 overwrites the previous outputs, and objects keep them across frames). The target-model
-optimizer, the memory insert and object starts (backbone on the augmented first frame,
-template, deep decoder stages) stay eager: their sample counts and batch sizes vary.
+optimizer and memory insert (the table's buffers are fixed, but an optimizer run covers the
+filled slots, a number that grows frame by frame) and object starts (backbone on the augmented
+first frame, template, deep decoder stages) stay eager.
 """
 from __future__ import annotations
 

@@ -145,128 +145,74 @@ class UpsamplingMetric:
         return (metric.flatten(2) * F.unfold(v, 3, padding=1)).sum(1).view(n, 1, h, w)
 
 
-class SampleMemory:
-    """Training samples of a target model with FRTM's sample weighting.
+def first_sample_weights(k: int) -> np.ndarray:
+    """Host weights (K,) float32 of a memory's K first samples (FRTM): 2/K for the first, 1/K
+    for the others, normalized."""
+    w = np.full(k, 1.0 / k, np.float32)
+    w[0] = 2.0 / k
+    return w / w.sum()
 
-    The first sample gets weight 2/K, the others 1/K (normalized). A new sample replaces the
-    lowest-weight slot and gets its weight from the learning rate. Labels and pixel weights are
-    kept in the score-resolution form of `UpsamplingMetric`: per sample, the metric M (9, h, w)
-    and g = Uᵀ(w² ⊙ y) (1, h, w).
 
-    The sample weights are bookkept on the host (`host_weights`, float32 like the device copy
-    `weights`), so choosing a slot or the active samples never waits on the device.
-    """
+def fold_taps(taps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """S*: each pixel's 9 tap values (B, h w, 9) -> scores (B, 1, h, w). Tap k of a pixel lands
+    at offset (k // 3 − 1, k % 3 − 1) and the taps landing on a pixel are summed (`F.fold`)."""
+    return F.fold(taps.transpose(1, 2), size, 3, padding=1)
 
-    def __init__(self, capacity: int, feature_shape: Sequence[int], label_size: Sequence[int],
-                 device: torch.device | str, learning_rate: float, upsampling: "UpsamplingMetric | None" = None):
-        h, w = feature_shape[-2:]
-        self.upsampling = upsampling if upsampling is not None else UpsamplingMetric((h, w), label_size, device)
-        self.device = torch.device(device)
-        self.samples = torch.zeros(capacity, *feature_shape, device=device).contiguous(memory_format=torch.channels_last)
-        self.host_weights = torch.zeros(capacity)
-        self.weights = to_device(self.host_weights, self.device)  # the same tensor on the CPU
-        self.metrics = torch.zeros(capacity, 9, h, w, device=device)
-        self.targets = torch.zeros(capacity, 1, h, w, device=device)
-        self.capacity = capacity
-        self.size = 0
-        self.learning_rate = learning_rate
-        self._last_slot: int | None = None
 
-    @staticmethod
-    def first_weights(k: int) -> torch.Tensor:
-        """Host weights (K,) of the K first samples: 2/K for the first, 1/K for the others, normalized."""
-        w = torch.full((k,), 1.0 / k)
-        w[0] = 2.0 / k
-        return w / w.sum()
+def filter_taps(filter_weight: torch.Tensor) -> torch.Tensor:
+    """3x3 filter weights to one channel, (N, c, 9) (a (1, c, 3, 3) convolution weight per row,
+    flattened) -> the matrix (N, c, 9) whose column k is tap 8 − k: a pixel's row times it gives
+    the values `fold_taps` moves to offset (k // 3 − 1, k % 3 − 1), i.e. the convolution."""
+    return filter_weight.flip(2)
 
-    def initialize(self, features: torch.Tensor, labels: torch.Tensor | None, pixel_weights: torch.Tensor | None,
-                   encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        """features (K, C, h, w), labels and pixel_weights (K, 1, H, W); or instead of those two
-        `encoded`, the (metrics (K, 9, h, w), targets (K, 1, h, w)) they encode to."""
-        k = features.shape[0]
-        self.samples[:k] = features.detach()
-        self.host_weights[:k] = self.first_weights(k)
-        self.weights = to_device(self.host_weights, self.device)
-        self.metrics[:k], self.targets[:k] = encoded if encoded is not None else \
-            self.upsampling.encode(labels, pixel_weights)
-        self.size = k
 
-    def insert(self, feature: torch.Tensor, metric: torch.Tensor, target: torch.Tensor) -> None:
-        """Insert one sample: feature (1, C, h, w) and its label and pixel weights as `UpsamplingMetric.encode`
-        gives them, metric (1, 9, h, w) and target (1, 1, h, w)."""
-        slot = self._update_weights()
-        self.samples[slot] = feature.detach()[0]
-        self.metrics[slot], self.targets[slot] = metric[0], target[0]
-        self.size = min(self.size + 1, self.capacity)
-        self._last_slot = slot
-
-    def active(self) -> slice | np.ndarray:
-        """Slots with weight > 0, from the host weights: a slice when they are a prefix (the
-        usual case: views, no copies), else their indices."""
-        active = np.flatnonzero(self.host_weights.numpy() > 0)
-        n = active.size
-        return slice(0, n) if n == 0 or active[-1] == n - 1 else active
-
-    def _update_weights(self) -> int:
-        w = self.host_weights
-        lr = self.learning_rate
-        if self.size == 0 or lr == 1:
-            w[:] = 0
-            w[0] = 1
-            slot = 0
-        else:
-            slot = int(np.argmin(w.numpy()))  # first minimum, as torch.argmin
-            if self._last_slot is None:
-                w /= 1 - lr
-                w[slot] = lr
-            else:
-                # As upstream: the new weight derives from the previous insert's weight and the
-                # old weights are not decayed again before renormalizing.
-                w[slot] = w[self._last_slot] / (1 - lr)
-        w /= w.sum()
-        self.weights = to_device(w, self.device)
-        return slot
+def target_scores(pixels: torch.Tensor, project: torch.Tensor, filter_weight: torch.Tensor,
+                  size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """N target models applied: pixels (N, h w, C) fp32 layer4 features, channels last (a batch
+    of 1 serves all N), projections (N, c, C), filter weights (N, c, 9) -> (projected pixels
+    Z (N, h w, c), scores (N, 1, h, w)). Batched matmuls and a fold: the same function as a 1x1
+    convolution followed by a 3x3 one to one channel (padding 1), much faster than oneDNN's
+    one-channel convolution."""
+    if pixels.shape[0] != project.shape[0]:
+        pixels = pixels.expand(project.shape[0], -1, -1)
+    z = torch.bmm(pixels, project.transpose(1, 2))
+    return z, fold_taps(torch.bmm(z, filter_taps(filter_weight)), size)
 
 
 class FilterProblem:
-    """The update problem: weighted least squares over the memory's active samples (weight > 0),
-    ‖sqrt(sample weight) · w ⊙ (resize(filter(x), label size) − y)‖² + ‖reg · θ‖², θ the filter
-    weights flattened to (1, D). The scores are linear in θ, so J and Jᵀ are written out (a
-    filtering and a correlation, both one GEMM)."""
+    """The update problem of N target models (rows) at once: weighted least squares over each
+    row's memory, ‖sqrt(sample weight) · w ⊙ (resize(filter(z), label size) − y)‖² + ‖reg · θ‖²,
+    over the filter weights θ (c, 3, 3) (flattened to (N, 9 c)) with the projection fixed. The
+    scores are linear in θ, so J and Jᵀ are written out: J(dθ) = S*(Z T(dθ)), Jᵀ(u) = T*(U Z),
+    with Z a row's projected samples (n h w, c), U = S(u) the 9 shifted copies of u
+    (9, n h w) and T the taps order of `filter_taps`: one batched matmul each."""
 
-    def __init__(self, memory: SampleMemory, regs: Sequence[float], precond: Sequence[float]):
-        self.memory = memory
-        (self.reg,) = regs
-        (self.precond,) = precond
-        self.x = self.metric = self.target = None
-
-    def select_samples(self) -> None:
-        m = self.memory
-        active = m.active()
-        if not isinstance(active, slice):
-            active = to_device(torch.from_numpy(active), m.device)
-        sample_weights = m.weights[active].view(-1, 1, 1, 1)
-        self.x = m.samples[active]
-        self.metric = m.metrics[active] * sample_weights
-        self.target = m.targets[active] * sample_weights
+    def __init__(self, samples: torch.Tensor, metric: torch.Tensor, target: torch.Tensor, reg: float,
+                 precond: float):
+        """samples (N, n, h w, c); metric (N n, 9, h, w) and target (N n, 1, h, w), both already
+        multiplied by the sample weights (0 for empty slots)."""
+        n, k, hw, c = samples.shape
+        self.z = samples.reshape(n, k * hw, c)  # a view for slots taken as a prefix of the memory
+        self.metric, self.target = metric, target
+        self.size = tuple(metric.shape[-2:])
+        self.reg, self.precond = reg, precond
 
     def normal_equations(self, theta: torch.Tensor):
-        """Gauss-Newton system at θ (1, D): (b, A) with b = −(Jᵀ(M s − g) + reg² θ) and
-        A(v) = JᵀMJ v + reg² v, J the Jacobian of the scores."""
-        x, reg = self.x, self.reg
-        n, c, h, w = x.shape
-        pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
+        """Gauss-Newton system at θ (N, 9 c): (b, A) with b = −(Jᵀ(M s − g) + reg² θ) and
+        A(v) = JᵀMJ v + reg² v."""
+        z, reg = self.z, self.reg
+        n, khw, c = z.shape
+        hw = self.size[0] * self.size[1]
 
-        def jacobian(v: torch.Tensor) -> torch.Tensor:  # filter weights (1, D) -> scores (N, 1, h, w)
-            return ScoreFilter.filter(pixels, v.view(1, c, 3, 3), (n, h, w))
+        def jacobian(v: torch.Tensor) -> torch.Tensor:  # weights (N, 9 c) -> scores (N n, 1, h, w)
+            return fold_taps(torch.bmm(z, filter_taps(v.view(n, c, 9))).view(-1, hw, 9), self.size)
 
-        def jacobian_t(s: torch.Tensor) -> torch.Tensor:  # scores (N, 1, h, w) -> weights (1, D)
-            sp = F.pad(s, (1, 1, 1, 1))
-            shifted = torch.stack([sp[:, 0, 2 - i:2 - i + h, 2 - j:2 - j + w] for i in range(3) for j in range(3)])
-            return (shifted.reshape(9, -1) @ pixels).t().reshape(1, c * 9)
+        def jacobian_t(s: torch.Tensor) -> torch.Tensor:  # scores (N n, 1, h, w) -> weights (N, 9 c)
+            u = F.unfold(s, 3, padding=1).transpose(1, 2).reshape(n, khw, 9)
+            return filter_taps(torch.bmm(z.transpose(1, 2), u)).reshape(n, 9 * c)
 
         scores = jacobian(theta)
-        b = -(jacobian_t(UpsamplingMetric.apply(self.metric, scores) - self.target) + reg * (reg * theta))
+        b = jacobian_t(self.target - UpsamplingMetric.apply(self.metric, scores)) - reg * (reg * theta)  # no negation op
 
         def normal_op(v: torch.Tensor) -> torch.Tensor:
             return jacobian_t(UpsamplingMetric.apply(self.metric, jacobian(v))) + reg * (reg * v)
@@ -298,9 +244,6 @@ class ProjectFilterProblem:
         self.reg2 = _blocks(sizes, tuple(r * r for r in regs), features.device)
         self.precond = _blocks(sizes, tuple(precond), features.device)
 
-    def select_samples(self) -> None:
-        pass  # fixed samples
-
     def split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """θ (O, D) -> views P (O, c, C), G (O, 9, c)."""
         o, _, c_in, c, _, _ = self.shape
@@ -309,7 +252,7 @@ class ProjectFilterProblem:
     def _scores(self, taps: torch.Tensor) -> torch.Tensor:
         """S*: taps (O, K h w, 9) -> scores (O*K, 1, h, w)."""
         o, k, _, _, h, w = self.shape
-        return F.fold(taps.view(o * k, h * w, 9).transpose(1, 2), (h, w), 3, padding=1)
+        return fold_taps(taps.view(o * k, h * w, 9), (h, w))
 
     def normal_equations(self, theta: torch.Tensor):
         """Gauss-Newton system at θ (O, D): (b, A) as `FilterProblem.normal_equations`."""
@@ -323,14 +266,14 @@ class ProjectFilterProblem:
             dp, dg = self.split(v)
             return self._scores(torch.baddbmm(torch.bmm(z, dg.transpose(1, 2)), x, torch.bmm(taps, dp).transpose(1, 2)))
 
-        def jacobian_t(u: torch.Tensor, reg_v: torch.Tensor) -> torch.Tensor:  # + reg² ⊙ reg_v
+        def jacobian_t(u: torch.Tensor, reg_v: torch.Tensor, sign: int = 1) -> torch.Tensor:  # + sign reg² ⊙ reg_v
             uxz = torch.bmm(F.unfold(u, 3, padding=1), xz).view(o, k, 9, c_in + c).sum(1)  # (O, 9, C + c)
             dp = torch.bmm(taps.transpose(1, 2), uxz[..., :c_in]).view(o, c_in, c)  # (c, C) read as (C, c)
             grad = torch.cat([dp, uxz[..., c_in:]], dim=1).view(o, -1)
-            return torch.addcmul(grad, self.reg2, reg_v)
+            return torch.addcmul(grad, self.reg2, reg_v, value=sign)
 
         scores = self._scores(torch.bmm(z, taps.transpose(1, 2)))
-        b = -jacobian_t(UpsamplingMetric.apply(self.metric, scores) - self.target, theta)
+        b = jacobian_t(self.target - UpsamplingMetric.apply(self.metric, scores), theta, sign=-1)  # no negation op
 
         def normal_op(v: torch.Tensor) -> torch.Tensor:
             return jacobian_t(UpsamplingMetric.apply(self.metric, jacobian(v)), v)
@@ -358,37 +301,96 @@ def _taps_order(channels: int, device: torch.device) -> tuple[torch.Tensor, torc
 
 @functools.lru_cache(maxsize=16)
 def _first_sample_weights(k: int, objects: int, device: torch.device) -> torch.Tensor:
-    """`SampleMemory.first_weights(k)` for each of `objects` objects, (objects k, 1, 1, 1) on the
+    """`first_sample_weights(k)` for each of `objects` objects, (objects k, 1, 1, 1) on the
     device; cached (only read)."""
-    return to_device(SampleMemory.first_weights(k).repeat(objects), device).view(-1, 1, 1, 1)
+    return to_device(torch.from_numpy(np.tile(first_sample_weights(k), objects)), device).view(-1, 1, 1, 1)
 
 
-def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """torch.stack, a view for a single tensor (one object starting: no copy)."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(list(tensors))
+def _initial_weights(in_channels: int, channels: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A target model's starting weights (projection (c, C, 1, 1), filter (1, c, 3, 3)) on the
+    CPU: PyTorch's default convolution init drawn from a private generator seeded with `seed`.
+    Upstream reseeds the global RNG with 0 for every object, so every target model starts from
+    the same draws; the private generator gives the same weights without reseeding."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = []
+    for shape in ((channels, in_channels, 1, 1), (1, channels, 3, 3)):
+        w = torch.empty(shape)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5), generator=generator)
+        weights.append(w)
+    return weights[0], weights[1]
+
+
+@functools.lru_cache(maxsize=16)
+def _initial_theta(in_channels: int, channels: int, seed: int, device: torch.device) -> torch.Tensor:
+    """`_initial_weights` as one `TargetModelTable` θ row (1, D) on the device; cached (only read)."""
+    project, filter_weight = _initial_weights(in_channels, channels, seed)
+    return to_device(torch.cat([project.view(-1), filter_weight.view(-1)]).view(1, -1), device)
+
+
+def _stack_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.stack; one tensor repeated (the same model on N frames) expands without a copy."""
+    if all(t is tensors[0] for t in tensors):
+        return tensors[0].unsqueeze(0).expand(len(tensors), *tensors[0].shape)
+    return torch.stack(list(tensors))
+
+
+@functools.lru_cache(maxsize=256)
+def _row_index(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Table rows as an index tensor on the device; cached: a frame's rows repeat every frame."""
+    return to_device(torch.tensor(rows), device)
+
+
+def _selection(rows: Sequence[int], device: torch.device) -> slice | torch.Tensor:
+    """Table rows -> what indexes them: a slice (views, no copies) when they are consecutive
+    and ascending, else an index tensor on the device."""
+    first = rows[0]
+    if list(rows) == list(range(first, first + len(rows))):
+        return slice(first, first + len(rows))
+    return _row_index(tuple(rows), device)
+
+
+@dataclass
+class CGState:
+    """What the conjugate gradient carries from one run to the next, per row: the search
+    direction (O, D), ρ = rᵀz (O, 1) and the last residual r (O, D) (Polak-Ribière's r_prev
+    for the next run's first step)."""
+
+    direction: torch.Tensor
+    rho: torch.Tensor
+    residual: torch.Tensor
 
 
 class GaussNewtonCG:
     """Gauss-Newton steps, each solving JᵀMJ δ = −Jᵀ(M s − g) (regularization included) by
     preconditioned conjugate gradient (Polak-Ribière, β ≥ 0), as FRTM's optimizer, for O
     independent problems at once: θ (O, D), one row per object, updated in place; every CG
-    scalar is per row. The CG direction and ρ persist across runs; ρ is divided by
-    `forget_factor` at the start of each CG run so old directions fade."""
+    scalar is per row. The CG state (`state`: direction, ρ, last residual) persists across
+    runs, given by the caller (`CGState`) or fresh; ρ is divided by `forget_factor` at the start
+    of each CG run so old directions fade."""
 
-    def __init__(self, problem, theta: torch.Tensor, forget_factor: float):
+    def __init__(self, problem, theta: torch.Tensor, forget_factor: float, state: CGState | None = None,
+                 row_exact: bool = True):
         self.problem = problem
+        self.row_exact = row_exact
         self.theta = theta
         self.forget_factor = forget_factor
-        self.direction: torch.Tensor | None = None
-        self.rho: torch.Tensor | None = None
+        self.direction: torch.Tensor | None = None if state is None else state.direction
+        self.rho: torch.Tensor | None = None if state is None else state.rho
         # The residual r and the previous one, r_prev, as the two rows of one tensor (O, 2, D),
         # so that one batched matmul gives both rᵀz and r_prevᵀz; row `self.current` is r.
-        self.residuals = torch.zeros(theta.shape[0], 2, theta.shape[1], device=theta.device)
+        if state is None:
+            self.residuals = torch.zeros(theta.shape[0], 2, theta.shape[1], device=theta.device)
+        else:
+            self.residuals = torch.stack([state.residual, torch.empty_like(state.residual)], dim=1)
         self.current = 0
+
+    @property
+    def state(self) -> CGState | None:
+        """The state for the next run (None before the first)."""
+        return None if self.direction is None else CGState(self.direction, self.rho, self.residuals[:, self.current])
 
     def run(self, cg_iters: Sequence[int]) -> None:
         """One GN step per entry of cg_iters, with that many CG iterations."""
-        self.problem.select_samples()
         with torch.no_grad():
             for n in cg_iters:
                 b, normal_op = self.problem.normal_equations(self.theta)
@@ -411,7 +413,8 @@ class GaussNewtonCG:
         for i in range(iters):
             z = r / self.problem.precond
             rho_prev = self.rho
-            dots = torch.bmm(self.residuals, z.unsqueeze(2))
+            dots = (self.residuals * z.unsqueeze(1)).sum(2, keepdim=True) if self.row_exact else \
+                torch.bmm(self.residuals, z.unsqueeze(2))
             self.rho = dots[:, self.current]
             if self.direction is None:
                 self.direction = z
@@ -419,170 +422,303 @@ class GaussNewtonCG:
                 beta = ((self.rho - dots[:, 1 - self.current]) / rho_prev).clamp(min=0)
                 self.direction = torch.addcmul(z, self.direction, beta)
             q = normal_op(self.direction)
-            alpha = self.rho / torch.bmm(self.direction.unsqueeze(1), q.unsqueeze(2)).view(-1, 1)
+            alpha = self.rho / ((self.direction * q).sum(1, keepdim=True) if self.row_exact else
+                                torch.bmm(self.direction.unsqueeze(1), q.unsqueeze(2)).view(-1, 1))
             step = self.direction * alpha if i == 0 else torch.addcmul(step, self.direction, alpha)
             if i < iters - 1:
                 r = torch.addcmul(r, q, alpha, value=-1, out=self._next_residual())
         return step
 
 
-class ScoreFilter(nn.Conv2d):
-    """3x3 convolution to one output channel, computed as a channel matmul per kernel tap and a
-    sum of 9 shifted maps: the same function as nn.Conv2d (padding 1, no bias), but one-channel
-    convolutions are very slow in oneDNN and the optimizer applies this one to the whole memory."""
+class TargetModelTable:
+    """The target models of many objects as the rows of one set of stacked tensors: per row, the
+    weights θ = (projection (c, C), filter (c, 3, 3)) and a sample memory of fixed capacity S
+    (`memory_size`).
 
-    def __init__(self, in_channels: int):
-        super().__init__(in_channels, 1, 3, padding=1, bias=False)
+    FRTM's memory: the K first samples weigh 2/K (the frame itself) and 1/K (its augmentations),
+    normalized; a new sample replaces the lowest-weight slot and gets its weight from the
+    learning rate. Empty slots weigh 0 and add nothing to the optimizer's sums, so all rows
+    share one shape and the scores, inserts and optimizer runs of many objects (of one sequence
+    or of several tracked in lockstep) are batched matmuls over rows. Slots fill in order, so a
+    row's samples are the prefix of its `sizes[row]` slots, and an optimizer run needs only the
+    rows' longest prefix. The sample weights are bookkept on the host (`host_weights`, numpy
+    float32), so choosing a slot never waits on the device nor dispatches an op.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        return self.filter(x.permute(0, 2, 3, 1).reshape(n * h * w, c), self.weight, (n, h, w))
+    All rows have one config, feature size (h, w) and label size (H, W). `add` starts objects
+    on rows (the table grows by doubling) and `release` hands rows back for later objects.
+    """
 
-    @staticmethod
-    def filter(pixels: torch.Tensor, weight: torch.Tensor, shape) -> torch.Tensor:
-        """pixels (N*h*w, C) (channels-last features, a free view), weight (1, C, 3, 3) -> (N, 1, h, w).
-        One matmul gives each pixel's 9 tap values; `F.fold` sums them into place. Fold row k
-        lands at offset (k // 3 − 1, k % 3 − 1), so it takes tap 8 − k (hence the flip)."""
-        n, h, w = shape
-        c = pixels.shape[1]
-        taps = pixels @ weight[0].reshape(c, 9).flip(1)  # (N h w, 9)
-        return F.fold(taps.view(n, h * w, 9).transpose(1, 2), (h, w), 3, padding=1)
-
-
-def project_and_filter(layer4: torch.Tensor, project_weight: torch.Tensor,
-                       filter_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A target model's score as a function of its weights: layer4 (N, C_in, h, w) fp32,
-    project_weight (c, C_in, 1, 1), filter_weight (1, c, 3, 3) -> (projected sample
-    (N, c, h, w), score (N, 1, h, w))."""
-    projected = F.conv2d(layer4, project_weight)
-    n, c, h, w = projected.shape
-    return projected, ScoreFilter.filter(projected.permute(0, 2, 3, 1).reshape(n * h * w, c), filter_weight, (n, h, w))
-
-
-class TargetModel(nn.Module):
-    """Per-object target model: score = filter(project(layer4)) at stride 16."""
-
-    def __init__(self, in_channels: int, config: TargetModelConfig, device: torch.device | str = "cpu",
-                 seed: int = 0, score_fn: Callable | None = None):
-        super().__init__()
+    def __init__(self, in_channels: int, config: TargetModelConfig, feature_size: tuple[int, int],
+                 label_size: tuple[int, int], device: torch.device | str = "cpu", seed: int = 0,
+                 score_fn: Callable | None = None):
         self.config = config
-        self.score_fn = score_fn or project_and_filter  # the tracker passes its (maybe compiled) one
-        with torch.random.fork_rng(devices=[]):  # the default init is replaced below: leave the global RNG alone
-            self.project = nn.Conv2d(in_channels, config.channels, 1, bias=False)
-            self.filter = ScoreFilter(config.channels)
-        # Upstream reseeds the global RNG with 0 for every object, so every target model starts
-        # from the same draws; a private generator gives the same weights without reseeding.
-        generator = torch.Generator().manual_seed(seed)
-        for conv_layer in (self.project, self.filter):
-            nn.init.kaiming_uniform_(conv_layer.weight, a=math.sqrt(5), generator=generator)
-        self.to(device)
-        for p in self.parameters():
-            p.requires_grad_(False)
-        self.applications = 0
-        self.current_sample: torch.Tensor | None = None
-        self.memory: SampleMemory | None = None
-        self.update_optimizer: GaussNewtonCG | None = None
+        self.in_channels = in_channels
+        self.feature_size = tuple(feature_size)
+        self.label_size = tuple(label_size)
+        self.device = torch.device(device)
+        self.seed = seed
+        self.score_fn = score_fn or target_scores  # the tracker passes its (maybe compiled) one
+        self.upsampling = UpsamplingMetric.cached(self.feature_size, self.label_size, self.device)
+        self.capacity = 0
+        self.free: list[int] = []
+        c, s = config.channels, config.memory_size
+        h, w = self.feature_size
+        self._shapes = {  # per row
+            "theta": (c * in_channels + 9 * c,),
+            "samples": (s, h * w, c),  # projected samples, channels last
+            "metrics": (s, 9, h, w),  # `UpsamplingMetric.encode` of each sample's label and pixel weights
+            "targets": (s, 1, h, w),
+            "current": (h * w, c),  # the last projected sample (the next update's sample)
+            "direction": (9 * c,), "rho": (1,), "residual": (9 * c,),  # the filter optimizer's `CGState`
+        }
+        for name, shape in self._shapes.items():
+            setattr(self, name, torch.zeros(0, *shape, device=self.device))
+        self.host_weights = np.zeros((0, s), np.float32)
+        self.weights = self._device_weights()
+        self.sizes = np.zeros(0, np.int64)  # filled slots per row
+        self.last_slot = np.zeros(0, np.int64)  # the slot of the row's last insert, -1 before any
+        self.applications = np.zeros(0, np.int64)  # scores computed per row (every train_skipping-th: optimize)
 
     @property
     def forget_factor(self) -> float:
         return (1 - self.config.precond_lr) ** self.config.cg_forgetting_rate
+
+    # -- rows ------------------------------------------------------------------------------------
+
+    def _allocate(self, n: int) -> list[int]:
+        if len(self.free) < n:
+            self._grow(max(2 * self.capacity, self.capacity + n - len(self.free)))
+        self.free.sort()
+        rows, self.free = self.free[:n], self.free[n:]
+        return rows
+
+    def _grow(self, capacity: int) -> None:
+        old = self.capacity
+        for name, shape in self._shapes.items():
+            grown = torch.zeros(capacity, *shape, device=self.device)
+            if old:
+                grown[:old] = getattr(self, name)
+            setattr(self, name, grown)
+        for name in ("host_weights", "sizes", "last_slot", "applications"):
+            kept = getattr(self, name)
+            setattr(self, name, np.concatenate([kept, np.zeros((capacity - old, *kept.shape[1:]), kept.dtype)]))
+        self.weights = self._device_weights()
+        self.free.extend(range(old, capacity))
+        self.capacity = capacity
+
+    def _device_weights(self) -> torch.Tensor:
+        """The sample weights on the device (on the CPU a view of the host weights: no copy)."""
+        return to_device(torch.from_numpy(self.host_weights), self.device)
+
+    def release(self, rows: Sequence[int]) -> None:
+        """Hand rows back: their objects are no longer tracked."""
+        self.free.extend(r for r in rows if r not in self.free)
+
+    def weights_of(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A row's weights as convolution weights: (projection (c, C, 1, 1), filter (1, c, 3, 3))."""
+        c, c_in = self.config.channels, self.in_channels
+        return self.theta[row, :c * c_in].view(c, c_in, 1, 1).clone(), self.theta[row, c * c_in:].view(1, c, 3, 3).clone()
+
+    # -- the target models' work ---------------------------------------------------------------
+
+    def add(self, features: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
+            initial: torch.Tensor | None = None) -> list[int]:
+        """Start O objects, each trained on its augmented first frame: features[i] (K, C, h, w),
+        masks[i] (K, 1, H, W) (the frame first), from the weights `initial` (O, D) as θ rows
+        (default: the seed's). Projection and filter are optimized together by Gauss-Newton on
+        the raw features, then the samples are projected into the object's memory and the
+        filter alone is optimized. Always in full fp32. -> the objects' rows."""
+        rows = self._allocate(len(features))
+        cfg, c, c_in = self.config, self.config.channels, self.in_channels
+        o, k = len(rows), features[0].shape[0]
+        with torch.no_grad(), full_fp32(self.device):
+            x = (features[0][None] if o == 1 else torch.stack(list(features))).float()  # (O, K, C, h, w)
+            m = (masks[0] if o == 1 else torch.cat(list(masks))).float()  # (O K, 1, H, W)
+            metrics, targets = self.upsampling.encode(m, pixel_weights(m, cfg.pixel_weighting, cfg.target_fraction))
+            sample_weights = _first_sample_weights(k, o, self.device)
+            if initial is None:
+                initial = _initial_theta(c_in, c, self.seed, self.device).expand(o, -1)
+            to_taps, from_taps = _taps_order(c, self.device)
+            theta = torch.cat([initial[:, :c * c_in], initial[:, c * c_in:].index_select(1, to_taps)], dim=1)
+            problem = ProjectFilterProblem(x, metrics * sample_weights, targets * sample_weights, c,
+                                           cfg.filter_reg, cfg.precond)
+            GaussNewtonCG(problem, theta, self.forget_factor, row_exact=o > 1).run(cfg.init_iters)
+            project, taps = problem.split(theta)
+            sel = _selection(rows, self.device)
+            self.theta[sel, :c * c_in] = project.reshape(o, -1)
+            self.theta[sel, c * c_in:] = taps.reshape(o, -1).index_select(1, from_taps)
+            self.samples[sel, :k] = torch.bmm(problem.pixels, project.transpose(1, 2)).view(o, k, -1, c)
+            self.metrics[sel, :k] = metrics.view(o, k, *metrics.shape[1:])
+            self.targets[sel, :k] = targets.view(o, k, *targets.shape[1:])
+            self.host_weights[rows] = 0
+            self.host_weights[rows, :k] = first_sample_weights(k)
+            self.sizes[rows], self.last_slot[rows], self.applications[rows] = k, -1, 0
+            self.weights = self._device_weights()
+            self.optimize(rows, cfg.update_iters, fresh=True)
+        return rows
+
+    def scores(self, rows: Sequence[int], layer4: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows' scores: layer4 (F, C, h, w) any float dtype; row i on frame `frames[i]` (an
+        index tensor; None: F == 1 serves all rows, or the rows' frames in order) -> fp32 scores
+        (N, 1, h, w). Remembers each row's projected sample (for `update`) and counts the
+        application."""
+        sel = _selection(rows, self.device)
+        c = self.config.channels
+        with torch.no_grad(), full_fp32(self.device):
+            f, c_in, h, w = layer4.shape
+            pixels = layer4.float().permute(0, 2, 3, 1).reshape(f, h * w, c_in)
+            if frames is not None:
+                pixels = pixels.index_select(0, frames)
+            theta = self.theta[sel]
+            n = theta.shape[0]
+            z, scores = self.score_fn(pixels, theta[:, :c * c_in].view(n, c, c_in), theta[:, c * c_in:].view(n, c, 9),
+                                      (h, w))
+            self.current[sel] = z
+        self.applications[list(rows)] += 1
+        return scores
+
+    def update(self, rows: Sequence[int], soft_masks: torch.Tensor, enough_foreground: Sequence[bool]) -> None:
+        """After a computed frame: each row with enough foreground (the config's
+        `enough_foreground` of its soft mask, fetched by the caller) stores its last sample with
+        its soft mask (N, 1, H, W); every `train_skipping`-th application the rows re-optimize
+        their filters (together)."""
+        chosen = [j for j, enough in enumerate(enough_foreground) if enough]
+        if not chosen:
+            return
+        cfg = self.config
+        with torch.no_grad(), full_fp32(self.device):
+            masks = (soft_masks if len(chosen) == len(rows) else soft_masks[_selection(chosen, self.device)]).float()
+            pw = pixel_weights((masks > 0.5).float(), cfg.pixel_weighting, cfg.target_fraction)
+            metrics, targets = self.upsampling.encode(masks, pw)
+            chosen_rows = [rows[j] for j in chosen]
+            self.insert(chosen_rows, metrics, targets)
+            due = [r for r in chosen_rows if self.applications[r] % cfg.train_skipping == 0]
+            if due:
+                self.optimize(due, cfg.update_iters)
+
+    def insert(self, rows: Sequence[int], metrics: torch.Tensor, targets: torch.Tensor) -> None:
+        """Store each row's last projected sample with its label, as `UpsamplingMetric.encode`
+        gives it: metrics (N, 9, h, w), targets (N, 1, h, w)."""
+        slots = [self._next_slot(r) for r in rows]
+        if len(rows) == 1:
+            index = (rows[0], slots[0])
+            self.samples[index] = self.current[rows[0]]
+            self.metrics[index], self.targets[index] = metrics[0], targets[0]
+        else:
+            index = tuple(to_device(torch.tensor([rows, slots]), self.device))
+            self.samples[index] = self.current[index[0]]
+            self.metrics[index], self.targets[index] = metrics, targets
+        self.weights = self._device_weights()
+
+    def _next_slot(self, row: int) -> int:
+        """The slot of a row's new sample, its weights updated (host only)."""
+        w = self.host_weights[row]
+        lr = self.config.learning_rate
+        if lr == 1:
+            w[:] = 0
+            slot = 0
+            w[0] = 1
+        else:
+            slot = int(np.argmin(w))  # the first minimum: the first empty slot while there is one
+            if self.last_slot[row] < 0:
+                w /= 1 - lr
+                w[slot] = lr
+            else:
+                # As upstream: the new weight derives from the previous insert's weight and the
+                # old weights are not decayed again before renormalizing.
+                w[slot] = w[self.last_slot[row]] / (1 - lr)
+        w /= w.sum()
+        self.sizes[row] = min(self.sizes[row] + 1, self.config.memory_size)
+        self.last_slot[row] = slot
+        return slot
+
+    def optimize(self, rows: Sequence[int], cg_iters: Sequence[int], fresh: bool = False) -> None:
+        """Gauss-Newton on the rows' filters over their memories, the rows together; `fresh`:
+        the rows' first run (no conjugate-gradient state carried over)."""
+        sel = _selection(rows, self.device)
+        c, c_in = self.config.channels, self.in_channels
+        slots = int(self.sizes[list(rows)].max())
+        sample_weights = self.weights[sel, :slots].reshape(-1, 1, 1, 1)
+        problem = FilterProblem(self.samples[sel, :slots], self.metrics[sel, :slots].flatten(0, 1) * sample_weights,
+                                self.targets[sel, :slots].flatten(0, 1) * sample_weights,
+                                self.config.filter_reg[1], self.config.precond[1])
+        filters = self.theta[sel, c * c_in:]  # a view for a slice: updated in place
+        state = None if fresh else CGState(self.direction[sel], self.rho[sel], self.residual[sel])
+        optimizer = GaussNewtonCG(problem, filters, self.forget_factor, state)
+        with torch.no_grad(), full_fp32(self.device):
+            optimizer.run(cg_iters)
+        if isinstance(sel, torch.Tensor):
+            self.theta[sel, c * c_in:] = filters
+        state = optimizer.state
+        self.direction[sel], self.rho[sel], self.residual[sel] = state.direction, state.rho, state.residual
+
+
+class TargetModel(nn.Module):
+    """One object's target model as a module, score = filter(project(layer4)) at stride 16: what
+    training caches (its weights save and load as `project.weight` and `filter.weight`). It is a
+    `TargetModelTable` of one row once initialized; the tracker keeps all its objects' target
+    models as the rows of such tables."""
+
+    def __init__(self, in_channels: int, config: TargetModelConfig, device: torch.device | str = "cpu",
+                 seed: int = 0):
+        super().__init__()
+        self.config = config
+        self.seed = seed
+        self.project = nn.Conv2d(in_channels, config.channels, 1, bias=False, device="meta")
+        self.filter = nn.Conv2d(config.channels, 1, 3, padding=1, bias=False, device="meta")
+        project, filter_weight = _initial_weights(in_channels, config.channels, seed)
+        self.project.weight = nn.Parameter(project.to(device), requires_grad=False)
+        self.filter.weight = nn.Parameter(filter_weight.to(device), requires_grad=False)
+        self.table: TargetModelTable | None = None  # after `initialize`: the row 0 of this table
 
     @property
     def device(self) -> torch.device:
         return self.project.weight.device
 
     def initialize(self, features: torch.Tensor, masks: torch.Tensor) -> None:
-        """Train from the augmented first frame: features (K, C_in, h, w), masks (K, 1, H, W).
-        Always in full fp32, whatever the precision of the features."""
-        self.initialize_many([self], features[None], masks[None])
+        """Train from the augmented first frame, starting from the current weights: features
+        (K, C_in, h, w), masks (K, 1, H, W). Always in full fp32, whatever the features' precision."""
+        self.table = TargetModelTable(features.shape[1], self.config, tuple(features.shape[-2:]),
+                                      tuple(masks.shape[-2:]), self.device, self.seed)
+        initial = torch.cat([self.project.weight.view(1, -1), self.filter.weight.view(1, -1)], dim=1)
+        self.table.add([features], [masks], initial=initial)
+        self._copy_weights()
 
-    @staticmethod
-    def initialize_many(models: Sequence["TargetModel"], features: torch.Tensor, masks: torch.Tensor) -> None:
-        """Train O target models (same config and device) together, each from its augmented
-        first frame: features (O, K, C_in, h, w), masks (O, K, 1, H, W). The same results as
-        initializing them one by one, up to float rounding; fp32 whatever the features' precision."""
-        with full_fp32(models[0].device):
-            _initialize_many(models, features.float(), masks.float())
+    def _copy_weights(self) -> None:
+        project, filter_weight = self.table.weights_of(0)
+        self.project.weight.copy_(project)
+        self.filter.weight.copy_(filter_weight)
 
     def load_trained(self, state_dict: dict) -> None:
         """Use an already trained (cached) target model; it will not be updated."""
         self.load_state_dict(state_dict, strict=True)
         for p in self.parameters():
             p.requires_grad_(False)
+        self.table = None
 
     def apply(self, layer4: torch.Tensor) -> torch.Tensor:
-        """layer4 (N, C_in, h, w), any float dtype -> fp32 scores (N, 1, h, w); remembers the
-        projected sample."""
-        self.applications += 1
-        with torch.no_grad(), full_fp32(self.device):
-            # plain tensors, not Parameters: a compiled score_fn then serves every object
-            self.current_sample, score = self.score_fn(layer4.float(), self.project.weight.detach(),
-                                                       self.filter.weight.detach())
-            return score
-
-    def update(self, soft_mask: torch.Tensor, enough_foreground: bool | None = None) -> None:
-        """After a computed frame: store (last sample, soft mask (1, 1, H, W)) and every
-        `train_skipping`-th application re-optimize the filter. `enough_foreground`: the
-        config's `enough_foreground(soft_mask)` already fetched by the caller (else fetched
-        here, which waits on the device)."""
-        if enough_foreground is None:
-            enough_foreground = bool(self.config.enough_foreground(soft_mask)[0])
-        TargetModel.update_many([self], soft_mask, [enough_foreground])
+        """layer4 (N, C_in, h, w), any float dtype -> fp32 scores (N, 1, h, w)."""
+        if self.table is not None and layer4.shape[0] == 1:  # remembers the sample for `update`
+            return self.table.scores([0], layer4)
+        return TargetModel.apply_many([self] * layer4.shape[0], layer4)
 
     @staticmethod
-    def update_many(models: Sequence["TargetModel"], soft_masks: torch.Tensor, enough_foreground: Sequence[bool]) -> None:
-        """`update` of N target models (same config, device and sizes) after a computed frame:
-        soft_masks (N, 1, H, W), enough_foreground (N,) fetched by the caller. The new samples'
-        pixel weights and encodings are computed in one batch (the same numbers as one by one)."""
-        chosen = [i for i, (model, enough) in enumerate(zip(models, enough_foreground))
-                  if enough and model.current_sample is not None and model.memory is not None]
-        if not chosen:
-            return
-        cfg = models[chosen[0]].config
-        with full_fp32(models[chosen[0]].device):
-            masks = (soft_masks if len(chosen) == len(models) else torch.cat([soft_masks[i:i + 1] for i in chosen])).float()
-            pw = pixel_weights((masks > 0.5).float(), cfg.pixel_weighting, cfg.target_fraction)
-            metrics, targets = models[chosen[0]].memory.upsampling.encode(masks, pw)
-            for j, i in enumerate(chosen):
-                models[i].memory.insert(models[i].current_sample, metrics[j:j + 1], targets[j:j + 1])
-            for i in chosen:
-                if models[i].applications % cfg.train_skipping == 0:
-                    models[i].update_optimizer.run(cfg.update_iters)
+    def apply_many(models: Sequence["TargetModel"], layer4: torch.Tensor) -> torch.Tensor:
+        """Model i on layer4[i]: N models (same config and device), layer4 (N, C_in, h, w) any
+        float dtype -> fp32 scores (N, 1, h, w), in one batch."""
+        n, c_in, h, w = layer4.shape
+        if len(models) != n:
+            raise ValueError(f"{len(models)} target models for a batch of {n}")
+        c = models[0].config.channels
+        with torch.no_grad(), full_fp32(models[0].device):
+            project = _stack_rows([m.project.weight.detach().view(c, c_in) for m in models])
+            filter_weight = _stack_rows([m.filter.weight.detach().view(c, 9) for m in models])
+            pixels = layer4.float().permute(0, 2, 3, 1).reshape(n, h * w, c_in)
+            return target_scores(pixels, project, filter_weight, (h, w))[1]
 
-
-def _initialize_many(models: Sequence[TargetModel], features: torch.Tensor, masks: torch.Tensor) -> None:
-    """`TargetModel.initialize_many` in fp32: project and filter together by Gauss-Newton on the raw
-    features, then re-project the samples into each model's memory and optimize the filter alone."""
-    cfg = models[0].config
-    o, k, c_in, h, w = features.shape
-    c = cfg.channels
-    device = features.device
-    masks = masks.flatten(0, 1)
-    pw = pixel_weights(masks, cfg.pixel_weighting, cfg.target_fraction)
-    upsampling = UpsamplingMetric.cached((h, w), tuple(masks.shape[-2:]), device)
-    metrics, targets = upsampling.encode(masks, pw)  # (O K, 9, h, w), (O K, 1, h, w)
-    sample_weights = _first_sample_weights(k, o, device)
-
-    # θ per object: projection (c, C_in), then the filter's taps reordered (see ProjectFilterProblem).
-    to_taps, from_taps = _taps_order(c, device)
-    proj = _stack([m.project.weight.view(-1) for m in models])
-    taps = _stack([m.filter.weight.view(-1) for m in models]).index_select(1, to_taps)
-    theta = torch.cat([proj, taps], dim=1)
-    problem = ProjectFilterProblem(features, metrics * sample_weights, targets * sample_weights, c,
-                                   cfg.filter_reg, cfg.precond)
-    GaussNewtonCG(problem, theta, models[0].forget_factor).run(cfg.init_iters)
-    proj, taps = problem.split(theta)
-
-    # Re-project the samples (channels-last, as the memory keeps them); from now on only the
-    # filter is optimized, on each object's own memory.
-    projected = torch.bmm(problem.pixels, proj.transpose(1, 2)).view(o, k, h, w, c).permute(0, 1, 4, 2, 3)
-    for i, model in enumerate(models):
-        model.project.weight.copy_(proj[i].view(c, c_in, 1, 1))
-        torch.index_select(taps[i].reshape(-1), 0, from_taps, out=model.filter.weight.view(-1))
-        rows = slice(i * k, (i + 1) * k)
-        model.memory = SampleMemory(cfg.memory_size, (c, h, w), masks.shape[-2:], device, cfg.learning_rate,
-                                    upsampling)
-        model.memory.initialize(projected[i], None, None, encoded=(metrics[rows], targets[rows]))
-        problem = FilterProblem(model.memory, cfg.filter_reg[1:], cfg.precond[1:])
-        model.update_optimizer = GaussNewtonCG(problem, model.filter.weight.view(1, -1), model.forget_factor)
-        model.update_optimizer.run(cfg.update_iters)
+    def update(self, soft_mask: torch.Tensor) -> None:
+        """After `apply` on a computed frame: `TargetModelTable.update` with the soft mask (1, 1, H, W)."""
+        if self.table is None:
+            raise RuntimeError("update needs a target model trained by initialize (not load_trained)")
+        self.table.update([0], soft_mask, [bool(self.config.enough_foreground(soft_mask)[0])])
+        self._copy_weights()

@@ -31,7 +31,7 @@ from lib.errors import UsageError
 from .backbone import Backbone
 from .network import GFRTM
 from .precision import autocast, check_precision, to_device
-from .target_model import TargetModel, TargetModelConfig, project_and_filter
+from .target_model import TargetModelConfig, TargetModelTable, target_scores
 
 Frame = tuple  # (image uint8 3xHxW, labels uint8 HxW or None, new object ids)
 
@@ -71,7 +71,8 @@ class _Object:
     id: int
     start_frame: int
     start_mask: torch.Tensor  # (H, W) float
-    target_model: TargetModel
+    table: TargetModelTable  # its target model is row `row` of this table
+    row: int
     template: torch.Tensor | None  # (1, 64, 64)
     prev_score: torch.Tensor  # (1, 1, h16, w16) last computed score (first frame: the mask)
     x16: torch.Tensor  # (1, 64, h16, w16) decoder state after the deep stages
@@ -235,8 +236,11 @@ class Tracker:
         self.batch_objects = batch_objects
         self.seed = seed
         # Regions called through these attributes; compile=True replaces them (models.compiled).
-        self.target_score = project_and_filter
+        self.target_score = target_scores
         self.merge_probabilities = merge_probabilities
+        # The objects' target models, one table per frame size (and target-model settings): rows
+        # of finished sequences are handed back and taken by later objects.
+        self.tables: dict[tuple, TargetModelTable] = {}
         self.compiled = None
         if compile:
             from .compiled import compile_regions
@@ -256,12 +260,15 @@ class Tracker:
         """Like run_sequence, but yields each frame's result as soon as it is ready. Reads one
         frame ahead of the one it tracks (that frame's copy to the device overlaps tracking)."""
         sequence = _Sequence()
-        for t, (image, labels, new_ids) in enumerate(self._on_device(frames)):
-            start = time.perf_counter()
-            with torch.no_grad():
-                (result,) = self._step([_Entry(sequence, t, image, labels, new_ids)], float(threshold),
-                                       keep_probabilities, keep_raw)
-            yield dataclasses.replace(result, seconds=time.perf_counter() - start)
+        try:
+            for t, (image, labels, new_ids) in enumerate(self._on_device(frames)):
+                start = time.perf_counter()
+                with torch.no_grad():
+                    (result,) = self._step([_Entry(sequence, t, image, labels, new_ids)], float(threshold),
+                                           keep_probabilities, keep_raw)
+                yield dataclasses.replace(result, seconds=time.perf_counter() - start)
+        finally:
+            _release(sequence)
 
     def track_many(self, sequences: Iterable[tuple[Hashable, Iterable[Frame]]], threshold: float = 0.7,
                    batch: int = 2, keep_probabilities: bool = True,
@@ -274,35 +281,41 @@ class Tracker:
         the next one. A frame's `seconds` is its share of the step's time."""
         source = iter(sequences)
         slots: list[_Slot] = []
-        while True:
-            step: list[tuple[_Slot, tuple]] = []
+        try:
+            while True:
+                step: list[tuple[_Slot, tuple]] = []
+                for slot in slots:
+                    frame = next(slot.frames, None)
+                    if frame is None:
+                        _release(slot.sequence)
+                    else:
+                        step.append((slot, frame))
+                slots = [slot for slot, _ in step]
+                while len(slots) < batch:  # refill from the next sequences
+                    nxt = next(source, None)
+                    if nxt is None:
+                        break
+                    key, frames = nxt
+                    slot = _Slot(key, self._on_device(frames), _Sequence())
+                    frame = next(slot.frames, None)
+                    if frame is not None:
+                        slots.append(slot)
+                        step.append((slot, frame))
+                if not step:
+                    return
+                start = time.perf_counter()
+                entries = [_Entry(slot.sequence, slot.t, *frame) for slot, frame in step]
+                with torch.no_grad():
+                    # frames where objects start take the start's backbone pass instead
+                    self._batched_low([e for e in entries if e.sequence.objects and not e.sequence.starting(e.new_ids)])
+                    results = self._step(entries, float(threshold), keep_probabilities, keep_raw)
+                seconds = (time.perf_counter() - start) / len(step)
+                for (slot, _), result in zip(step, results):
+                    slot.t += 1
+                    yield slot.key, dataclasses.replace(result, seconds=seconds)
+        finally:
             for slot in slots:
-                frame = next(slot.frames, None)
-                if frame is not None:
-                    step.append((slot, frame))
-            slots = [slot for slot, _ in step]
-            while len(slots) < batch:  # refill from the next sequences
-                nxt = next(source, None)
-                if nxt is None:
-                    break
-                key, frames = nxt
-                slot = _Slot(key, self._on_device(frames), _Sequence())
-                frame = next(slot.frames, None)
-                if frame is not None:
-                    slots.append(slot)
-                    step.append((slot, frame))
-            if not step:
-                return
-            start = time.perf_counter()
-            entries = [_Entry(slot.sequence, slot.t, *frame) for slot, frame in step]
-            with torch.no_grad():
-                # frames where objects start take the start's backbone pass instead
-                self._batched_low([e for e in entries if e.sequence.objects and not e.sequence.starting(e.new_ids)])
-                results = self._step(entries, float(threshold), keep_probabilities, keep_raw)
-            seconds = (time.perf_counter() - start) / len(step)
-            for (slot, _), result in zip(step, results):
-                slot.t += 1
-                yield slot.key, dataclasses.replace(result, seconds=seconds)
+                _release(slot.sequence)
 
     def _batched_low(self, entries: list[_Entry]) -> None:
         """The low backbone stages of the entries' frames, one batch per frame size; each entry
@@ -359,10 +372,10 @@ class Tracker:
                 outputs[id(out.obj)] = out
 
         labels, computed = self._merge(tracking, outputs)
-        updates: dict[tuple, list] = {}  # the target models' update samples, by frame size
+        updates: dict[int, list] = {}  # the target models' update samples, by table (frame size)
         for frame in computed:
             for obj, soft_mask in frame:
-                updates.setdefault(tuple(soft_mask.shape), []).append((obj, soft_mask))
+                updates.setdefault(id(obj.table), []).append((obj, soft_mask))
         update_masks = [torch.cat([m for _, m in u]) for u in updates.values()]
         wanted = [self.target_config.enough_foreground(masks) for masks in update_masks]
         for entry, frame_labels in zip(tracking, labels):
@@ -373,7 +386,7 @@ class Tracker:
             wanted.append(torch.cat([out.logits.float() for out in tracked]) if keep_raw else None)
         host = iter(_fetch_some(wanted))
         for samples, masks in zip(updates.values(), update_masks):
-            TargetModel.update_many([obj.target_model for obj, _ in samples], masks, next(host).tolist())
+            samples[0][0].table.update([obj.row for obj, _ in samples], masks, next(host).tolist())
 
         results = []
         for entry in entries:
@@ -517,10 +530,10 @@ class Tracker:
             if "layer4" not in features:
                 with self._autocast():
                     features.update(self.backbone.high(features["layer3"]))
-            local = [frames.index(rows[i]) for i in computed]
-            scores = torch.cat([objs[i].target_model.apply(features["layer4"][f:f + 1]) for i, f in zip(computed, local)])
+            local = self._row_index([frames.index(rows[i]) for i in computed], len(frames))
+            scores = objs[computed[0]].table.scores([objs[i].row for i in computed], features["layer4"], local)
             with self._autocast():
-                logits, x16 = net.decode_computed(features, scores, size, self._row_index(local, len(frames)))
+                logits, x16 = net.decode_computed(features, scores, size, local)
             probs = torch.sigmoid(logits.float())  # fp32: the merge needs it
             for j, i in enumerate(computed):
                 obj = objs[i]
@@ -569,27 +582,41 @@ class Tracker:
             aug_layer4 = [layer4[:k] if i == 0 else
                           torch.cat([layer4[:1], layer4[1 + i * (k - 1):1 + (i + 1) * (k - 1)]])
                           for i in range(len(ids))]  # O x (K, C, h, w)
-        targets = [TargetModel(layer4.shape[1], self.target_config, self.device, seed=self.seed,
-                               score_fn=self.target_score) for _ in ids]
-        for i, target in enumerate(targets):  # fp32 whatever the precision
-            target.initialize(aug_layer4[i], aug_masks[i])
-        return [self._object_state(obj_id, t, mask, target, features)
-                for obj_id, mask, target in zip(ids, masks, targets)], features
+        table = self._table(labels.shape, layer4)
+        rows = table.add(aug_layer4, aug_masks)  # fp32 whatever the precision
+        scores = table.scores(rows, features["layer4"])
+        return [self._object_state(obj_id, t, mask, table, row, scores[i:i + 1], features)
+                for i, (obj_id, mask, row) in enumerate(zip(ids, masks, rows))], features
 
-    def _object_state(self, obj_id: int, t: int, mask4d: torch.Tensor, target: TargetModel,
-                      features: dict) -> _Object:
-        """An object's tracking state at its first frame: template, score and decoder state."""
+    def _table(self, size: tuple[int, int], layer4: torch.Tensor) -> TargetModelTable:
+        """The target-model table of frames of `size` (H, W), with stride-16 features like layer4."""
+        key = (tuple(size), self.target_config, self.seed)
+        if key not in self.tables:
+            self.tables[key] = TargetModelTable(layer4.shape[1], self.target_config, tuple(layer4.shape[-2:]),
+                                                tuple(size), self.device, seed=self.seed, score_fn=self.target_score)
+        return self.tables[key]
+
+    def _object_state(self, obj_id: int, t: int, mask4d: torch.Tensor, table: TargetModelTable, row: int,
+                      score: torch.Tensor, features: dict) -> _Object:
+        """An object's tracking state at its first frame: template, score (1, 1, h16, w16) and
+        decoder state."""
         h8, w8 = features["layer3"].shape[-2:]
         h16, w16 = features["layer4"].shape[-2:]
-        score = target.apply(features["layer4"])
         with self._autocast():
             template = None
             if self.network.has_gate:
                 template = self.network.make_template(features["layer3"],
                                                       F.interpolate(mask4d, (h8, w8), mode="nearest"))
             x16 = self.network.deep_stages(features, score)
-        return _Object(obj_id, t, mask4d[0, 0], target, template, F.interpolate(mask4d, (h16, w16), mode="nearest"),
-                       x16)
+        return _Object(obj_id, t, mask4d[0, 0], table, row, template,
+                       F.interpolate(mask4d, (h16, w16), mode="nearest"), x16)
+
+
+def _release(sequence: _Sequence) -> None:
+    """Hand the rows of a finished sequence's target models back to their tables."""
+    for obj in sequence.objects:
+        obj.table.release([obj.row])
+    sequence.objects = []
 
 
 def _rows(t: torch.Tensor, index: list[int]) -> torch.Tensor:

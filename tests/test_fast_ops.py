@@ -7,8 +7,7 @@ import torch.nn.functional as F
 
 from models.backbone import Backbone
 from models.network import Upsampler, upsample2x_bicubic
-from models.target_model import (FilterProblem, ProjectFilterProblem, SampleMemory, ScoreFilter,
-                                 UpsamplingMetric)
+from models.target_model import FilterProblem, ProjectFilterProblem, UpsamplingMetric, target_scores
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 1, 1), (1, 2, 30, 54)])
@@ -29,11 +28,19 @@ def test_upsampler_equals_plain_composition():
         torch.testing.assert_close(up(x, size), expected, atol=1e-5, rtol=1e-4)
 
 
-def test_score_filter_equals_conv():
+def test_target_scores_equal_convolutions():
+    """Each row's projection and filter, on a frame of its own or one frame shared by all rows."""
     torch.manual_seed(0)
-    f = ScoreFilter(8)
-    x = torch.randn(3, 8, 6, 9)
-    torch.testing.assert_close(f(x), F.conv2d(x, f.weight, padding=1), atol=1e-5, rtol=1e-5)
+    n, c_in, c, h, w = 3, 8, 5, 6, 9
+    project, filt = torch.randn(n, c, c_in, 1, 1), torch.randn(n, 1, c, 3, 3)
+    for frames in (n, 1):
+        x = torch.randn(frames, c_in, h, w)
+        pixels = x.permute(0, 2, 3, 1).reshape(frames, h * w, c_in)
+        z, scores = target_scores(pixels, project.view(n, c, c_in), filt.view(n, c, 9), (h, w))
+        for i in range(n):
+            projected = F.conv2d(x[i % frames][None], project[i])
+            torch.testing.assert_close(z[i], projected[0].permute(1, 2, 0).reshape(h * w, c), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(scores[i:i + 1], F.conv2d(projected, filt[i], padding=1), atol=1e-5, rtol=1e-5)
 
 
 def test_upsampling_metric_equals_full_resolution_loss():
@@ -69,18 +76,25 @@ def autograd_normal_equations(net, params, x, metric, target, regs):
 
 
 def test_explicit_filter_jacobians_equal_autograd():
+    """The update's written-out J and Jᵀ, two rows at once (the second with an empty, zero-weight
+    slot), against autograd per row on its filled slots."""
     torch.manual_seed(0)
-    f = ScoreFilter(6)
-    memory = SampleMemory(4, (6, 5, 7), (20, 28), "cpu", 0.1)
-    memory.initialize(torch.randn(3, 6, 5, 7), (torch.rand(3, 1, 20, 28) > 0.5).float(), torch.rand(3, 1, 20, 28))
-    v = torch.randn(1, 6, 3, 3)
-    problem = FilterProblem(memory, [0.1], [1.0])
-    problem.select_samples()
-    b, op = problem.normal_equations(f.weight.detach().view(1, -1))
-    ref_b, ref_op = autograd_normal_equations(lambda x, w: F.conv2d(x, w, padding=1), [f.weight], problem.x,
-                                              problem.metric, problem.target, [0.1])
-    torch.testing.assert_close(b.view(1, 6, 3, 3), ref_b[0], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(op(v.view(1, -1)).view(1, 6, 3, 3), ref_op([v])[0], atol=1e-5, rtol=1e-4)
+    rows, slots, c, h, w = 2, 3, 6, 5, 7
+    samples = torch.randn(rows, slots, h * w, c)
+    sample_weights = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.4, 0.0]]).view(-1, 1, 1, 1)
+    metric, target = torch.rand(rows * slots, 9, h, w) * sample_weights, torch.randn(rows * slots, 1, h, w) * sample_weights
+    theta, v = torch.randn(rows, 9 * c), torch.randn(rows, 9 * c)
+    problem = FilterProblem(samples, metric, target, 0.1, 1.0)
+    b, op = problem.normal_equations(theta)
+    av = op(v)
+    for i, filled in enumerate((3, 2)):
+        x = samples[i, :filled].view(filled, h, w, c).permute(0, 3, 1, 2)
+        part = slice(i * slots, i * slots + filled)
+        weight = theta[i].view(1, c, 3, 3).clone()
+        ref_b, ref_op = autograd_normal_equations(lambda xi, f: F.conv2d(xi, f, padding=1), [weight], x,
+                                                  metric[part], target[part], [0.1])
+        torch.testing.assert_close(b[i].view(1, c, 3, 3), ref_b[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(av[i].view(1, c, 3, 3), ref_op([v[i].view(1, c, 3, 3)])[0], atol=1e-5, rtol=1e-4)
 
 
 def test_explicit_project_filter_jacobians_equal_autograd():

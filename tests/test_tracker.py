@@ -101,15 +101,16 @@ def test_object_entering_later(checkpoint, clip, mixed_threshold):
 
 
 def test_forced_reuse_skips_high_backbone_and_target_model(checkpoint, clip, monkeypatch):
-    from models.target_model import TargetModel
+    from models.target_model import TargetModelTable
 
     tracker = tracker_for(checkpoint)
-    calls, applied, updated = [], [], []
-    high, apply, update = tracker.backbone.high, TargetModel.apply, TargetModel.update_many
+    calls, applied, updated = [], [], []  # high backbone passes, target-model rows scored, rows updated
+    high, scores, update = tracker.backbone.high, TargetModelTable.scores, TargetModelTable.update
     monkeypatch.setattr(tracker.backbone, "high", lambda x: calls.append(1) or high(x))
-    monkeypatch.setattr(TargetModel, "apply", lambda self, x: applied.append(1) or apply(self, x))
-    monkeypatch.setattr(TargetModel, "update_many", staticmethod(
-        lambda models, masks, enough: updated.extend(models) or update(models, masks, enough)))
+    monkeypatch.setattr(TargetModelTable, "scores",
+                        lambda self, rows, *args: applied.extend(rows) or scores(self, rows, *args))
+    monkeypatch.setattr(TargetModelTable, "update",
+                        lambda self, rows, masks, enough: updated.extend(rows) or update(self, rows, masks, enough))
     starts = {0: [1, 2]}
     result = tracker.run_sequence(frames_of(clip, starts), threshold=-1.0)  # p > -1: always reuse
     assert all(all(f.reused.values()) for f in result.frames[1:])

@@ -190,7 +190,4 @@ class GFRTMStep(nn.Module):
     @staticmethod
     def _target_scores(target_models: list[TargetModel], layer4: torch.Tensor) -> torch.Tensor:
         """Each sample's frozen target model on its own features -> (B, 1, h16, w16)."""
-        if len(target_models) != layer4.shape[0]:
-            raise ValueError(f"{len(target_models)} target models for a batch of {layer4.shape[0]}")
-        with torch.no_grad():
-            return torch.cat([tm.apply(layer4[i:i + 1]) for i, tm in enumerate(target_models)])
+        return TargetModel.apply_many(target_models, layer4)
