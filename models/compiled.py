@@ -144,6 +144,7 @@ def compile_regions(tracker, backend: str = "inductor") -> CompiledRegions:
         net.decode_reused = regions.compile("decode_reused", net.decode_reused)
     net.decode_computed = regions.compile("decode_computed", net.decode_computed)
     tracker.target_score = regions.compile("target_score", tracker.target_score)
+    tracker.filter_optimizer = regions.compile("target_optimizer", tracker.filter_optimizer)
     tracker.merge_probabilities = regions.compile("merge_probabilities", tracker.merge_probabilities)
 
     return regions

@@ -376,18 +376,18 @@ class GaussNewtonCG:
         self.forget_factor = forget_factor
         self.direction: torch.Tensor | None = None if state is None else state.direction
         self.rho: torch.Tensor | None = None if state is None else state.rho
-        # The residual r and the previous one, r_prev, as the two rows of one tensor (O, 2, D),
-        # so that one batched matmul gives both rᵀz and r_prevᵀz; row `self.current` is r.
+        # The residual r and the previous one, r_prev, as the two halves of one tensor (2, O, D),
+        # so that one product gives both rᵀz and r_prevᵀz; half `self.current` is r.
         if state is None:
-            self.residuals = torch.zeros(theta.shape[0], 2, theta.shape[1], device=theta.device)
+            self.residuals = torch.zeros(2, *theta.shape, device=theta.device)
         else:
-            self.residuals = torch.stack([state.residual, torch.empty_like(state.residual)], dim=1)
+            self.residuals = torch.stack([state.residual, torch.empty_like(state.residual)])
         self.current = 0
 
     @property
     def state(self) -> CGState | None:
         """The state for the next run (None before the first)."""
-        return None if self.direction is None else CGState(self.direction, self.rho, self.residuals[:, self.current])
+        return None if self.direction is None else CGState(self.direction, self.rho, self.residuals[self.current])
 
     def run(self, cg_iters: Sequence[int]) -> None:
         """One GN step per entry of cg_iters, with that many CG iterations."""
@@ -399,7 +399,7 @@ class GaussNewtonCG:
     def _next_residual(self) -> torch.Tensor:
         """The row to write the next r into (it holds r_prev, no longer needed); it becomes r."""
         self.current = 1 - self.current
-        return self.residuals[:, self.current]
+        return self.residuals[self.current]
 
     def _conjugate_gradient(self, b: torch.Tensor, normal_op, iters: int) -> torch.Tensor:
         """The step δ: A δ = b solved approximately."""
@@ -413,13 +413,14 @@ class GaussNewtonCG:
         for i in range(iters):
             z = r / self.problem.precond
             rho_prev = self.rho
-            dots = (self.residuals * z.unsqueeze(1)).sum(2, keepdim=True) if self.row_exact else \
-                torch.bmm(self.residuals, z.unsqueeze(2))
-            self.rho = dots[:, self.current]
+            # (2, O, 1): rᵀz and r_prevᵀz per row
+            dots = (self.residuals * z).sum(2, keepdim=True) if self.row_exact else \
+                torch.bmm(z.unsqueeze(1), self.residuals.permute(1, 2, 0)).permute(2, 0, 1)
+            self.rho = dots[self.current]
             if self.direction is None:
                 self.direction = z
             else:
-                beta = ((self.rho - dots[:, 1 - self.current]) / rho_prev).clamp(min=0)
+                beta = ((self.rho - dots[1 - self.current]) / rho_prev).clamp(min=0)
                 self.direction = torch.addcmul(z, self.direction, beta)
             q = normal_op(self.direction)
             alpha = self.rho / ((self.direction * q).sum(1, keepdim=True) if self.row_exact else
@@ -450,14 +451,17 @@ class TargetModelTable:
 
     def __init__(self, in_channels: int, config: TargetModelConfig, feature_size: tuple[int, int],
                  label_size: tuple[int, int], device: torch.device | str = "cpu", seed: int = 0,
-                 score_fn: Callable | None = None):
+                 score_fn: Callable | None = None, optimizer_fn: Callable | None = None, static_shapes: bool = False):
         self.config = config
         self.in_channels = in_channels
         self.feature_size = tuple(feature_size)
         self.label_size = tuple(label_size)
         self.device = torch.device(device)
         self.seed = seed
-        self.score_fn = score_fn or target_scores  # the tracker passes its (maybe compiled) one
+        # The tracker passes its (maybe compiled) functions; compiled ones want `static_shapes`.
+        self.score_fn = score_fn or target_scores
+        self.optimizer_fn = optimizer_fn or optimize_filters
+        self.static_shapes = static_shapes
         self.upsampling = UpsamplingMetric.cached(self.feature_size, self.label_size, self.device)
         self.capacity = 0
         self.free: list[int] = []
@@ -562,17 +566,22 @@ class TargetModelTable:
         index tensor; None: F == 1 serves all rows, or the rows' frames in order) -> fp32 scores
         (N, 1, h, w). Remembers each row's projected sample (for `update`) and counts the
         application."""
-        sel = _selection(rows, self.device)
-        c = self.config.channels
+        n, c = len(rows), self.config.channels
+        padded = _bucket(n) if self.static_shapes else n  # see `optimize`
+        sel = _selection(list(rows) + [rows[-1]] * (padded - n), self.device)
         with torch.no_grad(), full_fp32(self.device):
             f, c_in, h, w = layer4.shape
             pixels = layer4.float().permute(0, 2, 3, 1).reshape(f, h * w, c_in)
+            if padded > n and (frames is not None or f > 1):
+                last = _row_index(tuple(range(n)) + (n - 1,) * (padded - n), self.device)
+                frames = last if frames is None else frames.index_select(0, last)
             if frames is not None:
                 pixels = pixels.index_select(0, frames)
             theta = self.theta[sel]
-            n = theta.shape[0]
-            z, scores = self.score_fn(pixels, theta[:, :c * c_in].view(n, c, c_in), theta[:, c * c_in:].view(n, c, 9),
-                                      (h, w))
+            z, scores = self.score_fn(pixels, theta[:, :c * c_in].view(padded, c, c_in),
+                                      theta[:, c * c_in:].view(padded, c, 9), (h, w))
+            if padded > n:
+                sel, z, scores = _selection(rows, self.device), z[:n], scores[:n]
             self.current[sel] = z
         self.applications[list(rows)] += 1
         return scores
@@ -634,23 +643,49 @@ class TargetModelTable:
 
     def optimize(self, rows: Sequence[int], cg_iters: Sequence[int], fresh: bool = False) -> None:
         """Gauss-Newton on the rows' filters over their memories, the rows together; `fresh`:
-        the rows' first run (no conjugate-gradient state carried over)."""
-        sel = _selection(rows, self.device)
+        the rows' first run (no conjugate-gradient state carried over). With `static_shapes`
+        the run covers every slot and a power-of-two number of rows (the last one repeated,
+        its copies discarded), so that a compiled `optimizer_fn` sees few shapes."""
+        n = len(rows)
+        run = list(rows) + [rows[-1]] * (_bucket(n) - n) if self.static_shapes else list(rows)
+        sel = _selection(run, self.device)
         c, c_in = self.config.channels, self.in_channels
-        slots = int(self.sizes[list(rows)].max())
-        sample_weights = self.weights[sel, :slots].reshape(-1, 1, 1, 1)
-        problem = FilterProblem(self.samples[sel, :slots], self.metrics[sel, :slots].flatten(0, 1) * sample_weights,
-                                self.targets[sel, :slots].flatten(0, 1) * sample_weights,
-                                self.config.filter_reg[1], self.config.precond[1])
+        slots = self.config.memory_size if self.static_shapes else int(self.sizes[list(rows)].max())
         filters = self.theta[sel, c * c_in:]  # a view for a slice: updated in place
-        state = None if fresh else CGState(self.direction[sel], self.rho[sel], self.residual[sel])
-        optimizer = GaussNewtonCG(problem, filters, self.forget_factor, state)
+        state = None if fresh else (self.direction[sel], self.rho[sel], self.residual[sel])
         with torch.no_grad(), full_fp32(self.device):
-            optimizer.run(cg_iters)
-        if isinstance(sel, torch.Tensor):
+            direction, rho, residual = self.optimizer_fn(
+                self.samples[sel, :slots], self.metrics[sel, :slots], self.targets[sel, :slots],
+                self.weights[sel, :slots], filters, state, tuple(cg_iters), self.config.filter_reg[1],
+                self.config.precond[1], self.forget_factor)
+        if len(run) > n:
+            sel = _selection(rows, self.device)
+            filters, direction, rho, residual = filters[:n], direction[:n], rho[:n], residual[:n]
+        if not isinstance(sel, slice) or len(run) > n:
             self.theta[sel, c * c_in:] = filters
-        state = optimizer.state
-        self.direction[sel], self.rho[sel], self.residual[sel] = state.direction, state.rho, state.residual
+        self.direction[sel], self.rho[sel], self.residual[sel] = direction, rho, residual
+
+
+def optimize_filters(samples: torch.Tensor, metrics: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                     filters: torch.Tensor, state: tuple | None, cg_iters: tuple[int, ...], reg: float,
+                     precond: float, forget_factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The filter re-optimisation of N target models as one function (a compiled region with
+    `--compile`): samples (N, S, h w, c), metrics (N, S, 9, h, w), targets (N, S, 1, h, w) and
+    sample weights (N, S) of their memories; filters (N, 9 c), updated in place; state the
+    conjugate gradient's (direction (N, 9 c), ρ (N, 1), last residual (N, 9 c)), None for a
+    first run. -> the new state."""
+    sample_weights = weights.reshape(-1, 1, 1, 1)
+    problem = FilterProblem(samples, metrics.flatten(0, 1) * sample_weights, targets.flatten(0, 1) * sample_weights,
+                            reg, precond)
+    optimizer = GaussNewtonCG(problem, filters, forget_factor, None if state is None else CGState(*state))
+    optimizer.run(cg_iters)
+    state = optimizer.state
+    return state.direction, state.rho, state.residual
+
+
+def _bucket(n: int) -> int:
+    """The power of two >= n."""
+    return 1 << (n - 1).bit_length()
 
 
 class TargetModel(nn.Module):

@@ -31,7 +31,7 @@ from lib.errors import UsageError
 from .backbone import Backbone
 from .network import GFRTM
 from .precision import autocast, check_precision, to_device
-from .target_model import TargetModelConfig, TargetModelTable, target_scores
+from .target_model import TargetModelConfig, TargetModelTable, optimize_filters, target_scores
 
 Frame = tuple  # (image uint8 3xHxW, labels uint8 HxW or None, new object ids)
 
@@ -237,6 +237,7 @@ class Tracker:
         self.seed = seed
         # Regions called through these attributes; compile=True replaces them (models.compiled).
         self.target_score = target_scores
+        self.filter_optimizer = optimize_filters
         self.merge_probabilities = merge_probabilities
         # The objects' target models, one table per frame size (and target-model settings): rows
         # of finished sequences are handed back and taken by later objects.
@@ -593,7 +594,9 @@ class Tracker:
         key = (tuple(size), self.target_config, self.seed)
         if key not in self.tables:
             self.tables[key] = TargetModelTable(layer4.shape[1], self.target_config, tuple(layer4.shape[-2:]),
-                                                tuple(size), self.device, seed=self.seed, score_fn=self.target_score)
+                                                tuple(size), self.device, seed=self.seed, score_fn=self.target_score,
+                                                optimizer_fn=self.filter_optimizer,
+                                                static_shapes=self.compiled is not None)
         return self.tables[key]
 
     def _object_state(self, obj_id: int, t: int, mask4d: torch.Tensor, table: TargetModelTable, row: int,

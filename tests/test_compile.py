@@ -10,7 +10,7 @@ from benchmarks.tracker_speed import make_frames, random_tracker
 from models.compiled import RECOMPILE_LIMIT, cache_dir
 
 REGIONS = {"backbone.low", "backbone.high", "match", "gate_logits", "delta", "decode_computed", "decode_reused",
-           "target_score", "merge_probabilities"}
+           "target_score", "target_optimizer", "merge_probabilities"}
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,27 @@ def test_every_region_compiles_whole_with_aot_eager(mixed, capsys):
         many.setdefault(key, []).append(result)
     assert_tracks_alike(many[0], eager, dict(atol=1e-5, rtol=0))
     assert_tracks_alike(many[1], want[1], dict(atol=1e-5, rtol=0))
+
+
+def test_compiled_target_models_keep_their_state_buffers(mixed):
+    """With --compile the target models' state (weights, memories, optimizer state) lives in the
+    table's buffers from frame to frame, re-optimised on every computed frame here; only the
+    compiled regions' outputs are new tensors."""
+    import dataclasses
+
+    frames, threshold, _ = mixed
+    tracker = random_tracker("resnet18", "cpu", compile="aot_eager")
+    tracker.target_config = dataclasses.replace(tracker.target_config, train_skipping=1, min_update_pixels=0)
+    stream = tracker.track(frames, threshold=1.0)  # every frame computed
+    next(stream)
+    (table,) = tracker.tables.values()
+    state = ("theta", "samples", "metrics", "targets", "current", "direction", "rho", "residual")
+    pointers = {name: getattr(table, name).data_ptr() for name in state}
+    applications = int(table.applications[0])
+    list(stream)
+    assert table.applications[0] == applications + len(frames) - 1
+    assert tracker.compiled.compiled_shapes["target_optimizer"] == 2  # the start's first run, then updates
+    assert {name: getattr(table, name).data_ptr() for name in state} == pointers
 
 
 def test_inductor_tracks_like_eager(mixed):
