@@ -166,11 +166,14 @@ def _tagged(name: str, frames, failed: list[str]) -> Iterator:
 
 
 def track_lockstep(job: "Job", tracker, sequences: list, frames: dict) -> Iterator[tuple[str, dict]]:
-    """Track the sequences job.config.batch_sequences at a time in lockstep, frames decoded ahead
-    in a thread per open sequence (or taken from `frames`) -> (name, statistics) as each sequence
-    finishes. A failure discards the open sequences' folders."""
+    """Track the sequences job.config.batch_sequences at a time in lockstep, longest first, frames
+    decoded ahead in a thread per open sequence (or taken from `frames`) -> (name, statistics) as
+    each sequence finishes. A failure discards the open sequences' folders."""
     outputs: dict[str, SequenceOutput] = {}  # open sequences
     readers, failed = [], []
+    # Longest first: a freed slot takes the longest sequence left, so the last steps, with fewer
+    # sequences in flight, are few.
+    sequences = sorted(sequences, key=len, reverse=True)
 
     def source():
         for seq in _preparing_next(tracker, sequences, frames):

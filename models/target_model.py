@@ -366,7 +366,9 @@ class GaussNewtonCG:
     independent problems at once: θ (O, D), one row per object, updated in place; every CG
     scalar is per row. The CG state (`state`: direction, ρ, last residual) persists across
     runs, given by the caller (`CGState`) or fresh; ρ is divided by `forget_factor` at the start
-    of each CG run so old directions fade."""
+    of each CG run so old directions fade. `row_exact`: the CG dot products as a product and a
+    sum, which round each row as it would alone; else one `bmm` each (one op instead of two,
+    but a `bmm` over several rows rounds each row otherwise than over one)."""
 
     def __init__(self, problem, theta: torch.Tensor, forget_factor: float, state: CGState | None = None,
                  row_exact: bool = True):
@@ -482,6 +484,7 @@ class TargetModelTable:
         self.sizes = np.zeros(0, np.int64)  # filled slots per row
         self.last_slot = np.zeros(0, np.int64)  # the slot of the row's last insert, -1 before any
         self.applications = np.zeros(0, np.int64)  # scores computed per row (every train_skipping-th: optimize)
+        self.used = np.zeros(0, bool)  # rows an earlier object held (their empty slots are not zeros)
 
     @property
     def forget_factor(self) -> float:
@@ -503,7 +506,7 @@ class TargetModelTable:
             if old:
                 grown[:old] = getattr(self, name)
             setattr(self, name, grown)
-        for name in ("host_weights", "sizes", "last_slot", "applications"):
+        for name in ("host_weights", "sizes", "last_slot", "applications", "used"):
             kept = getattr(self, name)
             setattr(self, name, np.concatenate([kept, np.zeros((capacity - old, *kept.shape[1:]), kept.dtype)]))
         self.weights = self._device_weights()
@@ -556,7 +559,10 @@ class TargetModelTable:
             self.targets[sel, :k] = targets.view(o, k, *targets.shape[1:])
             self.host_weights[rows] = 0
             self.host_weights[rows, :k] = first_sample_weights(k)
-            self.sizes[rows], self.last_slot[rows], self.applications[rows] = k, -1, 0
+            if self.used[rows].any():  # the earlier objects' samples: zeros again (0 weight x NaN is NaN)
+                for buffer in (self.samples, self.metrics, self.targets):
+                    buffer[sel, k:] = 0
+            self.sizes[rows], self.last_slot[rows], self.applications[rows], self.used[rows] = k, -1, 0, True
             self.weights = self._device_weights()
             self.optimize(rows, cfg.update_iters, fresh=True)
         return rows

@@ -576,6 +576,29 @@ def test_corrupt_jpeg_keeps_finished_sequences(checkpoint, davis_root, dv2017, t
     no_partials(out / "result" / dv2017[0].name)
 
 
+def test_lockstep_takes_the_longest_sequences_first(checkpoint, davis_root, tmp_path, monkeypatch):
+    """--batch-sequences: the sequences enter the lockstep longest first (a freed slot takes the
+    longest one left), whatever their order in the split."""
+    from models.tracker import Tracker
+
+    davis = copy_davis(davis_root, tmp_path)
+    for path in sorted((davis / "JPEGImages" / "480p" / DAVIS_SEQS[0]).glob("*.jpg"))[3:]:
+        path.unlink()  # the first sequence of the split keeps 3 of its frames
+    entered, track_many = [], Tracker.track_many
+
+    def recording(self, sequences, *args, **kwargs):
+        def keys():
+            for key, frames in sequences:
+                entered.append(key)
+                yield key, frames
+        return track_many(self, keys(), *args, **kwargs)
+
+    monkeypatch.setattr(Tracker, "track_many", recording)
+    got = run(checkpoint, tmp_path, *davis_args(davis), "--batch-sequences", "2")
+    assert entered == [DAVIS_SEQS[1], DAVIS_SEQS[0]]
+    assert got["sequences"][DAVIS_SEQS[0]]["frames"] == 3
+
+
 def test_lockstep_failure_names_its_sequence_and_resume_completes(checkpoint, davis_root, dv2017, tmp_path):
     """--batch-sequences 2: a corrupt frame of one sequence stops the run naming that sequence,
     not the other one in flight; the open sequences leave no folders behind; --resume, the frame
