@@ -119,3 +119,30 @@ def test_output_labels(case, run):
             assert (margin <= case["tolerance"]["label_tie"]).all(), (
                 f"frame {t}: {int((margin > case['tolerance']['label_tie']).sum())} labels differ beyond the "
                 f"tie margin {case['tolerance']['label_tie']} (largest margin {float(margin.max()):.3g})")
+
+
+def test_lockstep_gates_and_labels_equal_one_at_a_time(case, run):
+    """Four copies of the case tracked in lockstep (`track_many`, batch 4: frames, objects,
+    target-model scores, inserts and re-optimisations batched) give the gates of one at a time,
+    scores and logits within the vector's tolerances, and the same labels except at
+    decision-margin ties (the decoder's convolutions on a larger batch round otherwise, and the
+    target models learn from the decoder's masks)."""
+    backbone = seeded_backbone_state(case["ftext"], case["backbone_seed"], case["backbone_checksum"])
+    tracker = build_tracker(case["checkpoint"], fast=case["fast"], num_aug=case["num_aug"],
+                            backbone_weights=backbone, ftext=case["ftext"])
+    copies: dict[int, list] = {}
+    for key, result in tracker.track_many([(i, frames_of(case)) for i in range(4)], threshold=case["threshold"],
+                                          batch=4, keep_raw=True):
+        copies.setdefault(key, []).append(result)
+    assert sorted(copies) == [0, 1, 2, 3]
+    for frames in copies.values():
+        assert [f.reused for f in frames] == [f.reused for f in run.frames]
+        for t, (got, want) in enumerate(zip(frames, run.frames)):
+            for obj_id in want.scores:
+                torch.testing.assert_close(got.scores[obj_id], want.scores[obj_id], atol=case["tolerance"]["scores"],
+                                           rtol=0)
+                torch.testing.assert_close(got.logits[obj_id], want.logits[obj_id], atol=case["tolerance"]["logits"],
+                                           rtol=0)
+            differ = got.labels != want.labels
+            if differ.any():
+                assert (decision_margin(case, t)[differ] <= case["tolerance"]["label_tie"]).all(), f"frame {t}"
