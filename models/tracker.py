@@ -239,8 +239,9 @@ class Tracker:
         self.target_score = target_scores
         self.filter_optimizer = optimize_filters
         self.merge_probabilities = merge_probabilities
-        # The objects' target models, one table per frame size (and target-model settings): rows
-        # of finished sequences are handed back and taken by later objects.
+        # The objects' target models, one table per frame size (and target-model settings) while
+        # objects of that size are tracked: rows of finished sequences are handed back and taken
+        # by later objects.
         self.tables: dict[tuple, TargetModelTable] = {}
         self.compiled = None
         if compile:
@@ -269,7 +270,7 @@ class Tracker:
                                            keep_probabilities, keep_raw)
                 yield dataclasses.replace(result, seconds=time.perf_counter() - start)
         finally:
-            _release(sequence)
+            self._release(sequence)
 
     def track_many(self, sequences: Iterable[tuple[Hashable, Iterable[Frame]]], threshold: float = 0.7,
                    batch: int = 2, keep_probabilities: bool = True,
@@ -288,7 +289,7 @@ class Tracker:
                 for slot in slots:
                     frame = next(slot.frames, None)
                     if frame is None:
-                        _release(slot.sequence)
+                        self._release(slot.sequence)
                     else:
                         step.append((slot, frame))
                 slots = [slot for slot, _ in step]
@@ -316,7 +317,7 @@ class Tracker:
                     yield slot.key, dataclasses.replace(result, seconds=seconds)
         finally:
             for slot in slots:
-                _release(slot.sequence)
+                self._release(slot.sequence)
 
     def _batched_low(self, entries: list[_Entry]) -> None:
         """The low backbone stages of the entries' frames, one batch per frame size; each entry
@@ -599,6 +600,17 @@ class Tracker:
                                                 static_shapes=self.compiled is not None)
         return self.tables[key]
 
+    def _release(self, sequence: _Sequence) -> None:
+        """Hand the rows of a finished sequence's target models back to their tables; a table
+        no object holds any more is dropped (its memories are large, and a data set of many
+        frame sizes would keep one per size)."""
+        for obj in sequence.objects:
+            obj.table.release([obj.row])
+        sequence.objects = []
+        for key, table in list(self.tables.items()):
+            if len(table.free) == table.capacity:
+                del self.tables[key]
+
     def _object_state(self, obj_id: int, t: int, mask4d: torch.Tensor, table: TargetModelTable, row: int,
                       score: torch.Tensor, features: dict) -> _Object:
         """An object's tracking state at its first frame: template, score (1, 1, h16, w16) and
@@ -613,13 +625,6 @@ class Tracker:
             x16 = self.network.deep_stages(features, score)
         return _Object(obj_id, t, mask4d[0, 0], table, row, template,
                        F.interpolate(mask4d, (h16, w16), mode="nearest"), x16)
-
-
-def _release(sequence: _Sequence) -> None:
-    """Hand the rows of a finished sequence's target models back to their tables."""
-    for obj in sequence.objects:
-        obj.table.release([obj.row])
-    sequence.objects = []
 
 
 def _rows(t: torch.Tensor, index: list[int]) -> torch.Tensor:

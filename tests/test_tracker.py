@@ -208,3 +208,15 @@ def test_track_many_equals_one_at_a_time(checkpoint, clip, mixed_threshold):
                 worst = max(worst, (fa.logits[k] - fb.logits[k]).abs().max().item())
     print("largest logit difference", worst)
     assert worst < 1e-5
+
+
+def test_target_model_tables_live_while_their_objects_do(checkpoint, clip):
+    """A finished sequence hands its target models' rows back; a table without objects is dropped
+    (a data set of many frame sizes would otherwise keep one memory table per size)."""
+    tracker = tracker_for(checkpoint)
+    stream = tracker.track(frames_of(clip, {0: [1, 2]}), threshold=0.7)
+    next(stream)
+    (table,) = tracker.tables.values()
+    assert table.capacity - len(table.free) == 2
+    list(stream)
+    assert tracker.tables == {} and sorted(table.free) == list(range(table.capacity))
