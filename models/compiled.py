@@ -73,6 +73,9 @@ class CompiledRegions:
         self.device = device
         self.backend = backend
         self.cudagraphs = device.type == "cuda" and backend == "inductor"
+        # Object batches padded to powers of two for the network's regions: on CUDA (few graphs to
+        # capture); on the CPU the padded rows' arithmetic would cost more than compiling per count.
+        self.row_buckets = self.cudagraphs
         self.names: dict[str, Callable] = {}  # region name -> compiled callable
         self.compile_seconds = 0.0  # total, every region and shape
         self.pending: list[str] = []  # regions compiled since the last report

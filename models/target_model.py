@@ -573,7 +573,7 @@ class TargetModelTable:
         (N, 1, h, w). Remembers each row's projected sample (for `update`) and counts the
         application."""
         n, c = len(rows), self.config.channels
-        padded = _bucket(n) if self.static_shapes else n  # see `optimize`
+        padded = bucket(n) if self.static_shapes else n  # see `optimize`
         sel = _selection(list(rows) + [rows[-1]] * (padded - n), self.device)
         with torch.no_grad(), full_fp32(self.device):
             f, c_in, h, w = layer4.shape
@@ -653,7 +653,7 @@ class TargetModelTable:
         the run covers every slot and a power-of-two number of rows (the last one repeated,
         its copies discarded), so that a compiled `optimizer_fn` sees few shapes."""
         n = len(rows)
-        run = list(rows) + [rows[-1]] * (_bucket(n) - n) if self.static_shapes else list(rows)
+        run = list(rows) + [rows[-1]] * (bucket(n) - n) if self.static_shapes else list(rows)
         sel = _selection(run, self.device)
         c, c_in = self.config.channels, self.in_channels
         slots = self.config.memory_size if self.static_shapes else int(self.sizes[list(rows)].max())
@@ -689,7 +689,7 @@ def optimize_filters(samples: torch.Tensor, metrics: torch.Tensor, targets: torc
     return state.direction, state.rho, state.residual
 
 
-def _bucket(n: int) -> int:
+def bucket(n: int) -> int:
     """The power of two >= n."""
     return 1 << (n - 1).bit_length()
 

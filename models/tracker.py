@@ -31,7 +31,7 @@ from lib.errors import UsageError
 from .backbone import Backbone
 from .network import GFRTM
 from .precision import autocast, check_precision, to_device
-from .target_model import TargetModelConfig, TargetModelTable, optimize_filters, target_scores
+from .target_model import TargetModelConfig, TargetModelTable, bucket, optimize_filters, target_scores
 
 Frame = tuple  # (image uint8 3xHxW, labels uint8 HxW or None, new object ids)
 
@@ -483,6 +483,15 @@ class Tracker:
             groups.append(_Group(features, objects, rows, tuple(group[0].image.shape[-2:])))
         return groups
 
+    def _padded(self, items: list) -> list:
+        """`items` (a batch's objects or their rows) as the network's compiled regions take them
+        with `row_buckets` (models.compiled): the last one repeated up to a power-of-two count, so
+        that each region compiles for few batch sizes (the extra outputs are discarded); else
+        `items` itself."""
+        if self.compiled is None or not self.compiled.row_buckets:
+            return items
+        return items + items[-1:] * (bucket(len(items)) - len(items))
+
     def _row_index(self, rows: list[int], frames: int) -> torch.Tensor | None:
         """Object -> frame row index for the network's step methods; None where features of one
         frame are shared by all objects or rows are the frames in order (no gather needed)."""
@@ -502,12 +511,13 @@ class Tracker:
         with self._autocast():
             for group in groups:
                 layer3 = group.features["layer3"]
-                prev = F.interpolate(torch.cat([o.prev_score for o in group.objects]), layer3.shape[-2:],
+                objs, rows = self._padded(group.objects), self._padded(group.rows)
+                prev = F.interpolate(torch.cat([o.prev_score for o in objs]), layer3.shape[-2:],
                                      mode="bilinear", align_corners=False)
-                m = net.match(layer3, prev, torch.cat([o.template for o in group.objects]),
-                              self._row_index(group.rows, group.frames))
-                matched.append(m)
-                p_reuse.append(torch.softmax(net.gate_logits(m).float(), dim=1)[:, 0])
+                m = net.match(layer3, prev, torch.cat([o.template for o in objs]), self._row_index(rows, group.frames))
+                n = len(group.objects)
+                matched.append(m[:n])
+                p_reuse.append(torch.softmax(net.gate_logits(m).float(), dim=1)[:n, 0])
         flat = torch.cat(p_reuse).tolist()
         probs, k = [], 0
         for group in groups:
@@ -532,22 +542,27 @@ class Tracker:
             if "layer4" not in features:
                 with self._autocast():
                     features.update(self.backbone.high(features["layer3"]))
-            local = self._row_index([frames.index(rows[i]) for i in computed], len(frames))
-            scores = objs[computed[0]].table.scores([objs[i].row for i in computed], features["layer4"], local)
+            local = [frames.index(rows[i]) for i in computed]
+            scores = objs[computed[0]].table.scores([objs[i].row for i in computed], features["layer4"],
+                                                    self._row_index(local, len(frames)))
             with self._autocast():
-                logits, x16 = net.decode_computed(features, scores, size, local)
+                logits, x16 = net.decode_computed(features, _pad(scores, len(self._padded(local))), size,
+                                                  self._row_index(self._padded(local), len(frames)))
+            logits, x16 = logits[:len(computed)], x16[:len(computed)]
             probs = torch.sigmoid(logits.float())  # fp32: the merge needs it
             for j, i in enumerate(computed):
                 obj = objs[i]
                 obj.prev_score, obj.x16 = scores[j:j + 1], x16[j:j + 1]
                 outputs.append(_Output(obj, False, probs[j, 0], scores[j:j + 1], logits[j:j + 1], p_reuse[i]))
         if reused:
+            padded = self._padded(reused)
             with self._autocast():
-                delta = net.delta(_rows(matched, reused))
-                scores = torch.cat([objs[i].prev_score for i in reused]) + delta.float()
-                x16_prev = torch.cat([objs[i].x16 for i in reused])
+                delta = net.delta(_rows(matched, padded))
+                scores = torch.cat([objs[i].prev_score for i in padded]) + delta.float()
+                x16_prev = torch.cat([objs[i].x16 for i in padded])
                 logits, x16 = net.decode_reused(group.features, scores, x16_prev, delta, size,
-                                                self._row_index([rows[i] for i in reused], group.frames))
+                                                self._row_index([rows[i] for i in padded], group.frames))
+            scores, logits, x16 = scores[:len(reused)], logits[:len(reused)], x16[:len(reused)]
             probs = torch.sigmoid(logits.float())
             for j, i in enumerate(reused):
                 objs[i].x16 = x16[j:j + 1]
@@ -625,6 +640,11 @@ class Tracker:
             x16 = self.network.deep_stages(features, score)
         return _Object(obj_id, t, mask4d[0, 0], table, row, template,
                        F.interpolate(mask4d, (h16, w16), mode="nearest"), x16)
+
+
+def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t (B, ...) with its last row repeated up to n rows (`Tracker._padded`)."""
+    return t if t.shape[0] == n else torch.cat([t, t[-1:].expand(n - t.shape[0], *t.shape[1:])])
 
 
 def _rows(t: torch.Tensor, index: list[int]) -> torch.Tensor:

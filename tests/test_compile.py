@@ -62,6 +62,22 @@ def test_every_region_compiles_whole_with_aot_eager(mixed, capsys):
     assert_tracks_alike(many[1], want[1], dict(atol=1e-5, rtol=0))
 
 
+def test_compiled_regions_take_power_of_two_batches(mixed):
+    """Compiled with row buckets (CUDA's default), a batch of 3 objects runs the network's regions
+    as 4 (the last object repeated, its outputs discarded): each region compiles for few batch
+    sizes. Same tracking as eager."""
+    _, threshold, _ = mixed
+    frames = make_frames(3, 3, (64, 96), seed=5)
+    tracker = random_tracker("resnet18", "cpu", compile="aot_eager")
+    assert not tracker.compiled.row_buckets  # on the CPU only when asked for (CUDA: always)
+    tracker.compiled.row_buckets = True
+    batches, match = [], tracker.network.match
+    tracker.network.match = lambda layer3, prev, *args: batches.append(prev.shape[0]) or match(layer3, prev, *args)
+    got = list(tracker.track(frames, threshold))
+    assert batches == [4, 4]
+    assert_tracks_alike(got, list(random_tracker("resnet18", "cpu").track(frames, threshold)), dict(atol=1e-5, rtol=0))
+
+
 def test_compiled_target_models_keep_their_state_buffers(mixed):
     """With --compile the target models' state (weights, memories, optimizer state) lives in the
     table's buffers from frame to frame, re-optimised on every computed frame here; only the
