@@ -2,18 +2,20 @@
 
 The tracker calls its per-frame work through plain callables: `backbone.low`, `backbone.high`,
 `network.match`, `network.gate_logits`, `network.delta`, `network.decode_computed`,
-`network.decode_reused`, the target-model scores (`Tracker.target_score`: the rows of a
-`TargetModelTable` scored together, a function of the layer4 features and the stacked
-projection and filter weights, so one compiled graph serves every set of objects of one count) and `Tracker.merge_probabilities`. `compile_regions` replaces them on the instances by
+`network.decode_reused`, the target models' scores and filter re-optimisation
+(`Tracker.target_score`, `Tracker.filter_optimizer`: functions of a `TargetModelTable`'s stacked
+weights and buffers, so one compiled graph serves every set of objects of one count) and
+`Tracker.merge_probabilities`. `compile_regions` replaces them on the instances by
 `torch.compile(fn, fullgraph=True, dynamic=False)` versions of the same code: the eager path is
-untouched, and a graph break is an error, not a silent fall-back.
+untouched, and a graph break is an error, not a silent fall-back. A crash of the code generator
+(`COMPILER_FAILURES`) leaves that region eager from then on, said once on stderr.
 
-Each region compiles once per input shape (frame size, number of objects in a batch); on CUDA
-with `mode="reduce-overhead"`, so a region replays as a CUDA graph, its outputs cloned (a replay
-overwrites the previous outputs, and objects keep them across frames). The target-model
-optimizer and memory insert (the table's buffers are fixed, but an optimizer run covers the
-filled slots, a number that grows frame by frame) and object starts (backbone on the augmented
-first frame, template, deep decoder stages) stay eager.
+Each region compiles once per input shape (frame size, number of objects in a batch; the target
+models' regions, and on CUDA the network's too, take power-of-two batches: `row_buckets`); on
+CUDA with `mode="reduce-overhead"`, so a region replays as a CUDA graph, its outputs cloned (a
+replay overwrites the previous outputs, and objects keep them across frames). The memory insert
+and object starts (backbone on the augmented first frame, template, deep decoder stages, the
+joint initialisation) stay eager.
 """
 from __future__ import annotations
 
@@ -24,7 +26,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch._dynamo.exc import BackendCompilerFailed
+from torch._inductor.exc import InductorError
 from torch.utils._pytree import tree_map_only
+
+# A code generator's crash, as opposed to a graph break (torch._dynamo.exc.Unsupported).
+COMPILER_FAILURES = (BackendCompilerFailed, InductorError)
 
 RECOMPILE_LIMIT = 256  # compiled shapes per region (frame sizes x object counts) before torch gives up
 
@@ -81,6 +88,7 @@ class CompiledRegions:
         self.pending: list[str] = []  # regions compiled since the last report
         self.pending_seconds = 0.0
         self.compiled_shapes: dict[str, int] = {}  # region name -> graphs compiled (input shapes seen)
+        self.failed: dict[str, str] = {}  # region name -> the compiler's error; such a region runs eagerly
 
     def compile(self, name: str, fn: Callable) -> Callable:
         """`fn` compiled whole (fullgraph) for static shapes, timed on the calls that compile."""
@@ -89,11 +97,21 @@ class CompiledRegions:
         from torch._dynamo.utils import counters
 
         def region(*args, **kwargs):
+            if name in self.failed:
+                return fn(*args, **kwargs)
             graphs = counters["stats"]["unique_graphs"]
             start = time.perf_counter()
             if self.cudagraphs:  # every call a new step: its outputs are cloned below
                 torch.compiler.cudagraph_mark_step_begin()
-            out = compiled(*args, **kwargs)
+            try:
+                out = compiled(*args, **kwargs)
+            except COMPILER_FAILURES as exc:
+                # A bug of the code generator, not of the region (a graph break raises elsewhere):
+                # that region runs eagerly from now on, said once.
+                self.failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                print(f"--compile: compiling {name} failed ({self.failed[name]}); it runs eagerly from now on",
+                      file=sys.stderr, flush=True)
+                return fn(*args, **kwargs)
             if self.cudagraphs:
                 out = tree_map_only(torch.Tensor, torch.clone, out)
             if counters["stats"]["unique_graphs"] != graphs:

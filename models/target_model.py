@@ -1,6 +1,10 @@
 """FRTM's target model: a per-object 2-layer conv optimized online by Gauss-Newton with
 conjugate-gradient inner loops on a weighted least-squares loss (FRTM, Robinson et al., CVPR 2020).
 
+The tracker keeps its objects' target models as the rows of a `TargetModelTable` (fixed-capacity
+memories; scores, inserts and re-optimisations batched over objects, each row's numbers the
+same as alone); `TargetModel` is one of them as a module (what training caches).
+
 Shapes: K samples, C_in = layer4 channels, c = projection channels, (h, w) the stride-16
 feature size, (H, W) the label (image) size.
 """

@@ -127,3 +127,19 @@ def test_tracker_speed_puts_compiled_beside_eager(cheap_compile, capsys):
         rate = compiled["gflops"] / compiled["ms"] * 1000
         assert float(row[5]) == pytest.approx(rate, abs=0.06) and float(row[6]) == pytest.approx(rate / 10, abs=0.06)
         assert float(row[3]) == pytest.approx(m[name]["ms"] / compiled["ms"], abs=0.006)
+
+
+def test_a_compiler_crash_leaves_that_region_eager(mixed, capsys):
+    """A code generator that crashes on a region (as inductor's CPU code generator can) costs
+    that region its compilation, said once on stderr, not the run."""
+    frames, threshold, eager = mixed
+
+    def crashing(graph, example_inputs):
+        if any(t.dim() == 3 and t.shape[-1] == 9 for t in example_inputs if isinstance(t, torch.Tensor)):
+            raise KeyError("buf49")  # the target model's score (its filter weights are (N, c, 9))
+        return graph.forward
+
+    tracker = random_tracker("resnet18", "cpu", compile=crashing)
+    assert_tracks_alike(list(tracker.track(frames, threshold)), eager, dict(atol=1e-5, rtol=0))
+    assert set(tracker.compiled.failed) == {"target_score"}
+    assert capsys.readouterr().err.count("compiling target_score failed") == 1
