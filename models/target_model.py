@@ -661,36 +661,34 @@ class TargetModelTable:
         sel = _selection(run, self.device)
         c, c_in = self.config.channels, self.in_channels
         slots = self.config.memory_size if self.static_shapes else int(self.sizes[list(rows)].max())
-        filters = self.theta[sel, c * c_in:]  # a view for a slice: updated in place
         state = None if fresh else (self.direction[sel], self.rho[sel], self.residual[sel])
         with torch.no_grad(), full_fp32(self.device):
-            direction, rho, residual = self.optimizer_fn(
+            filters, direction, rho, residual = self.optimizer_fn(
                 self.samples[sel, :slots], self.metrics[sel, :slots], self.targets[sel, :slots],
-                self.weights[sel, :slots], filters, state, tuple(cg_iters), self.config.filter_reg[1],
-                self.config.precond[1], self.forget_factor)
+                self.weights[sel, :slots], self.theta[sel, c * c_in:], state, tuple(cg_iters),
+                self.config.filter_reg[1], self.config.precond[1], self.forget_factor)
         if len(run) > n:
             sel = _selection(rows, self.device)
             filters, direction, rho, residual = filters[:n], direction[:n], rho[:n], residual[:n]
-        if not isinstance(sel, slice) or len(run) > n:
-            self.theta[sel, c * c_in:] = filters
+        self.theta[sel, c * c_in:] = filters
         self.direction[sel], self.rho[sel], self.residual[sel] = direction, rho, residual
 
 
 def optimize_filters(samples: torch.Tensor, metrics: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
                      filters: torch.Tensor, state: tuple | None, cg_iters: tuple[int, ...], reg: float,
-                     precond: float, forget_factor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     precond: float, forget_factor: float) -> tuple[torch.Tensor, ...]:
     """The filter re-optimisation of N target models as one function (a compiled region with
     `--compile`): samples (N, S, h w, c), metrics (N, S, 9, h, w), targets (N, S, 1, h, w) and
-    sample weights (N, S) of their memories; filters (N, 9 c), updated in place; state the
-    conjugate gradient's (direction (N, 9 c), ρ (N, 1), last residual (N, 9 c)), None for a
-    first run. -> the new state."""
+    sample weights (N, S) of their memories; filters (N, 9 c); state the conjugate gradient's
+    (direction (N, 9 c), ρ (N, 1), last residual (N, 9 c)), None for a first run. -> (the new
+    filters, the new state). Its inputs are left as they are (a CUDA graph can capture it)."""
     sample_weights = weights.reshape(-1, 1, 1, 1)
     problem = FilterProblem(samples, metrics.flatten(0, 1) * sample_weights, targets.flatten(0, 1) * sample_weights,
                             reg, precond)
-    optimizer = GaussNewtonCG(problem, filters, forget_factor, None if state is None else CGState(*state))
+    optimizer = GaussNewtonCG(problem, filters.clone(), forget_factor, None if state is None else CGState(*state))
     optimizer.run(cg_iters)
     state = optimizer.state
-    return state.direction, state.rho, state.residual
+    return optimizer.theta, state.direction, state.rho, state.residual
 
 
 def bucket(n: int) -> int:
