@@ -543,11 +543,12 @@ class Tracker:
                 with self._autocast():
                     features.update(self.backbone.high(features["layer3"]))
             local = [frames.index(rows[i]) for i in computed]
-            scores = objs[computed[0]].table.scores([objs[i].row for i in computed], features["layer4"],
-                                                    self._row_index(local, len(frames)))
+            index = self._row_index(local, len(frames))
+            scores = objs[computed[0]].table.scores([objs[i].row for i in computed], features["layer4"], index)
+            padded = self._padded(local)
             with self._autocast():
-                logits, x16 = net.decode_computed(features, _pad(scores, len(self._padded(local))), size,
-                                                  self._row_index(self._padded(local), len(frames)))
+                logits, x16 = net.decode_computed(features, _pad(scores, len(padded)), size,
+                                                  index if padded is local else self._row_index(padded, len(frames)))
             logits, x16 = logits[:len(computed)], x16[:len(computed)]
             probs = torch.sigmoid(logits.float())  # fp32: the merge needs it
             for j, i in enumerate(computed):
