@@ -339,8 +339,9 @@ def _stack_rows(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _row_index(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Table rows as an index tensor on the device; cached: a frame's rows repeat every frame."""
+def row_index(rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Row indices as an index tensor on the device; cached (only read): a frame's rows repeat
+    every frame."""
     return to_device(torch.tensor(rows), device)
 
 
@@ -350,7 +351,7 @@ def _selection(rows: Sequence[int], device: torch.device) -> slice | torch.Tenso
     first = rows[0]
     if list(rows) == list(range(first, first + len(rows))):
         return slice(first, first + len(rows))
-    return _row_index(tuple(rows), device)
+    return row_index(tuple(rows), device)
 
 
 @dataclass
@@ -577,13 +578,14 @@ class TargetModelTable:
         (N, 1, h, w). Remembers each row's projected sample (for `update`) and counts the
         application."""
         n, c = len(rows), self.config.channels
-        padded = bucket(n) if self.static_shapes else n  # see `optimize`
-        sel = _selection(list(rows) + [rows[-1]] * (padded - n), self.device)
+        run = pad_to_bucket(list(rows)) if self.static_shapes else list(rows)  # see `optimize`
+        padded = len(run)
+        sel = _selection(run, self.device)
         with torch.no_grad(), full_fp32(self.device):
             f, c_in, h, w = layer4.shape
             pixels = layer4.float().permute(0, 2, 3, 1).reshape(f, h * w, c_in)
             if padded > n and (frames is not None or f > 1):
-                last = _row_index(tuple(range(n)) + (n - 1,) * (padded - n), self.device)
+                last = row_index(tuple(pad_to_bucket(list(range(n)))), self.device)
                 frames = last if frames is None else frames.index_select(0, last)
             if frames is not None:
                 pixels = pixels.index_select(0, frames)
@@ -657,7 +659,7 @@ class TargetModelTable:
         the run covers every slot and a power-of-two number of rows (the last one repeated,
         its copies discarded), so that a compiled `optimizer_fn` sees few shapes."""
         n = len(rows)
-        run = list(rows) + [rows[-1]] * (bucket(n) - n) if self.static_shapes else list(rows)
+        run = pad_to_bucket(list(rows)) if self.static_shapes else list(rows)
         sel = _selection(run, self.device)
         c, c_in = self.config.channels, self.in_channels
         slots = self.config.memory_size if self.static_shapes else int(self.sizes[list(rows)].max())
@@ -691,9 +693,10 @@ def optimize_filters(samples: torch.Tensor, metrics: torch.Tensor, targets: torc
     return optimizer.theta, state.direction, state.rho, state.residual
 
 
-def bucket(n: int) -> int:
-    """The power of two >= n."""
-    return 1 << (n - 1).bit_length()
+def pad_to_bucket(items: list) -> list:
+    """`items` with the last one repeated up to a power-of-two count (a compiled region's batch:
+    few shapes; the extra outputs are discarded)."""
+    return items + items[-1:] * ((1 << (len(items) - 1).bit_length()) - len(items))
 
 
 class TargetModel(nn.Module):

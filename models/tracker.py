@@ -31,7 +31,7 @@ from lib.errors import UsageError
 from .backbone import Backbone
 from .network import GFRTM
 from .precision import autocast, check_precision, to_device
-from .target_model import TargetModelConfig, TargetModelTable, bucket, optimize_filters, target_scores
+from .target_model import TargetModelConfig, TargetModelTable, optimize_filters, pad_to_bucket, row_index, target_scores
 
 Frame = tuple  # (image uint8 3xHxW, labels uint8 HxW or None, new object ids)
 
@@ -490,14 +490,14 @@ class Tracker:
         `items` itself."""
         if self.compiled is None or not self.compiled.row_buckets:
             return items
-        return items + items[-1:] * (bucket(len(items)) - len(items))
+        return pad_to_bucket(items)
 
     def _row_index(self, rows: list[int], frames: int) -> torch.Tensor | None:
         """Object -> frame row index for the network's step methods; None where features of one
         frame are shared by all objects or rows are the frames in order (no gather needed)."""
         if frames == 1 or rows == list(range(frames)):
             return None
-        return to_device(torch.tensor(rows), self.device)
+        return row_index(tuple(rows), self.device)
 
     def _gates(self, groups: list[_Group], threshold: float
                ) -> tuple[list[torch.Tensor | None], list[list[float | None]]]:
