@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 
+from lib.argtypes import add_max_size_flag
 from lib.background import BackgroundWriter, read_ahead
 import main_job
 from lib.cli import (UsageError, add_backbone_weights_flag, add_batch_sequences_flag, add_compile_flag, add_device_flag,
@@ -39,16 +40,6 @@ DEFAULT_FPS_OUT = 10.0  # overlay frame rate where the input has none (a frame f
 
 # ---------------------------------------------------------------------------------------------
 # Argument types
-
-
-def _max_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer (pixels, 0 = never resize), got {text!r}")
-    if value != 0 and value < 32:
-        raise argparse.ArgumentTypeError(f"must be 0 (never resize) or at least 32 pixels, got {value}")
-    return value
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -77,10 +68,7 @@ def get_parser() -> argparse.ArgumentParser:
     add_num_aug_flag(own, default=5)  # also the main job's evaluation
     add_backbone_weights_flag(own)
     add_seed_flag(own)
-    own.add_argument("--max-size", type=_max_size, default=480,
-                     help="frames whose shorter side exceeds this many pixels are tracked at that shorter "
-                          "side (INTER_AREA), the masks resized back (nearest) to the frame size (default "
-                          "480, like DAVIS 480p; 0 = never resize)")
+    add_max_size_flag(own)
     own.add_argument("--fps-out", type=positive_float, default=None,
                      help="frame rate of overlay.mp4 and overlay.gif (default: the input video's frame rate; "
                           f"{DEFAULT_FPS_OUT:g} for a frame folder or a video that does not give one)")
@@ -168,10 +156,7 @@ def run_own_video(args: argparse.Namespace) -> dict:
                 print(f"  {stats.frames} frames", flush=True)
         background.flush()
     stats.wall_seconds = time.perf_counter() - start
-    unused = feed.unused()
-    if unused:
-        raise UsageError(f"--mask: the masks of frames {sorted(unused)[:5]} were never used: {args.video} "
-                         f"has only {feed.count} frames")
+    feed.check_all_used()
 
     fps = stats.fps
     write_timeline(out / "timeline.json", fps, stats.timeline)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dataset.presets import PRESETS
 from lib.cli import (add_backbone_weights_flag, add_batch_sequences_flag, add_compile_flag, add_data_root_flags,
-                     add_device_flag,
+                     add_device_flag, add_fast_flag,
                      add_num_aug_flag, add_precision_flag, add_seed_flag, add_threshold_flag, int_at_least, run)
 from lib.evaluation import EvalConfig, evaluate
 from lib.score import score_results
@@ -50,8 +50,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "omitted")
     add_backbone_weights_flag(g)
     add_num_aug_flag(g, default=5)
-    g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                   help="fewer target-model optimizer steps, as upstream always evaluated (default: --fast)")
+    add_fast_flag(g)
     add_threshold_flag(g, several=True)
     g.add_argument("--timing-runs", type=int_at_least(0), default=3,
                    help="with several --TH: timed runs over all thresholds in turn, after the results are written; "

@@ -65,3 +65,22 @@ def positive_float(text: str) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
+
+
+def max_size(text: str) -> int:
+    """argparse type of --max-size: 0 (never resize) or at least 32 pixels."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer (pixels, 0 = never resize), got {text!r}")
+    if value != 0 and value < 32:
+        raise argparse.ArgumentTypeError(f"must be 0 (never resize) or at least 32 pixels, got {value}")
+    return value
+
+
+def add_max_size_flag(parser) -> None:
+    """--max-size (demo.py --video, python -m deploy): the tracking size of one's own video."""
+    parser.add_argument("--max-size", type=max_size, default=480,
+                        help="frames whose shorter side exceeds this many pixels are tracked at that shorter "
+                             "side (INTER_AREA), the masks resized back (nearest) to the frame size (default "
+                             "480, like DAVIS 480p; 0 = never resize)")

@@ -115,6 +115,12 @@ def add_num_aug_flag(parser, default: int) -> None:
                              "1 = the frame alone (default %(default)s)")
 
 
+def add_fast_flag(parser) -> None:
+    """--fast / --no-fast (evaluate.py, export.py): the target models' optimizer settings."""
+    parser.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                        help="fewer target-model optimizer steps, as upstream always evaluated (default: --fast)")
+
+
 def add_threads_flag(parser, default: Optional[int], why: str = "") -> None:
     """--threads (demo.py's main job: 2; the benchmarks: 2, train_speed None = torch's choice).
     The script runs its work inside `cpu_threads(args.threads)`."""

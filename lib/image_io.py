@@ -18,8 +18,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from lib.errors import UsageError
@@ -104,6 +102,9 @@ def resize_labels_nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarr
     as upstream's training; used for training visibility and samples alike."""
     if labels.shape == tuple(size):
         return labels
+    import torch  # here: the module is imported without PyTorch by the exported runtime (deploy/)
+    import torch.nn.functional as F
+
     t = torch.from_numpy(np.ascontiguousarray(labels)).float()[None, None]
     return F.interpolate(t, size, mode="nearest")[0, 0].to(torch.uint8).numpy()
 

@@ -13,8 +13,11 @@
   `resize_labels_nearest_exact`. Masks of any
   size with the frame's aspect ratio (within one mask pixel) are accepted: the original frame
   size, the tracking size, or e.g. a 480p annotation of a full-resolution video.
-* `TrackerFeed`: the `(image 3xHxW uint8 tensor, labels HxW uint8 tensor or None, new ids)`
-  iterator `Tracker.track` consumes, keeping each frame's stem and original image for the caller.
+* `TrackerFeed`: the `(image H x W x 3 uint8, labels H x W uint8 or None, new ids)` iterator
+  (numpy arrays) `Tracker.track` and the exported runtime (`deploy/`) consume, keeping each
+  frame's stem and original image for the caller.
+
+Imports no PyTorch (the exported runtime uses it).
 
 Errors name the path and, when given, the command-line flag (`flag="--video"`): missing files
 raise FileNotFoundError, unreadable or inconsistent inputs lib.cli.UsageError.
@@ -30,7 +33,6 @@ from typing import Iterator, Optional
 
 import cv2
 import numpy as np
-import torch
 
 from lib.errors import UsageError
 from lib.image_io import read_image, read_label_png, resize_image_area, resize_labels_nearest_exact
@@ -280,7 +282,7 @@ class MaskSet:
 class TrackerFeed:
     """Iterator of tracker inputs for `Tracker.track`, at `size` (H, W).
 
-    Yields (image uint8 3 x H x W tensor, labels uint8 H x W tensor or None, new object ids). For
+    Yields (image uint8 H x W x 3 array, labels uint8 H x W array or None, new object ids). For
     each frame it yields, (stem, original RGB frame) is appended to `pending`; pop one with
     `pop()` per tracker result. `starts` maps frame stems (None = the first frame) to
     ObjectStarts; `used` collects the stems of the starts that were consumed.
@@ -298,13 +300,13 @@ class TrackerFeed:
         for index, (stem, rgb) in enumerate(self.frames):
             key = None if index == 0 and None in self.starts else stem
             start = self.starts.get(key)
-            image = torch.from_numpy(np.ascontiguousarray(resize_image_area(rgb, self.size))).permute(2, 0, 1)
+            image = np.ascontiguousarray(resize_image_area(rgb, self.size))
             labels, new_ids = None, []
             if start is not None:
                 self.used.add(key)
-                labels = torch.from_numpy(np.ascontiguousarray(resize_labels_nearest_exact(start.labels, self.size)))
+                labels = np.ascontiguousarray(resize_labels_nearest_exact(start.labels, self.size))
                 # An object whose mask vanished in the resize would fail in the tracker; say why.
-                present = set(int(i) for i in torch.unique(labels).tolist())
+                present = set(int(i) for i in np.unique(labels))
                 lost = [i for i in start.new_ids if i not in present]
                 if lost:
                     raise UsageError(f"objects {lost} of mask {start.path} vanish when the mask is resized "
@@ -321,3 +323,10 @@ class TrackerFeed:
     def unused(self) -> list:
         """Starts that no frame consumed (a mask PNG beyond the video's end)."""
         return [k for k in self.starts if k not in self.used]
+
+    def check_all_used(self) -> None:
+        """After the last frame: UsageError (--mask) when some mask PNG named no frame the video has."""
+        unused = self.unused()
+        if unused:
+            raise UsageError(f"--mask: the masks of frames {sorted(unused)[:5]} were never used: "
+                             f"{self.frames.path} has only {self.count} frames")

@@ -66,6 +66,17 @@ def upsample2x_bicubic(x: torch.Tensor) -> torch.Tensor:
     return _upsample2x_cubic(_upsample2x_cubic(x, -1), -2)
 
 
+def adaptive_max_pool2d_bins(x: torch.Tensor, size: int) -> torch.Tensor:
+    """F.adaptive_max_pool2d(x, size) written out bin by bin (bin i of n covers floor(i n / size)
+    to ceil((i + 1) n / size)), for export: ONNX has no adaptive pooling over a dynamic size."""
+    def pool(t: torch.Tensor, dim: int) -> torch.Tensor:
+        n = t.shape[dim]
+        # ceil as ((i + 1) n + size - 1) // size: an exported integer division truncates, so no negative operands
+        return torch.cat([t.narrow(dim, i * n // size, ((i + 1) * n + size - 1) // size - i * n // size)
+                          .amax(dim, keepdim=True) for i in range(size)], dim=dim)
+    return pool(pool(x, -2), -1)
+
+
 def same_format(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`t` in the memory format (channels-last or not) of `like`: torch.cat with a one-channel
     tensor can fall back to NCHW, and a 65-channel conv is much slower that way on CPU."""
@@ -113,7 +124,9 @@ class TemplateMatching(nn.Module):
         value = self.template_value(x).flatten(2)  # B, V, HW
         key = self.template_key(x).flatten(2)  # B, K, HW
         hw = value.shape[-1]
-        return torch.softmax(torch.bmm(value, key.transpose(1, 2)) / math.sqrt(hw), dim=2)
+        # exported, hw is a dynamic axis: its square root as a tensor op (ONNX has none for sizes)
+        scale = torch.full((), hw, dtype=torch.float32).sqrt() if torch.compiler.is_exporting() else math.sqrt(hw)
+        return torch.softmax(torch.bmm(value, key.transpose(1, 2)) / scale, dim=2)
 
     def match(self, layer3: torch.Tensor, score8: torch.Tensor, template: torch.Tensor,
               rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,9 +152,10 @@ class ReuseGate(nn.Module):
 
     def forward(self, matched: torch.Tensor) -> torch.Tensor:
         """matched (B, 64, H8, W8) -> logits (B, 2)."""
-        x = F.adaptive_max_pool2d(matched, 7)
+        pool = adaptive_max_pool2d_bins if torch.compiler.is_exporting() else F.adaptive_max_pool2d
+        x = pool(matched, 7)
         x = self.norm(self.conv1(x))
-        x = F.adaptive_max_pool2d(x, 3)
+        x = pool(x, 3)
         return self.conv2(x).flatten(1)
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lib.sample_memory import first_sample_weights, next_slot
+
 from .precision import full_fp32, to_device
 
 
@@ -147,14 +149,6 @@ class UpsamplingMetric:
         tracker vector.)"""
         n, _, h, w = v.shape
         return (metric.flatten(2) * F.unfold(v, 3, padding=1)).sum(1).view(n, 1, h, w)
-
-
-def first_sample_weights(k: int) -> np.ndarray:
-    """Host weights (K,) float32 of a memory's K first samples (FRTM): 2/K for the first, 1/K
-    for the others, normalized."""
-    w = np.full(k, 1.0 / k, np.float32)
-    w[0] = 2.0 / k
-    return w / w.sum()
 
 
 def fold_taps(taps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -546,22 +540,13 @@ class TargetModelTable:
         with torch.no_grad(), full_fp32(self.device):
             x = (features[0][None] if o == 1 else torch.stack(list(features))).float()  # (O, K, C, h, w)
             m = (masks[0] if o == 1 else torch.cat(list(masks))).float()  # (O K, 1, H, W)
-            metrics, targets = self.upsampling.encode(m, pixel_weights(m, cfg.pixel_weighting, cfg.target_fraction))
-            sample_weights = _first_sample_weights(k, o, self.device)
             if initial is None:
                 initial = _initial_theta(c_in, c, self.seed, self.device).expand(o, -1)
-            to_taps, from_taps = _taps_order(c, self.device)
-            theta = torch.cat([initial[:, :c * c_in], initial[:, c * c_in:].index_select(1, to_taps)], dim=1)
-            problem = ProjectFilterProblem(x, metrics * sample_weights, targets * sample_weights, c,
-                                           cfg.filter_reg, cfg.precond)
-            GaussNewtonCG(problem, theta, self.forget_factor, row_exact=o > 1).run(cfg.init_iters)
-            project, taps = problem.split(theta)
+            theta, samples, metrics, targets = initial_fit(x, m, _first_sample_weights(k, o, self.device), initial,
+                                                           cfg, self.upsampling, self.forget_factor, o > 1)
             sel = _selection(rows, self.device)
-            self.theta[sel, :c * c_in] = project.reshape(o, -1)
-            self.theta[sel, c * c_in:] = taps.reshape(o, -1).index_select(1, from_taps)
-            self.samples[sel, :k] = torch.bmm(problem.pixels, project.transpose(1, 2)).view(o, k, -1, c)
-            self.metrics[sel, :k] = metrics.view(o, k, *metrics.shape[1:])
-            self.targets[sel, :k] = targets.view(o, k, *targets.shape[1:])
+            self.theta[sel] = theta
+            self.samples[sel, :k], self.metrics[sel, :k], self.targets[sel, :k] = samples, metrics, targets
             self.host_weights[rows] = 0
             self.host_weights[rows, :k] = first_sample_weights(k)
             if self.used[rows].any():  # the earlier objects' samples: zeros again (0 weight x NaN is NaN)
@@ -633,22 +618,7 @@ class TargetModelTable:
 
     def _next_slot(self, row: int) -> int:
         """The slot of a row's new sample, its weights updated (host only)."""
-        w = self.host_weights[row]
-        lr = self.config.learning_rate
-        if lr == 1:
-            w[:] = 0
-            slot = 0
-            w[0] = 1
-        else:
-            slot = int(np.argmin(w))  # the first minimum: the first empty slot while there is one
-            if self.last_slot[row] < 0:
-                w /= 1 - lr
-                w[slot] = lr
-            else:
-                # As upstream: the new weight derives from the previous insert's weight and the
-                # old weights are not decayed again before renormalizing.
-                w[slot] = w[self.last_slot[row]] / (1 - lr)
-        w /= w.sum()
+        slot = next_slot(self.host_weights[row], int(self.last_slot[row]), self.config.learning_rate)
         self.sizes[row] = min(self.sizes[row] + 1, self.config.memory_size)
         self.last_slot[row] = slot
         return slot
@@ -674,6 +644,28 @@ class TargetModelTable:
             filters, direction, rho, residual = filters[:n], direction[:n], rho[:n], residual[:n]
         self.theta[sel, c * c_in:] = filters
         self.direction[sel], self.rho[sel], self.residual[sel] = direction, rho, residual
+
+
+def initial_fit(features: torch.Tensor, masks: torch.Tensor, sample_weights: torch.Tensor, initial: torch.Tensor,
+                config: TargetModelConfig, upsampling: UpsamplingMetric, forget_factor: float,
+                row_exact: bool) -> tuple[torch.Tensor, ...]:
+    """The first-frame fit of O target models as one function (`TargetModelTable.add`; an
+    exported graph): features (O, K, C, h, w) fp32, masks (O K, 1, H, W), sample weights (O K,
+    1, 1, 1), initial θ rows (O, D). Projection and filter optimized together by Gauss-Newton
+    (`config.init_iters`) -> (θ (O, D), the memory's first samples: projected samples (O, K, h w,
+    c), metrics (O, K, 9, h, w), targets (O, K, 1, h, w)). `row_exact`: see `GaussNewtonCG`."""
+    o, k, c_in = features.shape[:3]
+    c = config.channels
+    metrics, targets = upsampling.encode(masks, pixel_weights(masks, config.pixel_weighting, config.target_fraction))
+    to_taps, from_taps = _taps_order(c, features.device)
+    theta = torch.cat([initial[:, :c * c_in], initial[:, c * c_in:].index_select(1, to_taps)], dim=1)
+    problem = ProjectFilterProblem(features, metrics * sample_weights, targets * sample_weights, c,
+                                   config.filter_reg, config.precond)
+    GaussNewtonCG(problem, theta, forget_factor, row_exact=row_exact).run(config.init_iters)
+    project, taps = problem.split(theta)
+    theta = torch.cat([project.reshape(o, -1), taps.reshape(o, -1).index_select(1, from_taps)], dim=1)
+    samples = torch.bmm(problem.pixels, project.transpose(1, 2)).view(o, k, -1, c)
+    return theta, samples, metrics.view(o, k, *metrics.shape[1:]), targets.view(o, k, *targets.shape[1:])
 
 
 def optimize_filters(samples: torch.Tensor, metrics: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,

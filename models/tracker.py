@@ -167,7 +167,10 @@ def fetch(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def _max_over_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Max and argmax (first wins ties) over the rows (dim -3) of a short (..., R, H, W) stack;
-    much faster on CPU than a strided reduction when R is small."""
+    much faster on CPU than a strided reduction when R is small. Exported (ONNX, `models.graphs`),
+    R is a dynamic axis: one reduction (its first index wins ties too)."""
+    if torch.compiler.is_exporting():
+        return x.max(dim=-3)
     best = x[..., 0, :, :].clone()
     index = torch.zeros(best.shape, dtype=torch.long, device=x.device)
     for i in range(1, x.shape[-3]):

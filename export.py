@@ -1,0 +1,201 @@
+"""Export a G-FRTM / FRTM checkpoint to ONNX graphs, for the runtime without PyTorch (`deploy/`).
+
+    python export.py --model CKPT --out DIR [--backbone-weights imagenet|PATH] [--no-fast] [--num-aug N]
+
+DIR receives one ONNX file per graph of `models.graphs` (backbone stages, template matching and
+reuse gate, both decoders, target-model scores, first-frame fit, memory encoding, filter
+re-optimisation, probability merge; opset 18; frame size, object count and memory length are
+dynamic axes) and manifest.json (`lib.manifest`): the checkpoint's sha256, the target-model
+settings, opset, input and output names, the versions. docs/deployment.md says what stays in
+host code and why. Needs requirements-export.txt (onnx, onnxscript); onnxruntime checks nothing
+here but is what runs the graphs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+from lib.cli import (UsageError, add_backbone_weights_flag, add_fast_flag, add_num_aug_flag, add_seed_flag,
+                     add_threads_flag, cpu_threads, run)
+from lib.fileio import atomic_write_bytes
+from lib.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_sha256
+
+OPSET = 18
+EXAMPLE_SIZE = (120, 216)  # the traced example's frame size; every size runs (dynamic axes)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Export a G-FRTM/FRTM checkpoint to ONNX graphs and a manifest, for `python -m deploy` "
+                    "(onnxruntime, no PyTorch). docs/deployment.md.")
+    parser.add_argument("--model", required=True, help="G-FRTM or FRTM checkpoint (.pth) to export")
+    parser.add_argument("--out", required=True,
+                        help="folder to write the graphs (*.onnx) and manifest.json into; an existing export there "
+                             "is replaced only once the new one is complete")
+    add_backbone_weights_flag(parser)
+    add_fast_flag(parser)
+    add_num_aug_flag(parser, 5)
+    add_seed_flag(parser)
+    add_threads_flag(parser, 2, " while exporting")
+    return parser
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    model: Path
+    out: Path
+    backbone_weights: str
+    fast: bool
+    num_aug: int
+    seed: int
+    threads: int | None
+
+
+def config_from_args(args: argparse.Namespace) -> ExportConfig:
+    """Checks the flags that need no PyTorch work; raises FileNotFoundError / UsageError."""
+    model = Path(args.model).expanduser()
+    if not model.is_file():
+        raise FileNotFoundError(f"--model: checkpoint not found: {model}")
+    bw = args.backbone_weights
+    if bw.lower() not in ("imagenet", "random", "none") and not Path(bw).expanduser().is_file():
+        raise FileNotFoundError(f"--backbone-weights: no such file: {bw} (or use 'imagenet' / 'random')")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise UsageError(f"--out: {out} is a folder with files but no {MANIFEST} (not an earlier export, which "
+                         f"would be replaced): choose a new or empty folder")
+    return ExportConfig(model, out, bw, args.fast, args.num_aug, args.seed, args.threads)
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "onnx", "onnxscript", "onnxruntime", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _example_inputs(network, backbone, config, size: tuple[int, int]) -> dict:
+    """Inputs of each graph for tracing: 2 objects, 3 samples, 4 memory slots (distinct from 1 and
+    from each other, so that no axis is specialised)."""
+    import torch
+
+    from models.graphs import BackboneHigh, BackboneLow
+
+    h, w = size
+    n, k, slots, c = 2, 3, 4, config.channels
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8, generator=generator)
+    with torch.no_grad():
+        layer2, layer3 = BackboneLow(backbone)(image)
+        layer4, layer5 = BackboneHigh(backbone)(layer3)
+    h16, w16 = layer4.shape[-2:]
+    c4 = layer4.shape[1]
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator)
+
+    score = rand(n, 1, h16, w16)
+    masks = (rand(n, 1, h, w) > 0.5).float()
+    return {
+        "backbone_low": (image,), "backbone_high": (layer3,),
+        "target_scores": (layer4, rand(n, c, c4), rand(n, c, 9)),
+        "gate": (layer3, score, rand(n, 64, 64)),
+        "decode_computed": (image, layer2, layer3, layer4, layer5, score),
+        "decode_reused": (image, layer2, layer3, rand(n, 64, *layer3.shape[-2:]), score, rand(n, 64, h16, w16)),
+        "object_start": (layer2, layer3, layer4, layer5, masks, score),
+        "target_init": (rand(n, k, c4, h16, w16), (rand(n * k, 1, h, w) > 0.5).float(),
+                        torch.tensor([0.5, 0.25, 0.25])),
+        "memory_encode": (rand(n, 1, h, w), score),
+        "optimize_filters": (rand(n, slots, h16 * w16, c), rand(n, slots, 9, h16, w16), rand(n, slots, 1, h16, w16),
+                             rand(n, slots), rand(n, 9 * c), rand(n, 9 * c), rand(n, 1), rand(n, 9 * c)),
+        "merge": (rand(1 + n, h, w),),
+    }
+
+
+def export_graphs(cfg: ExportConfig, folder: Path, log=print) -> dict:
+    """Write the graphs of `cfg.model` into `folder` -> the manifest's "graphs" and model fields."""
+    import torch
+    from torch.export import Dim
+
+    from models.backbone import Backbone
+    from models.checkpoint import build_network
+    from models.graphs import GRAPHS, graph_modules
+    from models.target_model import TargetModelConfig
+
+    try:
+        network, _ = build_network(str(cfg.model))
+    except KeyError as exc:  # no decoder keys: not a G-FRTM/FRTM checkpoint
+        raise UsageError(f"--model: {cfg.model}: {exc.args[0]}") from exc
+    backbone = Backbone(network.backbone_name, cfg.backbone_weights, seed=cfg.seed).fuse_batch_norm()
+    config = TargetModelConfig.evaluation(cfg.fast)
+    forget_factor = (1 - config.precond_lr) ** config.cg_forgetting_rate
+    modules = graph_modules(network.eval(), backbone, config, cfg.seed, forget_factor)
+    examples = _example_inputs(network, backbone, config, EXAMPLE_SIZE)
+    graphs = {}
+    for name, module in modules.items():
+        spec = GRAPHS[name]
+        outputs = tuple(o for o in spec.outputs if network.has_gate or o != "template")
+        dynamic = {arg: {axis: Dim.DYNAMIC for axis in axes} for arg, axes in spec.inputs.items()}
+        path = folder / f"{name}.onnx"
+        start = time.perf_counter()
+        torch.onnx.export(module, examples[name], str(path), input_names=list(spec.inputs), output_names=list(outputs),
+                          dynamic_shapes=dynamic, opset_version=OPSET, dynamo=True, external_data=False,
+                          optimize=False, verbose=False)  # onnxruntime optimizes at load; the exporter's
+        # own optimizer took 5-7x longer (the unrolled Gauss-Newton graphs) for no measured gain
+        log(f"  {name}: {path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - start:.0f} s", flush=True)
+        graphs[name] = {"file": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size,
+                        "inputs": list(spec.inputs), "outputs": list(outputs), "precision": "fp32"}
+    return {"backbone": network.backbone_name, "has_gate": network.has_gate,
+            "target_model": {**dataclasses.asdict(config), "fast": cfg.fast}, "graphs": graphs}
+
+
+def main(args: argparse.Namespace) -> dict:
+    cfg = config_from_args(args)
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(f"export.py needs onnx and onnxscript: pip install -r requirements-export.txt ({exc})") from exc
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    with cpu_threads(cfg.threads):
+        staging = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.", dir=cfg.out.parent))
+        try:
+            print(f"exporting {cfg.model} to {cfg.out} (opset {OPSET})", flush=True)
+            exported = export_graphs(cfg, staging)
+            manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                        "checkpoint": {"path": str(cfg.model), "sha256": file_sha256(cfg.model)},
+                        "backbone_weights": cfg.backbone_weights, "num_aug": cfg.num_aug, "seed": cfg.seed,
+                        "opset": OPSET, "precision": "fp32", **exported, "versions": _versions()}
+            atomic_write_bytes(staging / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+            _replace(staging, cfg.out)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {len(manifest['graphs'])} graphs and {MANIFEST} to {cfg.out}")
+    return manifest
+
+
+def _replace(staging: Path, out: Path) -> None:
+    """Move the complete export in place of `out` (an earlier export there is removed only now)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old.{os.getpid()}")
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out)
+
+
+if __name__ == "__main__":
+    run(main, get_parser())
