@@ -20,6 +20,7 @@ OUTPUT = ROOT / "docs" / "CLI.md"
 
 # How each script is run -> the module whose get_parser() it uses.
 SCRIPTS = {"train.py": "train", "evaluate.py": "evaluate", "demo.py": "demo", "visualize.py": "visualize",
+           "export.py": "export", "-m deploy": "deploy.__main__",
            "-m lib.gate_report": "lib.gate_report", "-m dataset.synthetic": "dataset.synthetic",
            "-m benchmarks.tracker_speed": "benchmarks.tracker_speed",
            "-m benchmarks.train_speed": "benchmarks.train_speed",

@@ -14,11 +14,13 @@ VENV="${RVOS_VENV:-$ROOT/.venv}"
 PYTHON_BIN="${PYTHON:-python3.11}"
 command -v "$PYTHON_BIN" >/dev/null 2>&1 || PYTHON_BIN=python3
 STAMP="$VENV/.requirements.sha256"
-WANT="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
+# requirements-export.txt: export.py and deploy/ (onnx, onnxruntime), whose tests the suite runs
+WANT="$(cat "$ROOT/requirements.txt" "$ROOT/requirements-export.txt" | sha256sum | cut -d' ' -f1)"
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
-    echo "[setup] creating $VENV with $(command -v "$PYTHON_BIN") and requirements.txt" >&2
+    echo "[setup] creating $VENV with $(command -v "$PYTHON_BIN"), requirements.txt and requirements-export.txt" >&2
     "$PYTHON_BIN" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ROOT/requirements.txt"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$ROOT/requirements.txt" \
+        -r "$ROOT/requirements-export.txt"
     echo "$WANT" > "$STAMP"
 fi
 PY="$VENV/bin/python"

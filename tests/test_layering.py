@@ -6,7 +6,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = ("lib", "models", "dataset", "trainers", "benchmarks", "train", "evaluate", "demo", "visualize")
+PROJECT = ("lib", "models", "dataset", "trainers", "benchmarks", "train", "evaluate", "demo", "visualize", "export",
+           "deploy")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -35,6 +36,44 @@ def test_errors_and_argument_types_import_nothing_of_the_project():
         assert not project, f"lib/{name}.py imports {project}"
 
 
+def _module_level_imports(path: Path) -> set[str]:
+    """What a file imports when it is imported: imports outside function bodies."""
+    names = set()
+    stack = list(ast.parse(path.read_text()).body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            module = node.module if node.level == 0 else f"{path.parent.name}.{node.module}"
+            names.add(module)
+            names |= {f"{module}.{alias.name}" for alias in node.names}
+        elif not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            stack.extend(ast.iter_child_nodes(node))
+    return names
+
+
+def test_runtime_without_pytorch_imports_no_torch():
+    """deploy/ and every module of ours it imports, transitively, import no torch when imported
+    (tests/test_export.py also runs it with torch blocked)."""
+    seen, todo = set(), [ROOT / "deploy" / "__main__.py", ROOT / "deploy" / "__init__.py"]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in _module_level_imports(path):
+            assert name.split(".")[0] != "torch", f"{path.relative_to(ROOT)} imports {name}"
+            parts = name.split(".")
+            for n in (len(parts), len(parts) - 1):
+                candidate = ROOT.joinpath(*parts[:n])
+                if parts[0] in PROJECT and n and candidate.with_suffix(".py").is_file():
+                    todo.append(candidate.with_suffix(".py"))
+                elif parts[0] in PROJECT and n and (candidate / "__init__.py").is_file():
+                    todo.append(candidate / "__init__.py")
+    assert ROOT / "lib" / "video_io.py" in seen and ROOT / "deploy" / "runtime.py" in seen
+
+
 def test_cli_re_exports_the_same_error():
     from lib import cli, errors
 
@@ -47,13 +86,14 @@ IMPORT_NAMES = {"opencv-python-headless": "cv2", "pillow": "PIL", "tensorboard":
 
 
 def test_every_requirement_is_imported():
-    """requirements.txt lists what the code imports, nothing more (a leftover costs every install)."""
+    """The requirements files list what the code imports, nothing more (a leftover costs every install)."""
     imported = set()
     for path in ROOT.rglob("*.py"):
         if ".venv" not in path.parts:
             imported |= imported_modules(path)
-    for line in (ROOT / "requirements.txt").read_text().splitlines():
-        name = line.split("#")[0].split("==")[0].split(">=")[0].strip()
-        if name:
-            module = IMPORT_NAMES.get(name.lower(), name.replace("-", "_"))
-            assert module in imported, f"requirements.txt lists {name}, which nothing imports ({module})"
+    for requirements in ("requirements.txt", "requirements-export.txt", "deploy/requirements.txt"):
+        for line in (ROOT / requirements).read_text().splitlines():
+            name = line.split("#")[0].split("==")[0].split(">=")[0].strip()
+            if name:
+                module = IMPORT_NAMES.get(name.lower(), name.replace("-", "_"))
+                assert module in imported, f"{requirements} lists {name}, which nothing imports ({module})"

@@ -212,7 +212,8 @@ def test_gpu_check_without_cuda_says_so_and_succeeds():
     root = Path(__file__).resolve().parents[1]
     venv = Path(sys.executable).parents[1]
     stamp = venv / ".requirements.sha256"
-    if not stamp.is_file() or stamp.read_text().strip() != hashlib.sha256((root / "requirements.txt").read_bytes()).hexdigest():
+    wanted = hashlib.sha256((root / "requirements.txt").read_bytes() + (root / "requirements-export.txt").read_bytes())
+    if not stamp.is_file() or stamp.read_text().strip() != wanted.hexdigest():
         pytest.skip(f"{venv} is not a scripts/setup_env.sh environment")
     out = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], capture_output=True, text=True,
                          env={**os.environ, "RVOS_VENV": str(venv), "CUDA_VISIBLE_DEVICES": ""}, timeout=120)

@@ -1,0 +1,247 @@
+"""export.py and the runtime without PyTorch (deploy/): the exported graphs under onnxruntime
+against the golden vector with late objects and against the PyTorch tracker on DAVIS-sample
+frames; the manifest; bad folders and checkpoints; the runtime with `import torch` blocked.
+
+One export (the golden late-objects checkpoint, traced at 120x216) serves the module: the
+DAVIS frames run at 120x213 and with another object count, so the dynamic axes are exercised.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lib.manifest import FORMAT_VERSION, MANIFEST, file_sha256, read_manifest
+from lib.safe_load import load_pth
+from lib.video_io import MaskSet, TrackerFeed, open_frames, processing_size
+from models import build_tracker
+
+from conftest import GOLDEN, seeded_backbone_state
+from test_golden_tracker import decision_margin, frames_of
+
+ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install -r requirements-export.txt "
+                                                "(scripts/setup_env.sh installs it)")
+pytest.importorskip("onnxscript", reason="onnxscript is not installed: pip install -r requirements-export.txt")
+
+import export  # noqa: E402  (needs the packages above)
+from deploy import ExportedTracker  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CASE = GOLDEN / "rn18_tracker_late.pt"
+DAVIS_SEQUENCE = "motocross-jump"
+
+
+@pytest.fixture(scope="module")
+def case():
+    return load_pth(CASE)
+
+
+@pytest.fixture(scope="module")
+def inputs(case, tmp_path_factory) -> dict:
+    """The golden case's checkpoint and backbone weights as files."""
+    folder = tmp_path_factory.mktemp("export_inputs")
+    torch.save({"model": case["checkpoint"]["model"]}, folder / "ckpt.pth")
+    torch.save(seeded_backbone_state(case["ftext"], case["backbone_seed"], case["backbone_checksum"]),
+               folder / "backbone.pth")
+    return {"model": folder / "ckpt.pth", "backbone": folder / "backbone.pth"}
+
+
+@pytest.fixture(scope="module")
+def exported(case, inputs, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exported") / "rn18_late"
+    args = export.get_parser().parse_args(["--model", str(inputs["model"]), "--out", str(out), "--backbone-weights",
+                                           str(inputs["backbone"]), "--num-aug", str(case["num_aug"]),
+                                           "--fast" if case["fast"] else "--no-fast"])
+    export.main(args)
+    return out
+
+
+@pytest.fixture(scope="module")
+def golden_run(case, exported):
+    tracker = ExportedTracker(exported, threads=1)
+    frames = ((image.permute(1, 2, 0).numpy(), None if labels is None else labels.numpy(), new)
+              for image, labels, new in frames_of(case))
+    return list(tracker.track(frames, case["threshold"], keep_raw=True))
+
+
+def test_manifest(case, inputs, exported):
+    manifest = read_manifest(exported)
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["opset"] == 18
+    assert manifest["checkpoint"]["sha256"] == file_sha256(inputs["model"])
+    assert manifest["has_gate"] and manifest["backbone"] == "resnet18" and manifest["precision"] == "fp32"
+    assert manifest["target_model"]["fast"] is bool(case["fast"]) and manifest["target_model"]["memory_size"] == 80
+    assert manifest["graphs"]["gate"]["inputs"] == ["layer3", "prev_score", "template"]
+    for name, entry in manifest["graphs"].items():
+        session = ort.InferenceSession(str(exported / entry["file"]), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == entry["inputs"], name
+        assert [o.name for o in session.get_outputs()] == entry["outputs"], name
+        assert file_sha256(exported / entry["file"]) == entry["sha256"]
+    image = ort.InferenceSession(str(exported / "backbone_low.onnx")).get_inputs()[0]
+    assert all(isinstance(image.shape[d], str) for d in (0, 2, 3)), f"frame size and batch must be dynamic: {image.shape}"
+
+
+def test_golden_gates_exact(case, golden_run):
+    expected = [{int(k): bool(v) for k, v in g.items()} for g in case["gates"]]
+    assert [golden_run[i + 1].reused for i in range(len(expected))] == expected
+
+
+def test_golden_scores_and_logits(case, golden_run):
+    tol = case["tolerance"]
+    for i, raw in enumerate(case["raw"]):
+        frame = golden_run[i + 1]
+        assert set(frame.scores) == {int(k) for k in raw}, f"frame {i + 1}: tracked objects"
+        for obj_id, r in raw.items():
+            where = f"frame {i + 1}, object {obj_id}"
+            np.testing.assert_allclose(frame.scores[int(obj_id)], r["scores"].numpy(), atol=tol["scores"], rtol=0,
+                                       err_msg=f"{where}: scores")
+            np.testing.assert_allclose(frame.logits[int(obj_id)], r["logits"].numpy(), atol=tol["logits"], rtol=0,
+                                       err_msg=f"{where}: logits")
+
+
+def test_golden_labels(case, golden_run):
+    expected = case["output_labels"].reshape(case["output_labels"].shape[0], *case["images"].shape[-2:]).numpy()
+    assert np.array_equal(golden_run[0].labels, expected[0])
+    for t in range(1, expected.shape[0]):
+        differ = golden_run[t].labels != expected[t]
+        if differ.any():
+            margin = decision_margin(case, t).numpy()[differ]
+            assert (margin <= case["tolerance"]["label_tie"]).all(), f"frame {t}: labels differ beyond the tie margin"
+
+
+@pytest.fixture(scope="module")
+def davis_frames(davis_sample, tmp_path_factory) -> tuple[Path, Path]:
+    """The first 6 frames of a DAVIS-sample sequence (links) and its first mask."""
+    folder = tmp_path_factory.mktemp("davis") / DAVIS_SEQUENCE
+    folder.mkdir()
+    for jpg in sorted((davis_sample / "JPEGImages" / "480p" / DAVIS_SEQUENCE).glob("*.jpg"))[:6]:
+        (folder / jpg.name).symlink_to(jpg)
+    first = sorted(folder.iterdir())[0].stem
+    return folder, davis_sample / "Annotations" / "480p" / DAVIS_SEQUENCE / f"{first}.png"
+
+
+def _davis_feed(davis_frames: tuple[Path, Path]) -> TrackerFeed:
+    source = open_frames(davis_frames[0])
+    return TrackerFeed(source, MaskSet(davis_frames[1]).match(source), processing_size(*source.size, 120))
+
+
+def test_davis_sample_agrees_with_pytorch(case, inputs, exported, davis_frames):
+    """onnxruntime fp32 against the PyTorch tracker (eager, same weights) on real frames at another
+    size than the traced one: the same gate decisions except at ties (|p - TH| < 1e-4), and at
+    least 99.9% of the label pixels equal."""
+    threshold = 0.15  # the golden weights' reuse probabilities lie around 0.13-0.2: both paths run
+    torch_tracker = build_tracker(str(inputs["model"]), num_aug=case["num_aug"], fast=case["fast"],
+                                  backbone_weights=str(inputs["backbone"]))
+    want = list(torch_tracker.track(_davis_feed(davis_frames), threshold, keep_probabilities=False))
+    got = list(ExportedTracker(exported, threads=1).track(_davis_feed(davis_frames), threshold))
+    assert len(got) == len(want) == 6 and got[0].labels.shape == (120, 213)
+    assert any(any(f.reused.values()) for f in got) and any(not all(f.reused.values()) for f in got[1:])
+    for t, (g, w) in enumerate(zip(got, want)):
+        for obj_id, p in w.reuse_prob.items():
+            if abs(p - threshold) >= 1e-4:
+                assert g.reused[obj_id] == w.reused[obj_id], f"frame {t}, object {obj_id}: p {p} vs {g.reuse_prob}"
+    equal = np.mean([np.mean(g.labels == w.labels.numpy()) for g, w in zip(got, want)])
+    assert equal >= 0.999, f"{100 * equal:.3f}% of the label pixels agree"
+
+
+def _deploy(args: list[str], block_torch: bool = False, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """python -m deploy ARGS in a subprocess; `block_torch`: any import of torch raises ImportError."""
+    blocker = ("import sys\n"
+               "class NoTorch:\n"
+               "    def find_spec(self, name, path=None, target=None):\n"
+               "        if name == 'torch' or name.startswith('torch.'):\n"
+               "            raise ImportError('torch is blocked: the runtime must not import it')\n"
+               "sys.meta_path.insert(0, NoTorch())\n") if block_torch else "import sys\n"
+    code = blocker + "import runpy\nsys.argv = ['deploy'] + sys.argv[1:]\nrunpy.run_module('deploy', run_name='__main__')\n" \
+        "assert 'torch' not in sys.modules\n"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_runtime_runs_with_torch_blocked(case, exported, tmp_path):
+    """`python -m deploy` on a frame folder and first-frame mask, in a process where importing
+    torch fails: it writes a label PNG per frame (the golden frames' labels) and a timeline."""
+    import cv2
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for t in range(4):
+        cv2.imwrite(str(frames / f"f{t}.png"), case["images"][t].permute(1, 2, 0).numpy()[..., ::-1])
+    from lib.image_io import read_label_png, write_label_png
+
+    write_label_png(tmp_path / "first.png", (case["labels"][0, 0].numpy() == 1).astype(np.uint8))
+    out = tmp_path / "out"
+    result = _deploy(["--model", str(exported), "--video", str(frames), "--mask", str(tmp_path / "first.png"),
+                      "--out", str(out), "--TH", str(case["threshold"]), "--threads", "1"], block_torch=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (out / "masks").iterdir()) == [f"f{t}.png" for t in range(4)]
+    timeline = json.loads((out / "timeline.json").read_text())
+    assert [f["frame"] for f in timeline["frames"]] == [f"f{t}" for t in range(4)]
+    assert set(timeline["frames"][1]["reused"]) == {"1"}
+    assert (read_label_png(out / "masks" / "f3.png") == 1).sum() > 0
+
+
+def _copy(exported: Path, to: Path) -> Path:
+    to.mkdir()
+    for f in exported.iterdir():
+        (to / f.name).write_bytes(f.read_bytes())
+    return to
+
+
+@pytest.mark.parametrize("damage", ["no manifest", "corrupt manifest", "old version", "missing graph",
+                                    "truncated graph"])
+def test_bad_exported_folder_is_one_error_line(exported, tmp_path, damage):
+    folder = _copy(exported, tmp_path / "model")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if damage == "no manifest":
+        (folder / MANIFEST).unlink()
+    elif damage == "corrupt manifest":
+        (folder / MANIFEST).write_text('{"format": "reuse-vos-onnx", ')
+    elif damage == "old version":
+        (folder / MANIFEST).write_text(json.dumps({**manifest, "format_version": 0}))
+    elif damage == "missing graph":
+        (folder / "gate.onnx").unlink()
+    else:
+        data = (folder / "decode_computed.onnx").read_bytes()
+        (folder / "decode_computed.onnx").write_bytes(data[:len(data) // 2])
+    (tmp_path / "frames").mkdir()
+    np_image = np.zeros((32, 48, 3), np.uint8)
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "frames" / "0.png"), np_image)
+    from lib.image_io import write_label_png
+
+    mask = np.zeros((32, 48), np.uint8)
+    mask[8:20, 10:30] = 1
+    write_label_png(tmp_path / "m.png", mask)
+    result = _deploy(["--model", str(folder), "--video", str(tmp_path / "frames"), "--mask", str(tmp_path / "m.png"),
+                      "--out", str(tmp_path / "out")])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --model:"), result.stderr
+    expected = {"no manifest": "no manifest.json", "corrupt manifest": "not valid JSON", "old version": "version 0",
+                "missing graph": "gate missing", "truncated graph": "truncated"}[damage]
+    assert expected in lines[0]
+
+
+def test_export_refuses_a_checkpoint_that_is_not_gfrtm(tmp_path):
+    torch.save({"model": {"conv.weight": torch.zeros(3, 3)}}, tmp_path / "other.pth")
+    result = subprocess.run([sys.executable, "export.py", "--model", str(tmp_path / "other.pth"), "--out",
+                             str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not a G-FRTM/FRTM checkpoint" in lines[0] and lines[0].startswith("error: --model")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_keeps_a_folder_that_is_not_an_export(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    torch.save({"model": {}}, tmp_path / "x.pth")
+    args = export.get_parser().parse_args(["--model", str(tmp_path / "x.pth"), "--out", str(tmp_path / "mine")])
+    with pytest.raises(ValueError, match="not an earlier export"):
+        export.main(args)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
