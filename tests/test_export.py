@@ -2,8 +2,8 @@
 against the golden vector with late objects and against the PyTorch tracker on DAVIS-sample
 frames; the manifest; bad folders and checkpoints; the runtime with `import torch` blocked.
 
-One export (the golden late-objects checkpoint, traced at 120x216) serves the module: the
-DAVIS frames run at 120x213 and with another object count, so the dynamic axes are exercised.
+One export (the golden late-objects checkpoint, traced at 117x211) serves the module: the
+golden frames run at 120x216, the DAVIS frames at 120x214 and with another object count, so the dynamic axes are exercised.
 """
 from __future__ import annotations
 
@@ -133,12 +133,12 @@ def test_davis_sample_agrees_with_pytorch(case, inputs, exported, davis_frames):
     """onnxruntime fp32 against the PyTorch tracker (eager, same weights) on real frames at another
     size than the traced one: the same gate decisions except at ties (|p - TH| < 1e-4), and at
     least 99.9% of the label pixels equal."""
-    threshold = 0.15  # the golden weights' reuse probabilities lie around 0.13-0.2: both paths run
+    threshold = 0.35  # the golden weights' reuse probabilities on these frames lie around 0.31-0.38: both paths run
     torch_tracker = build_tracker(str(inputs["model"]), num_aug=case["num_aug"], fast=case["fast"],
                                   backbone_weights=str(inputs["backbone"]))
     want = list(torch_tracker.track(_davis_feed(davis_frames), threshold, keep_probabilities=False))
     got = list(ExportedTracker(exported, threads=1).track(_davis_feed(davis_frames), threshold))
-    assert len(got) == len(want) == 6 and got[0].labels.shape == (120, 213)
+    assert len(got) == len(want) == 6 and got[0].labels.shape == (120, 214)
     assert any(any(f.reused.values()) for f in got) and any(not all(f.reused.values()) for f in got[1:])
     for t, (g, w) in enumerate(zip(got, want)):
         for obj_id, p in w.reuse_prob.items():
