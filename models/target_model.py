@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import full_fp32, to_device
+from lib.precision import full_fp32, to_device
 
 
 @dataclass(frozen=True)
@@ -522,6 +522,13 @@ class TargetModelTable:
         """The sample weights on the device (on the CPU a view of the host weights: no copy)."""
         return to_device(torch.from_numpy(self.host_weights), self.device)
 
+    def _send_weights(self, rows: Sequence[int]) -> None:
+        """The rows' changed sample weights to the device: only those rows are copied (on the
+        CPU `weights` is a view of the host weights: nothing to copy)."""
+        if self.device.type != "cpu":
+            self.weights[_selection(rows, self.device)] = to_device(torch.from_numpy(self.host_weights[rows]),
+                                                                    self.device)
+
     def release(self, rows: Sequence[int]) -> None:
         """Hand rows back: their objects are no longer tracked."""
         self.free.extend(r for r in rows if r not in self.free)
@@ -568,7 +575,7 @@ class TargetModelTable:
                 for buffer in (self.samples, self.metrics, self.targets):
                     buffer[sel, k:] = 0
             self.sizes[rows], self.last_slot[rows], self.applications[rows], self.used[rows] = k, -1, 0, True
-            self.weights = self._device_weights()
+            self._send_weights(rows)
             self.optimize(rows, cfg.update_iters, fresh=True)
         return rows
 
@@ -629,7 +636,7 @@ class TargetModelTable:
             index = tuple(to_device(torch.tensor([rows, slots]), self.device))
             self.samples[index] = self.current[index[0]]
             self.metrics[index], self.targets[index] = metrics, targets
-        self.weights = self._device_weights()
+        self._send_weights(rows)
 
     def _next_slot(self, row: int) -> int:
         """The slot of a row's new sample, its weights updated (host only)."""

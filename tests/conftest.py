@@ -26,19 +26,31 @@ def _restore_thread_count():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_inductor_cache(tmp_path_factory):
+    """torch.compile's generated code goes to a cache under pytest's temporary root (kept from
+    one run to the next, as pytest keeps that root), never into the user's ~/.cache; subprocesses
+    inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.getbasetemp().parent / "inductor-cache"))
+        yield
+
+
 @pytest.fixture
 def cheap_compile(monkeypatch) -> list:
     """The backends trackers were asked to compile with (`--compile` reached them); the regions
     are compiled with aot_eager whatever was asked (seconds, not minutes)."""
-    import models.compiled
+    import models.tracker
 
-    real, asked = models.compiled.compile_regions, []
+    real, asked = models.tracker.build_regions, []
 
-    def cheap(tracker, backend="inductor"):
-        asked.append(backend)
-        return real(tracker, "aot_eager")
+    def cheap(network, backbone, device, compile=False):
+        if compile:
+            asked.append("inductor" if compile is True else compile)
+            compile = "aot_eager"
+        return real(network, backbone, device, compile)
 
-    monkeypatch.setattr(models.compiled, "compile_regions", cheap)
+    monkeypatch.setattr(models.tracker, "build_regions", cheap)
     return asked
 
 

@@ -13,10 +13,10 @@ from PIL import Image
 import visualize as vis_cli
 from lib.image_io import write_label_png
 from lib.palette import DAVIS_PALETTE
-from lib.results import TrackingStats
-from lib.visualize import (ABSENT, COMPUTED, GIVEN, REUSED, TIMELINE_COLOURS, GifWriter, Mp4Writer,
-                           draw_timeline, list_sequences, load_timeline, object_boundaries, overlay,
-                           save_timeline_png, timeline_layout, timeline_states, write_timeline)
+from evaluation.results import TrackingStats, load_timeline, write_timeline
+from evaluation.visuals import (ABSENT, COMPUTED, GIVEN, REUSED, TIMELINE_COLOURS, GifWriter, Mp4Writer,
+                           draw_timeline, list_sequences, object_boundaries, overlay,
+                           save_timeline_png, timeline_layout, timeline_states)
 
 from conftest import ROOT
 
