@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lib.cli import cpu_threads, resolve_device
 from lib.evaluation import EvalConfig
+from lib.fileio import make_dirs
 from lib.gate_report import format_summary, gate_report
 
 
@@ -103,7 +104,7 @@ def _main_job(args: argparse.Namespace) -> dict:
     from lib.visualize import write_visuals
     from trainers.trainer import TrainConfig, run_training
 
-    work = Path(args.work)
+    work = make_dirs(Path(args.work), "the work folder", "--work")
     train_data, val_data = work / "synthetic-train", work / "synthetic-val"
     dev = str(resolve_device(args.dev)[0])
     if not (train_data / "ImageSets").is_dir():
