@@ -15,6 +15,7 @@ from evaluation.gate_report import format_summary, gate_report
 from evaluation.job import EvalConfig
 from evaluation.results import percent
 from lib.cli import cpu_threads, resolve_device
+from lib.fileio import make_dirs
 
 
 # The main job's data and training, sized for a few minutes on 2 CPU cores (docs/main-job.md).
@@ -104,7 +105,7 @@ def _main_job(args: argparse.Namespace) -> dict:
     from evaluation.visuals import write_visuals
     from trainers.trainer import TrainConfig, run_training
 
-    work = Path(args.work)
+    work = make_dirs(Path(args.work), "the work folder", "--work")
     train_data, val_data = work / "synthetic-train", work / "synthetic-val"
     dev = str(resolve_device(args.dev)[0])
     if not (train_data / "ImageSets").is_dir():

@@ -31,7 +31,7 @@ from evaluation.tracking import exchange_outcomes, track_sequence, track_sequenc
 from evaluation.visuals import save_curve_png
 from lib import distributed
 from lib.background import read_ahead
-from lib.fileio import atomic_write_bytes
+from lib.fileio import atomic_write_bytes, make_dirs
 from lib.metrics import json_safe
 
 CURVE_COLUMNS = ("tau", "J&F", "J", "F", "reuse_rate", "fps", "wall_fps", "gflops_per_frame", "frames",
@@ -175,7 +175,7 @@ def curve_row(th: float, results: Mapping, speed: Optional[Mapping], gflops: flo
 
 def write_curve(out_dir: Path, rows: Sequence[Mapping], info: Mapping) -> None:
     """curve.csv (CURVE_COLUMNS, empty cells for missing numbers) and curve.json ({"rows", ...info})."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir, "the curve's folder")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CURVE_COLUMNS)

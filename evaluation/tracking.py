@@ -26,6 +26,7 @@ from evaluation.results import SequenceWriter, TrackingStats, percent, rate, wri
 from lib import distributed
 from lib.background import BackgroundWriter, read_ahead
 from lib.errors import UsageError
+from lib.fileio import make_dirs
 
 PREFETCH_FRAMES = 4  # frames decoded ahead of the tracker
 PENDING_WRITES = 8  # PNGs queued for the writer thread
@@ -263,7 +264,7 @@ def track_sequences(job: Job, sequences: list, tracker=None, frames: Optional[di
         first = sequences[0]
         for _ in tracker.track((first[i] for i in range(min(2, len(first)))), job.config.TH, keep_probabilities=False):
             pass
-    job.out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(job.out_dir, "the results folder", "--output-root or $RVOS_OUTPUT")
     started = time.perf_counter()
     track = track_lockstep if job.config.batch_sequences > 1 else track_one_by_one
     try:

@@ -112,3 +112,13 @@ def test_main_job_goals():
     assert re.search(r"^J&F +60\.0 +58\.0$", table, flags=re.M)
     assert re.search(r"^FPS +31\.0 +33\.0$", table, flags=re.M)
     assert re.search(r"^reuse rate +0\.0% +45\.0%$", table, flags=re.M)
+
+
+def test_unusable_work_folder_is_one_error_line(blocked, monkeypatch, capsys):
+    import demo
+    from conftest import assert_output_error, run_script
+
+    code, err = run_script(monkeypatch, capsys, demo.main, demo.main_job_parser(),
+                           ["--work", blocked / "w", "--epochs", "1", "--dev", "cpu"])
+    assert_output_error(code, err, blocker=blocked)
+    assert "--work" in err

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from evaluation import gate_report as gate_report_module
 from lib.cli import run
-from lib.fileio import atomic_write_bytes
+from lib.fileio import atomic_write_bytes, make_dirs
 from lib.metrics import json_safe
 
 
@@ -31,6 +31,7 @@ def main(args: argparse.Namespace) -> dict:
     print(gate_report_module.format_summary(summary))
     data = asdict(summary)
     if args.json is not None:
+        make_dirs(args.json.parent, "the --json file's folder", "--json")
         atomic_write_bytes(args.json, (json.dumps(json_safe(data), indent=1) + "\n").encode())
     return data
 
