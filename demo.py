@@ -58,7 +58,6 @@ def _max_size(text: str) -> int:
 def video_parser() -> argparse.ArgumentParser:
     """The own-video job's flags (`python demo.py --video ...`)."""
     parser = argparse.ArgumentParser(
-        prog="demo.py --video",
         description="G-FRTM (Reuse-VOS) demo: segment your own video from the mask of its first frame.")
     parser.add_argument("--video", type=Path, required=True,
                         help="video to segment: an MP4 (any file OpenCV decodes; frames are named 00000, "

@@ -244,7 +244,7 @@ def test_errors(dog, checkpoint, tmp_path):
                  [*video, "--mask", str(dog / "mask.png"), "--TH", "1.0,0.7"],  # one threshold with --video
                  [*video, "--mask", str(dog / "mask.png"), "--TH", "1.5"],
                  [*video, "--mask", str(dog / "mask.png"), "--max-size", "abc"]):
-        assert demo.get_parser(argv).prog == "demo.py --video"
+        assert demo.get_parser(argv).description == demo.video_parser().description
         with pytest.raises(SystemExit):
             demo.get_parser(argv).parse_args(argv)
     with pytest.raises(SystemExit):  # --mask belongs to --video
