@@ -16,6 +16,7 @@ objects start on which frame (`start_frames`), the image size, the frame count, 
 from __future__ import annotations
 
 import importlib.util
+import sys
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from models import build_tracker
 from conftest import ROOT, TRACKER_VECTOR_DIRS, seeded_backbone_state
 
 _spec = importlib.util.spec_from_file_location("make_upstream_vectors", ROOT / "scripts" / "make_upstream_vectors.py")
-make_upstream_vectors = importlib.util.module_from_spec(_spec)
+make_upstream_vectors = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(make_upstream_vectors)
 
 CASES = [case for d in TRACKER_VECTOR_DIRS for case in sorted(d.glob("*_tracker*.pt"))]
