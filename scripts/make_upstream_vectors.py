@@ -340,7 +340,9 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gate-gain", type=float, default=60.0,
                         help="factor on the reuse gate's last layer, so that random weights give reuse "
                              "probabilities spread apart (some reused, some computed)")
-    parser.add_argument("--worker", nargs=2, type=Path, metavar=("INPUTS", "OUTPUTS"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=2, type=Path, metavar=("INPUTS", "OUTPUTS"),
+                        help="internal (this script's subprocess): run upstream's tracker on INPUTS, a file "
+                             "this script wrote, and save its outputs to OUTPUTS")
     return parser
 
 
@@ -367,4 +369,9 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(get_parser().parse_args())
+    if "--worker" in sys.argv:  # upstream's side: nothing of ours imported (both have a top-level `lib`)
+        main(get_parser().parse_args())
+    else:
+        sys.path.insert(0, str(ROOT))
+        from lib.cli import run
+        run(main, get_parser())
