@@ -371,9 +371,9 @@ class GaussNewtonCG:
     independent problems at once: θ (O, D), one row per object, updated in place; every CG
     scalar is per row. The CG state (`state`: direction, ρ, last residual) persists across
     runs, given by the caller (`CGState`) or fresh; ρ is divided by `forget_factor` at the start
-    of each CG run so old directions fade. `row_exact`: the CG dot products as a product and a
-    sum, which round each row as it would alone; else one `bmm` each (one op instead of two,
-    but a `bmm` over several rows rounds each row otherwise than over one)."""
+    of each CG run so old directions fade. The dot products of ρ and β are a product and a sum
+    (which round each row as it would alone). `row_exact`: so is α's dᵀAd; else one `bmm` (one
+    op instead of two, but a `bmm` over several rows rounds each row otherwise than over one)."""
 
     def __init__(self, problem, theta: torch.Tensor, forget_factor: float, state: CGState | None = None,
                  row_exact: bool = True):
@@ -420,9 +420,9 @@ class GaussNewtonCG:
         for i in range(iters):
             z = r / self.problem.precond
             rho_prev = self.rho
-            # (2, O, 1): rᵀz and r_prevᵀz per row
-            dots = (self.residuals * z).sum(2, keepdim=True) if self.row_exact else \
-                torch.bmm(z.unsqueeze(1), self.residuals.permute(1, 2, 0)).permute(2, 0, 1)
+            # (2, O, 1): rᵀz and r_prevᵀz per row, always as a product and a sum (ρ and β as one
+            # `bmm` moved a lone start's scores past upstream's spread: tests/golden_upstream)
+            dots = (self.residuals * z).sum(2, keepdim=True)
             self.rho = dots[self.current]
             if self.direction is None:
                 self.direction = z

@@ -29,7 +29,8 @@ SCRIPTS = {"train.py": "train", "evaluate.py": "evaluate", "demo.py": "demo:main
            "-m benchmarks.precision_ops": "benchmarks.precision_ops",
            "-m benchmarks.precision_fidelity": "benchmarks.precision_fidelity",
            "-m benchmarks.parallel_eval": "benchmarks.parallel_eval",
-           "-m benchmarks.throughput": "benchmarks.throughput"}
+           "-m benchmarks.throughput": "benchmarks.throughput",
+           "scripts/make_upstream_vectors.py": "scripts.make_upstream_vectors"}
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,11 @@ if str(ROOT) not in sys.path:
 
 SHARED = Path(os.environ.get("RVOS_SHARED", ROOT.parent / "shared"))
 GOLDEN = Path(os.environ.get("RVOS_GOLDEN", SHARED / "golden"))
+# Tracker vectors (golden/README.md's `*_tracker*.pt` format): the shared set and ours made with
+# upstream's code by scripts/make_upstream_vectors.py; RVOS_TRACKER_VECTORS (directories separated
+# by os.pathsep) replaces both.
+TRACKER_VECTOR_DIRS = [Path(p) for p in os.environ.get(
+    "RVOS_TRACKER_VECTORS", os.pathsep.join([str(GOLDEN), str(ROOT / "tests" / "golden_upstream")])).split(os.pathsep)]
 DAVIS_SAMPLE = SHARED / "data" / "davis-sample"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
