@@ -196,7 +196,11 @@ class FilterProblem:
         """samples (N, n, h w, c); metric (N n, 9, h, w) and target (N n, 1, h, w), both already
         multiplied by the sample weights (0 for empty slots)."""
         n, k, hw, c = samples.shape
-        self.z = samples.reshape(n, k * hw, c)  # a view for slots taken as a prefix of the memory
+        # Jᵀ sums each slot's product and then the slots, so that a row's numbers do not depend on
+        # how many (zero-weight) slots its optimizer run covers: one product over all n h w pixels
+        # is blocked by its length, and rounds otherwise with one slot more (MKL on AVX-512).
+        self.slots = samples.reshape(n * k, hw, c)  # a copy only for several rows and a part of the memory
+        self.z = self.slots.view(n, k * hw, c)
         self.metric, self.target = metric, target
         self.size = tuple(metric.shape[-2:])
         self.reg, self.precond = reg, precond
@@ -212,8 +216,9 @@ class FilterProblem:
             return fold_taps(torch.bmm(z, filter_taps(v.view(n, c, 9))).view(-1, hw, 9), self.size)
 
         def jacobian_t(s: torch.Tensor) -> torch.Tensor:  # scores (N n, 1, h, w) -> weights (N, 9 c)
-            u = F.unfold(s, 3, padding=1).transpose(1, 2).reshape(n, khw, 9)
-            return filter_taps(torch.bmm(z.transpose(1, 2), u)).reshape(n, 9 * c)
+            u = F.unfold(s, 3, padding=1).transpose(1, 2)  # (N n, h w, 9)
+            zu = torch.bmm(self.slots.transpose(1, 2), u).view(n, -1, c, 9).sum(1)  # (N, c, 9)
+            return filter_taps(zu).reshape(n, 9 * c)
 
         scores = jacobian(theta)
         b = jacobian_t(self.target - UpsamplingMetric.apply(self.metric, scores)) - reg * (reg * theta)  # no negation op
