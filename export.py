@@ -18,14 +18,13 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
 from lib.cli import (UsageError, add_backbone_weights_flag, add_fast_flag, add_num_aug_flag, add_seed_flag,
                      add_threads_flag, cpu_threads, run)
-from lib.fileio import atomic_write_bytes
+from lib.fileio import atomic_write_bytes, creating, make_dirs, make_temp_dir
 from lib.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_sha256
 
 OPSET = 18
@@ -89,7 +88,7 @@ def _versions() -> dict:
     return versions
 
 
-def _example_inputs(network, backbone, config, size: tuple[int, int]) -> dict:
+def _example_inputs(regions, config, size: tuple[int, int]) -> dict:
     """Inputs of each graph for tracing: 2 objects, 3 samples, 4 memory slots (distinct from 1 and
     from each other, so that no axis is specialised)."""
     import torch
@@ -101,8 +100,8 @@ def _example_inputs(network, backbone, config, size: tuple[int, int]) -> dict:
     generator = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8, generator=generator)
     with torch.no_grad():
-        layer2, layer3 = BackboneLow(backbone)(image)
-        layer4, layer5 = BackboneHigh(backbone)(layer3)
+        layer2, layer3 = BackboneLow(regions)(image)
+        layer4, layer5 = BackboneHigh(regions)(layer3)
     h16, w16 = layer4.shape[-2:]
     c4 = layer4.shape[1]
 
@@ -136,6 +135,7 @@ def export_graphs(cfg: ExportConfig, folder: Path, log=print) -> dict:
     from models.checkpoint import build_network
     from models.graphs import GRAPHS, graph_modules
     from models.target_model import TargetModelConfig
+    from models.tracker import build_regions
 
     try:
         network, _ = build_network(str(cfg.model))
@@ -144,8 +144,9 @@ def export_graphs(cfg: ExportConfig, folder: Path, log=print) -> dict:
     backbone = Backbone(network.backbone_name, cfg.backbone_weights, seed=cfg.seed).fuse_batch_norm()
     config = TargetModelConfig.evaluation(cfg.fast)
     forget_factor = (1 - config.precond_lr) ** config.cg_forgetting_rate
-    modules = graph_modules(network.eval(), backbone, config, cfg.seed, forget_factor)
-    examples = _example_inputs(network, backbone, config, EXAMPLE_SIZE)
+    regions = build_regions(network.eval(), backbone, torch.device("cpu"))  # the tracker's eager steps
+    modules = graph_modules(regions, config, cfg.seed, forget_factor)
+    examples = _example_inputs(regions, config, EXAMPLE_SIZE)
     graphs = {}
     for name, module in modules.items():
         spec = GRAPHS[name]
@@ -171,9 +172,9 @@ def main(args: argparse.Namespace) -> dict:
         import onnxscript  # noqa: F401
     except ImportError as exc:
         raise UsageError(f"export.py needs onnx and onnxscript: pip install -r requirements-export.txt ({exc})") from exc
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(cfg.out.parent, "the export's parent folder", fix="--out")
     with cpu_threads(cfg.threads):
-        staging = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.", dir=cfg.out.parent))
+        staging = make_temp_dir(cfg.out.parent, f".{cfg.out.name}.", ".tmp")
         try:
             print(f"exporting {cfg.model} to {cfg.out} (opset {OPSET})", flush=True)
             exported = export_graphs(cfg, staging)
@@ -182,7 +183,8 @@ def main(args: argparse.Namespace) -> dict:
                         "backbone_weights": cfg.backbone_weights, "num_aug": cfg.num_aug, "seed": cfg.seed,
                         "opset": OPSET, "precision": "fp32", **exported, "versions": _versions()}
             atomic_write_bytes(staging / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
-            _replace(staging, cfg.out)
+            with creating(cfg.out, "the export folder", fix="--out"):
+                _replace(staging, cfg.out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {len(manifest['graphs'])} graphs and {MANIFEST} to {cfg.out}")

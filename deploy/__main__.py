@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from evaluation.results import TrackingStats
 from lib.argtypes import add_max_size_flag, int_at_least, number_in
 from lib.errors import UsageError
-from lib.fileio import atomic_write_bytes
+from lib.fileio import atomic_write_bytes, make_dirs
 from lib.image_io import resize_labels_nearest_exact, write_label_png
 from lib.metrics import json_safe
-from lib.results import TrackingStats
 from lib.video_io import MaskSet, TrackerFeed, open_frames, processing_size
 
 from .runtime import ExportedTracker
@@ -54,7 +54,7 @@ def main(args: argparse.Namespace) -> dict:
     height, width = frames.size
     size = processing_size(height, width, args.max_size)
     mask_dir = args.out / "masks"
-    mask_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(mask_dir, "the masks folder", fix="--out")
     feed = TrackerFeed(frames, starts, size)
     stats = TrackingStats()
     start = time.perf_counter()

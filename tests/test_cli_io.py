@@ -3,6 +3,7 @@ functions (lib.image_io)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import stat
 import subprocess
@@ -17,6 +18,8 @@ import evaluate
 import train
 from lib import fileio
 from lib.cli import UsageError, cpu_threads, run
+from lib.errors import OutputError
+from conftest import read_only_folders
 from lib.image_io import (read_image, resize_image_area, resize_image_bilinear, resize_labels_nearest,
                           resize_labels_nearest_exact)
 
@@ -121,24 +124,27 @@ def test_usage_error_is_a_value_error():
 
 
 def test_shared_flags_are_declared_once_with_one_help_text():
-    parsers = {"evaluate": evaluate.get_parser(), "demo": demo.get_parser(), "train": train.get_parser()}
-    shared = {"--dev": ("evaluate", "demo", "train"), "--seed": ("evaluate", "demo", "train"),
-              "--backbone-weights": ("evaluate", "demo", "train"), "--num-aug": ("evaluate", "demo", "train"),
-              "--TH": ("evaluate", "demo")}
+    parsers = {"evaluate": evaluate.get_parser(), "demo": demo.video_parser(), "train": train.get_parser(),
+               "demo job": demo.main_job_parser()}
+    everywhere = ("evaluate", "demo", "train", "demo job")
+    shared = {"--dev": everywhere, "--seed": everywhere, "--num-aug": everywhere,
+              "--backbone-weights": ("evaluate", "demo", "train"),
+              "--TH": ("evaluate", "demo job")}  # demo.py --video: one threshold
     for flag, scripts in shared.items():
         actions = [next(a for a in parsers[s]._actions if flag in a.option_strings) for s in scripts]
         assert len({a.help for a in actions}) == 1, flag
         assert len({getattr(a.type, "__name__", a.type) for a in actions}) == 1, flag
-    defaults = {s: p.parse_args(["--dev", "cpu"]) for s, p in parsers.items()}
-    assert [defaults[s].num_aug for s in ("evaluate", "demo", "train")] == [5, 5, 15]
-    assert defaults["demo"].TH == defaults["evaluate"].TH == 0.7
+    demo_video = ["--video", "v", "--mask", "m.png", "--model", "c.pth"]
+    defaults = {s: p.parse_args(["--dev", "cpu", *(demo_video if s == "demo" else [])]) for s, p in parsers.items()}
+    assert [defaults[s].num_aug for s in ("evaluate", "demo", "train", "demo job")] == [5, 5, 15, 5]
+    assert defaults["demo"].TH == defaults["demo job"].TH == defaults["evaluate"].TH == 0.7
 
 
 def test_threads_flag_is_shared_and_its_count_is_restored():
     import torch
 
     from benchmarks import precision_fidelity, precision_ops, tracker_speed, train_speed
-    parsers = {"demo": demo.get_parser(), "precision_fidelity": precision_fidelity.get_parser(),
+    parsers = {"demo": demo.main_job_parser(), "precision_fidelity": precision_fidelity.get_parser(),
                "precision_ops": precision_ops.get_parser(), "tracker_speed": tracker_speed.get_parser(),
                "train_speed": train_speed.get_parser()}
     defaults = {name: p.parse_args(["--model", "x"] if name == "precision_fidelity" else []).threads
@@ -176,7 +182,7 @@ def test_atomic_write_fsyncs_and_keeps_the_old_file_on_failure(tmp_path, monkeyp
         f.write(b"half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=f"cannot create {path}: disk full"):
         fileio.atomic_write(path, fail)
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
 
@@ -200,3 +206,44 @@ def test_corrupt_image_is_a_usage_error(tmp_path):
     path.write_bytes(b"not a jpeg")
     with pytest.raises(UsageError, match="cannot decode image"):
         read_image(path)
+
+
+def test_make_dirs_names_the_path_the_reason_and_the_flag(tmp_path, blocked, monkeypatch):
+    made = fileio.make_dirs(tmp_path / "a" / "b", "the results folder", "--output-root")
+    assert made == tmp_path / "a" / "b" and made.is_dir()
+    assert fileio.make_dirs(made) == made  # already there: fine
+    for path in (blocked / "x" / "y", blocked):  # under a file, and the file itself
+        with pytest.raises(OutputError) as info:
+            fileio.make_dirs(path, "the results folder", "--output-root")
+        assert str(info.value) == (f"cannot create the results folder {path}: {blocked} is a file, not a folder "
+                                   f"(choose another with --output-root)")
+    with pytest.raises(OutputError, match="too long"):
+        fileio.make_dirs(tmp_path / ("n" * 300))
+    # a read-only file system (simulated: root could write anywhere here)
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(OutputError, match=f"cannot create the output folder {tmp_path / 'ro'}: read-only file system"):
+        fileio.make_dirs(tmp_path / "ro")
+
+
+def test_atomic_write_and_temp_dirs_under_a_file_are_output_errors(tmp_path, blocked):
+    with pytest.raises(OutputError, match=f"{blocked} is a file, not a folder"):
+        fileio.atomic_write_bytes(blocked / "f.json", b"{}")
+    with pytest.raises(OutputError, match=f"{blocked} is a file, not a folder"):
+        fileio.make_temp_dir(blocked, ".x.", ".partial")
+    assert blocked.read_text() == "not a folder\n" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@read_only_folders
+def test_read_only_folder_is_an_output_error(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(OutputError, match="permission"):
+            fileio.make_dirs(folder)
+        with pytest.raises(OutputError, match="ermission denied"):
+            fileio.atomic_write_bytes(folder / "f.json", b"{}")
+    finally:
+        folder.chmod(0o755)

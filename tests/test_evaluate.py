@@ -27,11 +27,12 @@ from lib.metrics import evaluate_results
 from lib.cli import UsageError
 from lib.image_io import read_label_png, write_label_png
 from lib.palette import DAVIS_PALETTE
-from lib.results import STATS_FILE, SequenceWriter, results_dir_name, sequence_complete
-from lib.visualize import load_timeline
-from models import precision
+from evaluation.results import STATS_FILE, SequenceWriter, results_dir_name, sequence_complete
+from evaluation.results import load_timeline
+from lib import precision
 from models.checkpoint import build_network
 
+from conftest import assert_output_error, read_only_folders, run_script
 from forged_checkpoints import PAYLOADS, malicious_checkpoint, upstream_trainer_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -623,16 +624,16 @@ def test_lockstep_failure_names_its_sequence_and_resume_completes(checkpoint, da
 
 def test_a_png_write_error_stops_the_run_naming_the_path(checkpoint, davis_root, dv2017, tmp_path, monkeypatch):
     """ENOSPC in the background PNG writer mid-sequence; --resume then completes the run."""
-    import lib.results
+    import evaluation.results
 
-    write = lib.results.write_label_png
+    write = evaluation.results.write_label_png
 
     def failing(path, labels):
         if path.parent.name.startswith(".motocross-jump.") and path.name == "00003.png":
             raise OSError(28, "No space left on device", str(path))
         write(path, labels)
 
-    monkeypatch.setattr(lib.results, "write_label_png", failing)
+    monkeypatch.setattr(evaluation.results, "write_label_png", failing)
     # One `error:` line (a UsageError) naming the file, the sequence and --resume.
     with pytest.raises(UsageError, match="No space left on device.*00003.png.*motocross-jump.*--resume"):
         run(checkpoint, tmp_path, *davis_args(davis_root))
@@ -641,7 +642,7 @@ def test_a_png_write_error_stops_the_run_naming_the_path(checkpoint, davis_root,
     assert not (results_dir / "motocross-jump").exists()
     no_partials(results_dir)
 
-    monkeypatch.setattr(lib.results, "write_label_png", write)  # space again
+    monkeypatch.setattr(evaluation.results, "write_label_png", write)  # space again
     resumed = run(checkpoint, tmp_path, *davis_args(davis_root), "--resume")
     assert resumed["sequences_computed"] == ["motocross-jump"]
     assert png_bytes(results_dir) == png_bytes(dv2017[0])
@@ -699,3 +700,29 @@ def test_malicious_checkpoint_runs_nothing(payload, checkpoint, davis_root, tmp_
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
         assert f"{evil} was not loaded: it would call {payload.replace('os.', 'posix.')}" in proc.stderr
         assert not marker.exists()
+
+
+def test_unusable_output_root_is_one_error_line(checkpoint, davis_root, blocked, monkeypatch, capsys):
+    """--output-root under a file: one line naming the file and the flag, exit 2, for one threshold
+    and for a sweep (whose curve folder is under the same root)."""
+    for th in ("0.5", "1.0,0.5"):
+        argv = ["--model", checkpoint, "--ftext", "resnet18", "--num-aug", "1", "--backbone-weights", "random",
+                "--dev", "cpu", "--output-root", blocked / "out", *davis_args(davis_root)[:-1], th]
+        code, err = run_script(monkeypatch, capsys, main, get_parser(), argv)
+        assert_output_error(code, err, blocker=blocked)
+        assert "--output-root" in err
+    assert blocked.read_text() == "not a folder\n"
+
+
+@read_only_folders
+def test_read_only_output_root_is_one_error_line(checkpoint, davis_root, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "ro"
+    root.mkdir()
+    root.chmod(0o555)
+    try:
+        argv = ["--model", checkpoint, "--ftext", "resnet18", "--num-aug", "1", "--backbone-weights", "random",
+                "--dev", "cpu", "--output-root", root, *davis_args(davis_root)]
+        code, err = run_script(monkeypatch, capsys, main, get_parser(), argv)
+    finally:
+        root.chmod(0o755)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "ermission" in err, err

@@ -2,8 +2,10 @@
 against the golden vector with late objects and against the PyTorch tracker on DAVIS-sample
 frames; the manifest; bad folders and checkpoints; the runtime with `import torch` blocked.
 
-One export (the golden late-objects checkpoint, traced at 117x211) serves the module: the
-golden frames run at 120x216, the DAVIS frames at 120x214 and with another object count, so the dynamic axes are exercised.
+One export (the golden late-objects checkpoint, traced at 117x211) and one runtime over it serve
+every test: the golden frames run at 120x216, the DAVIS frames at 120x214 and with another object
+count, so the dynamic axes are exercised. Only the runtime with torch blocked runs in a process of
+its own; the scripts' error lines are checked in this one (`lib.cli.run`, `deploy.__main__.run`).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from lib.cli import run as run_script
 from lib.manifest import FORMAT_VERSION, MANIFEST, file_sha256, read_manifest
 from lib.safe_load import load_pth
 from lib.video_io import MaskSet, TrackerFeed, open_frames, processing_size
@@ -24,24 +27,25 @@ from models import build_tracker
 from conftest import GOLDEN, seeded_backbone_state
 from test_golden_tracker import decision_margin, frames_of
 
-ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install -r requirements-export.txt "
-                                                "(scripts/setup_env.sh installs it)")
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install -r requirements-export.txt "
+                    "(scripts/setup_env.sh installs it)")
 pytest.importorskip("onnxscript", reason="onnxscript is not installed: pip install -r requirements-export.txt")
 
 import export  # noqa: E402  (needs the packages above)
 from deploy import ExportedTracker  # noqa: E402
+from deploy.__main__ import run as run_deploy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CASE = GOLDEN / "rn18_tracker_late.pt"
 DAVIS_SEQUENCE = "motocross-jump"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def case():
     return load_pth(CASE)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def inputs(case, tmp_path_factory) -> dict:
     """The golden case's checkpoint and backbone weights as files."""
     folder = tmp_path_factory.mktemp("export_inputs")
@@ -51,8 +55,9 @@ def inputs(case, tmp_path_factory) -> dict:
     return {"model": folder / "ckpt.pth", "backbone": folder / "backbone.pth"}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def exported(case, inputs, tmp_path_factory) -> Path:
+    """The one export of the session (about a minute on 2 cores: most of this file's time)."""
     out = tmp_path_factory.mktemp("exported") / "rn18_late"
     args = export.get_parser().parse_args(["--model", str(inputs["model"]), "--out", str(out), "--backbone-weights",
                                            str(inputs["backbone"]), "--num-aug", str(case["num_aug"]),
@@ -61,27 +66,33 @@ def exported(case, inputs, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def golden_run(case, exported):
-    tracker = ExportedTracker(exported, threads=1)
+@pytest.fixture(scope="session")
+def runtime(exported) -> ExportedTracker:
+    """The runtime over the export, its graphs loaded once (each `track` starts afresh)."""
+    return ExportedTracker(exported, threads=1)
+
+
+@pytest.fixture(scope="session")
+def golden_run(case, runtime):
     frames = ((image.permute(1, 2, 0).numpy(), None if labels is None else labels.numpy(), new)
               for image, labels, new in frames_of(case))
-    return list(tracker.track(frames, case["threshold"], keep_raw=True))
+    return list(runtime.track(frames, case["threshold"], keep_raw=True))
 
 
-def test_manifest(case, inputs, exported):
+def test_manifest(case, inputs, exported, runtime):
     manifest = read_manifest(exported)
     assert manifest["format_version"] == FORMAT_VERSION and manifest["opset"] == 18
     assert manifest["checkpoint"]["sha256"] == file_sha256(inputs["model"])
     assert manifest["has_gate"] and manifest["backbone"] == "resnet18" and manifest["precision"] == "fp32"
     assert manifest["target_model"]["fast"] is bool(case["fast"]) and manifest["target_model"]["memory_size"] == 80
     assert manifest["graphs"]["gate"]["inputs"] == ["layer3", "prev_score", "template"]
+    assert set(runtime.sessions) == set(manifest["graphs"]) and len(manifest["graphs"]) == 11
     for name, entry in manifest["graphs"].items():
-        session = ort.InferenceSession(str(exported / entry["file"]), providers=["CPUExecutionProvider"])
+        session = runtime.sessions[name]
         assert [i.name for i in session.get_inputs()] == entry["inputs"], name
         assert [o.name for o in session.get_outputs()] == entry["outputs"], name
         assert file_sha256(exported / entry["file"]) == entry["sha256"]
-    image = ort.InferenceSession(str(exported / "backbone_low.onnx")).get_inputs()[0]
+    image = runtime.sessions["backbone_low"].get_inputs()[0]
     assert all(isinstance(image.shape[d], str) for d in (0, 2, 3)), f"frame size and batch must be dynamic: {image.shape}"
 
 
@@ -129,7 +140,7 @@ def _davis_feed(davis_frames: tuple[Path, Path]) -> TrackerFeed:
     return TrackerFeed(source, MaskSet(davis_frames[1]).match(source), processing_size(*source.size, 120))
 
 
-def test_davis_sample_agrees_with_pytorch(case, inputs, exported, davis_frames):
+def test_davis_sample_agrees_with_pytorch(case, inputs, runtime, davis_frames):
     """onnxruntime fp32 against the PyTorch tracker (eager, same weights) on real frames at another
     size than the traced one: the same gate decisions except at ties (|p - TH| < 1e-4), and at
     least 99.9% of the label pixels equal."""
@@ -137,7 +148,7 @@ def test_davis_sample_agrees_with_pytorch(case, inputs, exported, davis_frames):
     torch_tracker = build_tracker(str(inputs["model"]), num_aug=case["num_aug"], fast=case["fast"],
                                   backbone_weights=str(inputs["backbone"]))
     want = list(torch_tracker.track(_davis_feed(davis_frames), threshold, keep_probabilities=False))
-    got = list(ExportedTracker(exported, threads=1).track(_davis_feed(davis_frames), threshold))
+    got = list(runtime.track(_davis_feed(davis_frames), threshold))
     assert len(got) == len(want) == 6 and got[0].labels.shape == (120, 214)
     assert any(any(f.reused.values()) for f in got) and any(not all(f.reused.values()) for f in got[1:])
     for t, (g, w) in enumerate(zip(got, want)):
@@ -184,57 +195,74 @@ def test_runtime_runs_with_torch_blocked(case, exported, tmp_path):
     assert (read_label_png(out / "masks" / "f3.png") == 1).sum() > 0
 
 
-def _copy(exported: Path, to: Path) -> Path:
-    to.mkdir()
-    for f in exported.iterdir():
-        (to / f.name).write_bytes(f.read_bytes())
-    return to
+def _one_error_line(capsys, run, argv: list[str], monkeypatch=None) -> str:
+    """Run a script's `run` in this process -> its one stderr line, after checking exit status 2."""
+    if monkeypatch is not None:  # lib.cli.run parses sys.argv
+        monkeypatch.setattr(sys, "argv", ["script", *argv])
+    with pytest.raises(SystemExit) as info:
+        run() if monkeypatch is not None else run(argv)
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
 
 
 @pytest.mark.parametrize("damage", ["no manifest", "corrupt manifest", "old version", "missing graph",
                                     "truncated graph"])
-def test_bad_exported_folder_is_one_error_line(exported, tmp_path, damage):
-    folder = _copy(exported, tmp_path / "model")
-    manifest = json.loads((folder / MANIFEST).read_text())
-    if damage == "no manifest":
-        (folder / MANIFEST).unlink()
-    elif damage == "corrupt manifest":
+def test_bad_exported_folder_is_one_error_line(exported, tmp_path, capsys, damage):
+    import cv2
+
+    from lib.image_io import write_label_png
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in exported.iterdir():  # links: the graphs stay where they are, the damage is to this folder
+        (folder / f.name).symlink_to(f)
+    manifest = json.loads((exported / MANIFEST).read_text())
+    (folder / MANIFEST).unlink()
+    if damage != "no manifest":
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+    if damage == "corrupt manifest":
         (folder / MANIFEST).write_text('{"format": "reuse-vos-onnx", ')
     elif damage == "old version":
         (folder / MANIFEST).write_text(json.dumps({**manifest, "format_version": 0}))
     elif damage == "missing graph":
         (folder / "gate.onnx").unlink()
-    else:
-        data = (folder / "decode_computed.onnx").read_bytes()
+    elif damage == "truncated graph":
+        data = (exported / "decode_computed.onnx").read_bytes()
+        (folder / "decode_computed.onnx").unlink()
         (folder / "decode_computed.onnx").write_bytes(data[:len(data) // 2])
     (tmp_path / "frames").mkdir()
-    np_image = np.zeros((32, 48, 3), np.uint8)
-    import cv2
-
-    cv2.imwrite(str(tmp_path / "frames" / "0.png"), np_image)
-    from lib.image_io import write_label_png
-
+    cv2.imwrite(str(tmp_path / "frames" / "0.png"), np.zeros((32, 48, 3), np.uint8))
     mask = np.zeros((32, 48), np.uint8)
     mask[8:20, 10:30] = 1
     write_label_png(tmp_path / "m.png", mask)
-    result = _deploy(["--model", str(folder), "--video", str(tmp_path / "frames"), "--mask", str(tmp_path / "m.png"),
-                      "--out", str(tmp_path / "out")])
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --model:"), result.stderr
+    line = _one_error_line(capsys, run_deploy, ["--model", str(folder), "--video", str(tmp_path / "frames"),
+                                                "--mask", str(tmp_path / "m.png"), "--out", str(tmp_path / "out")])
+    assert line.startswith("error: --model:")
     expected = {"no manifest": "no manifest.json", "corrupt manifest": "not valid JSON", "old version": "version 0",
                 "missing graph": "gate missing", "truncated graph": "truncated"}[damage]
-    assert expected in lines[0]
-
-
-def test_export_refuses_a_checkpoint_that_is_not_gfrtm(tmp_path):
-    torch.save({"model": {"conv.weight": torch.zeros(3, 3)}}, tmp_path / "other.pth")
-    result = subprocess.run([sys.executable, "export.py", "--model", str(tmp_path / "other.pth"), "--out",
-                             str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "not a G-FRTM/FRTM checkpoint" in lines[0] and lines[0].startswith("error: --model")
+    assert expected in line
     assert not (tmp_path / "out").exists()
+
+
+def test_export_refuses_a_checkpoint_that_is_not_gfrtm(tmp_path, capsys, monkeypatch):
+    torch.save({"model": {"conv.weight": torch.zeros(3, 3)}}, tmp_path / "other.pth")
+    line = _one_error_line(capsys, lambda: run_script(export.main, export.get_parser()),
+                           ["--model", str(tmp_path / "other.pth"), "--out", str(tmp_path / "out")], monkeypatch)
+    assert "not a G-FRTM/FRTM checkpoint" in line and line.startswith("error: --model")
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["other.pth"]
+
+
+def test_export_under_a_regular_file_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """--out below a file: OutputError (lib.fileio) naming the path and the flag, before any export work."""
+    torch.save({"model": {}}, tmp_path / "x.pth")
+    (tmp_path / "file").write_text("not a folder")
+    line = _one_error_line(capsys, lambda: run_script(export.main, export.get_parser()),
+                           ["--model", str(tmp_path / "x.pth"), "--out", str(tmp_path / "file" / "export")],
+                           monkeypatch)
+    assert line.startswith(f"error: cannot create the export's parent folder {tmp_path / 'file'}") and "--out" in line
+    assert (tmp_path / "file").read_text() == "not a folder"
 
 
 def test_export_keeps_a_folder_that_is_not_an_export(tmp_path):
@@ -245,3 +273,4 @@ def test_export_keeps_a_folder_that_is_not_an_export(tmp_path):
     with pytest.raises(ValueError, match="not an earlier export"):
         export.main(args)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+

@@ -29,15 +29,16 @@ from tqdm import tqdm
 from dataset.synthetic import make_davis_like
 from dataset.training import SAMPLE_SIZE, References, TrainingSamples, build_sources, epoch_samples
 from lib import distributed
-from lib.cli import resolve_device
+from lib.device import resolve_device
 from lib.errors import UsageError
+from lib.fileio import make_dirs
 from models.backbone import Backbone
 from models.checkpoint import check_backbone, load_network_state, network_state, read_checkpoint, save_checkpoint
 from models.network import GFRTM
-from models.precision import autocast, check_precision
+from lib.precision import autocast, check_precision
 
 from .gfrtm_step import STAT_KEYS, GateLossConfig, GFRTMStep
-from .tmcache import TargetModelCache
+from .tmcache import TargetModelCache, writable_cache
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,12 @@ class TrainConfig:
     seed: int = 0
 
 
-def build_network(config: TrainConfig) -> GFRTM:
+# The flags (and variables) that place the outputs, named when a folder cannot be made.
+CHECKPOINTS_FLAG = "--checkpoints or $RVOS_CHECKPOINTS"
+TENSORBOARD_FLAG = "--tensorboard or $RVOS_TENSORBOARD"
+
+
+def initial_network(config: TrainConfig) -> GFRTM:
     """A fresh network (seeded by config.seed without touching the global RNG; the gate's last
     bias as upstream), optionally initialized from config.initPth."""
     with torch.random.fork_rng(devices=[]):
@@ -136,6 +142,10 @@ def run_training(config: TrainConfig) -> dict:
 
 def _train(config: TrainConfig, ctx: distributed.Context, device: torch.device, description: str) -> dict:
     check_precision(config.precision, device)  # before any data is prepared
+    if ctx.is_main:  # the output folders next: an unusable path is reported before any work
+        make_dirs(Path(config.checkpoints) / config.name, "the checkpoint folder", CHECKPOINTS_FLAG)
+        make_dirs(Path(config.tensorboard) / config.name, "the TensorBoard folder", TENSORBOARD_FLAG)
+        writable_cache(config.tmcache)
     if ctx.is_main:
         print(f"device: {description}; {ctx.world_size} process(es)", flush=True)
     if device.type == "cuda":
@@ -159,7 +169,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, device: torch.device, 
                                             for s in sources), flush=True)
 
     backbone = Backbone(config.ftext, config.backbone_weights, seed=config.seed).to(device)
-    network = build_network(config).to(device)
+    network = initial_network(config).to(device)
     step = GFRTMStep(network, backbone, GateLossConfig(config.m1, config.m2, config.marginEp, config.apply_margin))
     optimizer, scheduler = build_optimizer(network, config)
     cache = TargetModelCache(config.tmcache, backbone, device, num_aug=config.num_aug, seed=config.seed)
@@ -204,10 +214,11 @@ class Trainer:
         self.visuals: dict[str, torch.Tensor] = {}
         self.writer = None
         if rank == 0:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.checkpoint_dir, "the checkpoint folder", CHECKPOINTS_FLAG)
             for stale in self.checkpoint_dir.glob(".*.tmp"):  # left by a run killed while saving
                 stale.unlink()
             from torch.utils.tensorboard import SummaryWriter
+            make_dirs(tensorboard_dir, "the TensorBoard folder", TENSORBOARD_FLAG)
             self.writer = SummaryWriter(str(tensorboard_dir))
 
     @property

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -28,13 +27,12 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dataset.sequence import FRAME_SUFFIXES
+from evaluation.results import TrackingStats, load_timeline, percent
 from lib.errors import UsageError
-from lib.fileio import atomic_write_bytes
+from lib.fileio import atomic_write_bytes, make_dirs
 from lib.image_io import read_image, read_label_png, resize_image_area, resize_labels_nearest_exact
 from lib.palette import DAVIS_PALETTE
-from lib.results import TrackingStats, timeline_entry
-from lib.video_io import natural_key, same_aspect
+from lib.video_io import FRAME_SUFFIXES, natural_key, same_aspect
 
 GIF_MAX_WIDTH = 427
 GIF_MAX_FRAMES = 200
@@ -99,7 +97,7 @@ class Mp4Writer:
         h, w = rgb.shape[:2]
         if self._writer is None:
             self._size = (h, w)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
             padded = (h + h % 2, w + w % 2)
             self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
                                            (padded[1], padded[0]))
@@ -163,7 +161,7 @@ class GifWriter:
         first, rest = self._frames[0], self._frames[1:]
         first.save(buffer, format="GIF", save_all=True, append_images=rest, duration=max(duration, 20),
                    loop=0, optimize=True, disposal=1)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         atomic_write_bytes(self.path, buffer.getvalue())
         self._frames = []
 
@@ -189,32 +187,6 @@ TIMELINE_COLOURS = {
 }
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
-
-
-def write_timeline(path: str | os.PathLike, fps: float, frames: Sequence[Mapping]) -> None:
-    """Write timeline.json: {"fps": fps, "frames": [{"frame": stem, "reused": {"id": bool},
-    "reuse_prob": {"id": float}}]} ("reuse_prob" optional in `frames`)."""
-    data = {"fps": float(fps) if math.isfinite(fps) else None,
-            "frames": [timeline_entry(f["frame"], f["reused"], f.get("reuse_prob", {})) for f in frames]}
-    atomic_write_bytes(Path(path), (json.dumps(data, indent=1) + "\n").encode())
-
-
-def load_timeline(path: str | os.PathLike) -> dict:
-    """Read and check a timeline.json. Raises FileNotFoundError / ValueError naming the path."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"timeline not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-        frames = data["frames"]
-        for f in frames:
-            str(f["frame"])
-            {int(k): bool(v) for k, v in f["reused"].items()}
-            {int(k): float(v) for k, v in f.get("reuse_prob", {}).items()}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise UsageError(f"{path} is not a timeline.json ({{'fps': ..., 'frames': [{{'frame': ..., "
-                         f"'reused': {{...}}}}]}}): {exc!r}") from exc
-    return data
 
 
 def timeline_states(frames: Sequence[Mapping]) -> tuple[list[int], np.ndarray]:
@@ -301,7 +273,7 @@ def draw_timeline(timeline: Mapping, name: str = "") -> Image.Image:
     reused, tracked = stats.reused, stats.tracked
     fps = timeline.get("fps")
     fps_text = f"{fps:.1f} FPS" if isinstance(fps, (int, float)) and math.isfinite(fps) else "FPS n/a"
-    rate_text = f"reuse {100.0 * reused / tracked:.1f}% ({reused}/{tracked} object-frames)" if tracked \
+    rate_text = f"reuse {percent(stats.reuse_rate)} ({reused}/{tracked} object-frames)" if tracked \
         else "reuse n/a (no tracked object-frames)"
     title = f"{name}: " if name else ""
     draw.text((8, 6), f"{title}{fps_text}, {rate_text}", fill=TEXT, font=font)
@@ -412,6 +384,7 @@ def save_curve_png(path: str | os.PathLike, curves: Sequence[tuple[str, Sequence
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    make_dirs(Path(path).parent, "the curve's folder")
     atomic_write_bytes(Path(path), buffer.getvalue())
 
 
@@ -444,7 +417,7 @@ def _frame_path(frames: Path, seq: str, stem: str) -> Path:
         path = frames / seq / f"{stem}{suffix}"
         if path.is_file():
             return path
-    raise FileNotFoundError(f"--frames: no frame {frames / seq / stem}.jpg (or .jpeg / .png) for the "
+    raise FileNotFoundError(f"--frames: no frame {frames / seq / stem}.jpg (or .jpeg / .png / .bmp) for the "
                             f"result mask {seq}/{stem}.png")
 
 
@@ -495,7 +468,7 @@ def write_visuals(results: str | os.PathLike, frames: str | os.PathLike, out: Op
     written: dict[str, list[str]] = {}
     for seq in sequences:
         target = out / seq
-        target.mkdir(parents=True, exist_ok=True)
+        make_dirs(target, "the overlay folder", "--out")
         paths = []
         mp4_path = target / "overlay.mp4" if mp4 else None
         gif_path = target / "overlay.gif" if gif else None
