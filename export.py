@@ -1,6 +1,7 @@
 """Export a G-FRTM / FRTM checkpoint to ONNX graphs, for the runtime without PyTorch (`deploy/`).
 
     python export.py --model CKPT --out DIR [--backbone-weights imagenet|PATH] [--no-fast] [--num-aug N]
+                     [--int8 --calibrate FRAMES_OR_VIDEO ...]
 
 DIR receives one ONNX file per graph of `models.graphs` (backbone stages, template matching and
 reuse gate, both decoders, target-model scores, first-frame fit, memory encoding, filter
@@ -8,7 +9,8 @@ re-optimisation, probability merge; opset 18; frame size, object count and memor
 dynamic axes) and manifest.json (`lib.manifest`): the checkpoint's sha256, the target-model
 settings, opset, input and output names, the versions. docs/deployment.md says what stays in
 host code and why. Needs requirements-export.txt (onnx, onnxscript); onnxruntime checks nothing
-here but is what runs the graphs.
+here but is what runs the graphs, and with --int8 it quantises the convolution-heavy graphs
+(`quantize_graphs`).
 """
 from __future__ import annotations
 
@@ -23,15 +25,26 @@ from importlib import metadata
 from pathlib import Path
 
 from lib.cli import (UsageError, add_backbone_weights_flag, add_fast_flag, add_num_aug_flag, add_seed_flag,
-                     add_threads_flag, cpu_threads, run)
+                     add_threads_flag, cpu_threads, int_at_least, run)
 from lib.fileio import atomic_write_bytes, creating, make_dirs, make_temp_dir
-from lib.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_sha256
+from lib.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_sha256, read_manifest
+from lib.image_io import resize_image_area
+from lib.video_io import open_frames, processing_size
 
 OPSET = 18
 # The traced example's frame size; every size runs (dynamic axes). Not a multiple of 4, 8, 16 or 32:
 # where the trace finds a feature map already at its target size it skips the resize, and the
 # graph would keep that as a relation between the axes (the decoder's output at 4 x its input).
 EXAMPLE_SIZE = (117, 211)
+# int8 calibration: frames are tracked at this shorter side at most (as demo.py's --max-size), with
+# one object started from a box over the first frame's central half; once with every object
+# computing (TH 1: backbone_high, decode_computed) and once with every object reusing (TH 0: gate,
+# decode_reused), so that each quantised graph sees its inputs on every calibration frame.
+CALIBRATION_SIZE = 480
+# The operators --int8 quantises (their inputs and weights): the convolutions and matrix products.
+# The rest stays fp32, the gate's probability and the decoders' outputs included (quantised, the
+# probability moved in steps of 1/255 and flipped decisions next to the threshold).
+INT8_OPS = ["Conv", "ConvTranspose", "MatMul", "Gemm"]
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -47,6 +60,15 @@ def get_parser() -> argparse.ArgumentParser:
     add_num_aug_flag(parser, 5)
     add_seed_flag(parser)
     add_threads_flag(parser, 2, " while exporting")
+    parser.add_argument("--int8", action="store_true",
+                        help="quantise the convolution-heavy graphs (backbone, decoders, template matching and gate) "
+                             "to int8 (static QDQ, per-channel weights); needs --calibrate. The target models, the "
+                             "solver and the merge stay fp32")
+    parser.add_argument("--calibrate", type=Path, nargs="+", default=None, metavar="FRAMES_OR_VIDEO",
+                        help="with --int8: frame folders or videos whose frames calibrate the activations' ranges "
+                             "(frames like those the export will track)")
+    parser.add_argument("--calibration-frames", type=int_at_least(1), default=8,
+                        help="with --int8: frames used of each --calibrate source, from its start (default 8)")
     return parser
 
 
@@ -59,6 +81,8 @@ class ExportConfig:
     num_aug: int
     seed: int
     threads: int | None
+    calibrate: tuple[Path, ...] = ()  # with --int8; empty: fp32
+    calibration_frames: int = 8
 
 
 def config_from_args(args: argparse.Namespace) -> ExportConfig:
@@ -75,7 +99,15 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
         raise UsageError(f"--out: {out} is a folder with files but no {MANIFEST} (not an earlier export, which "
                          f"would be replaced): choose a new or empty folder")
-    return ExportConfig(model, out, bw, args.fast, args.num_aug, args.seed, args.threads)
+    calibrate = tuple(Path(p).expanduser() for p in args.calibrate or ())
+    if args.int8 and not calibrate:
+        raise UsageError("--int8 needs --calibrate FRAMES_OR_VIDEO ...: frames whose activations set the int8 ranges")
+    if calibrate and not args.int8:
+        raise UsageError("--calibrate is used only with --int8")
+    for source in calibrate:
+        open_frames(source, flag="--calibrate")  # a missing or empty source: one error now, before the export
+    return ExportConfig(model, out, bw, args.fast, args.num_aug, args.seed, args.threads, calibrate,
+                        args.calibration_frames)
 
 
 def _versions() -> dict:
@@ -183,11 +215,89 @@ def main(args: argparse.Namespace) -> dict:
                         "backbone_weights": cfg.backbone_weights, "num_aug": cfg.num_aug, "seed": cfg.seed,
                         "opset": OPSET, "precision": "fp32", **exported, "versions": _versions()}
             atomic_write_bytes(staging / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+            if cfg.calibrate:  # the fp32 export tracks the calibration frames, then its graphs are replaced
+                manifest = quantize_graphs(staging, cfg.calibrate, cfg.calibration_frames)
             with creating(cfg.out, "the export folder", fix="--out"):
                 _replace(staging, cfg.out)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {len(manifest['graphs'])} graphs and {MANIFEST} to {cfg.out}")
+    return manifest
+
+
+def calibration_inputs(folder: Path, names, sources, frames_per_source: int) -> dict[str, list[dict]]:
+    """Each graph of `names`' inputs while the fp32 export in `folder` tracks the calibration
+    frames (see CALIBRATION_SIZE) -> {graph: [inputs by name]}."""
+    import numpy as np
+
+    from deploy.runtime import ExportedTracker
+
+    class Recording(ExportedTracker):
+        """The runtime, keeping the inputs of the graphs to quantise."""
+
+        def run(self, name: str, **inputs):
+            if name in recorded:
+                recorded[name].append(inputs)
+            return super().run(name, **inputs)
+
+    recorded: dict[str, list[dict]] = {name: [] for name in names}
+    tracker = Recording(folder)
+    for source in sources:
+        frames = open_frames(source, flag="--calibrate")
+        size = processing_size(*frames.size, CALIBRATION_SIZE)
+        images = []
+        for stem, rgb in frames:
+            images.append(resize_image_area(rgb, size))
+            if len(images) == frames_per_source:
+                break
+        h, w = size
+        box = np.zeros(size, np.uint8)
+        box[h // 4:h - h // 4, w // 4:w - w // 4] = 1
+        for threshold in (1.0, 0.0):
+            feed = ((image, box if t == 0 else None, [1] if t == 0 else []) for t, image in enumerate(images))
+            for _ in tracker.track(feed, threshold):
+                pass
+    return recorded
+
+
+def quantize_graphs(folder: Path, sources, frames_per_source: int, log=print) -> dict:
+    """Replace the convolution-heavy graphs (`GraphSpec.quantised`) of the fp32 export in
+    `folder` by int8 ones: static QDQ quantisation (onnxruntime.quantization.quantize_static,
+    per-channel int8 weights, int8 activations with MinMax ranges) calibrated on the graphs'
+    inputs while the export tracks the calibration frames. Rewrites the manifest -> it."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from models.graphs import GRAPHS
+
+    manifest = read_manifest(folder)
+    names = [n for n, spec in GRAPHS.items() if spec.quantised and n in manifest["graphs"]]
+    start = time.perf_counter()
+    recorded = calibration_inputs(folder, names, sources, frames_per_source)
+    log(f"  calibration: {sum(map(len, recorded.values()))} graph runs, {time.perf_counter() - start:.0f} s",
+        flush=True)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, batches):
+            self.batches = iter(batches)
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    graphs = dict(manifest["graphs"])
+    for name in names:
+        entry = graphs[name]
+        fp32, int8 = folder / entry["file"], folder / f"{name}.int8.onnx"
+        start = time.perf_counter()
+        quantize_static(str(fp32), str(int8), Reader(recorded[name]), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OPS)
+        int8.replace(fp32)
+        log(f"  {name}: int8, {fp32.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - start:.0f} s", flush=True)
+        graphs[name] = {**entry, "sha256": file_sha256(fp32), "bytes": fp32.stat().st_size, "precision": "int8"}
+    calibration = {"sources": [str(s) for s in sources], "frames_per_source": frames_per_source,
+                   "max_size": CALIBRATION_SIZE, "method": "static QDQ, per-channel int8 weights, int8 activations, "
+                                                           "MinMax", "graph_runs": {n: len(recorded[n]) for n in names}}
+    manifest = {**manifest, "precision": "int8", "graphs": graphs, "calibration": calibration}
+    atomic_write_bytes(folder / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
 
 
