@@ -33,7 +33,8 @@ from lib.cli import add_threads_flag, cpu_threads, image_size, int_at_least, run
 from models import build_tracker
 from models.network import GFRTM
 
-THRESHOLDS = {"computed": 0.999999, "reused": 0.0}
+COMPUTED_TH = 0.999999  # the gate runs, every object computes (p_reuse < 1)
+REUSED_TH = 0.0  # every object reuses (p_reuse > 0)
 
 
 def _checkpoint(folder: Path) -> Path:
@@ -70,6 +71,7 @@ def _times(results) -> tuple[list[float], list[bool]]:
 
 
 def main(args: argparse.Namespace) -> dict:
+    thresholds = {"computed": COMPUTED_TH, "reused": REUSED_TH}
     frames = make_frames(1, args.frames, args.size)
     numpy_frames = [(image.permute(1, 2, 0).numpy(), None if labels is None else labels.numpy(), ids)
                     for image, labels, ids in frames]
@@ -82,9 +84,9 @@ def main(args: argparse.Namespace) -> dict:
         if args.int8:
             runtimes["onnxruntime int8"] = ExportedTracker(_quantised(fp32, folder / "int8", frames),
                                                            threads=args.threads)
-        seconds = {(name, kind): [] for name in runtimes for kind in THRESHOLDS}
+        seconds = {(name, kind): [] for name in runtimes for kind in thresholds}
         for _ in range(args.repeats):
-            for kind, threshold in THRESHOLDS.items():
+            for kind, threshold in thresholds.items():
                 for name, tracker in runtimes.items():
                     if name == "torch eager":
                         times, decisions = _times(tracker.track(frames, threshold, keep_probabilities=False))
@@ -100,7 +102,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"{'runtime':<18}{'computed ms':>12}{'x':>7}{'reused ms':>12}{'x':>7}")
     for name in runtimes:
         row = f"{name:<18}"
-        for kind in THRESHOLDS:
+        for kind in thresholds:
             row += f"{ms[name, kind]:>12.1f}{ms['torch eager', kind] / ms[name, kind]:>7.2f}"
         print(row)
     return {f"{name} {kind}": value for (name, kind), value in ms.items()}
