@@ -27,8 +27,8 @@ from pathlib import Path
 from lib.cli import (UsageError, add_backbone_weights_flag, add_fast_flag, add_num_aug_flag, add_seed_flag,
                      add_threads_flag, cpu_threads, int_at_least, run)
 from lib.fileio import atomic_write_bytes, creating, make_dirs, make_temp_dir
-from lib.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_sha256, read_manifest
 from lib.image_io import resize_image_area
+from lib.manifest import FORMAT, FORMAT_VERSION, MANIFEST, file_sha256, read_manifest
 from lib.video_io import open_frames, processing_size
 
 OPSET = 18
@@ -246,7 +246,7 @@ def calibration_inputs(folder: Path, names, sources, frames_per_source: int) -> 
         frames = open_frames(source, flag="--calibrate")
         size = processing_size(*frames.size, CALIBRATION_SIZE)
         images = []
-        for stem, rgb in frames:
+        for _, rgb in frames:
             images.append(resize_image_area(rgb, size))
             if len(images) == frames_per_source:
                 break
