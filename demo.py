@@ -29,6 +29,7 @@ import main_job
 from lib.cli import (UsageError, add_backbone_weights_flag, add_batch_sequences_flag, add_compile_flag, add_device_flag,
                      add_num_aug_flag, add_precision_flag, add_seed_flag, add_threads_flag, add_threshold_flag,
                      int_at_least, positive_float, resolve_device, run)
+from lib.fileio import make_dirs
 from lib.image_io import resize_labels_nearest_exact, write_label_png
 from lib.video_io import MaskSet, TrackerFeed, open_frames, processing_size
 from lib.results import TrackingStats
@@ -135,7 +136,7 @@ def run_own_video(args: argparse.Namespace) -> dict:
     size = processing_size(height, width, args.max_size)
     out = Path(args.out) if args.out is not None else Path("demo_out") / frames.name
     mask_dir = out / "masks"
-    mask_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(mask_dir, "the output folder", "--out")
 
     from models import build_tracker  # after the cheap checks
     tracker = build_tracker(str(Path(args.model).expanduser()), device=device, num_aug=args.num_aug,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lib.cli import cpu_threads, resolve_device
 from lib.evaluation import EvalConfig
-from lib.fileio import atomic_write_bytes
+from lib.fileio import atomic_write_bytes, make_dirs
 from lib.gate_report import format_summary, gate_report
 
 
@@ -131,6 +131,7 @@ def write_data(work: Path, seed: int) -> tuple[Path, Path]:
     from dataset.synthetic import make_davis_like
     from dataset.synthetic_layouts import make_folder_like
 
+    work = make_dirs(Path(work), "the work folder", "--work")
     train_data, val_data = work / "synthetic-train", work / "synthetic-val"
     if not (train_data / "ImageSets").is_dir():
         print(f"[1/6] writing synthetic data: {JOB_TRAIN['sequences']} training sequences (DAVIS layout) to "

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from lib.argtypes import image_size, int_in
-from lib.fileio import atomic_write_bytes
+from lib.fileio import atomic_write_bytes, make_dirs
 from lib.image_io import write_label_png
 
 YTVOS_STEP = 5  # YouTube-VOS annotates (and its non-"all_frames" splits hold) every 5th frame
@@ -235,12 +235,12 @@ def _write_jpeg(path: Path, rgb: np.ndarray) -> None:
 
 
 def _write_lines(path: Path, lines: SequenceType[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
 
 
@@ -264,8 +264,8 @@ def make_davis_like(root: str | Path, num_sequences: int = 3, num_frames: int = 
                                              motion=motion, hold=hold)
             image_dir = root / "JPEGImages" / "480p" / name
             anno_dir = root / "Annotations" / "480p" / name
-            image_dir.mkdir(parents=True, exist_ok=True)
-            anno_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(image_dir)
+            make_dirs(anno_dir)
             for t in range(num_frames):
                 _write_jpeg(image_dir / f"{t:05d}.jpg", frames[t])
                 write_label_png(anno_dir / f"{t:05d}.png", labels[t])
@@ -331,7 +331,7 @@ def _write_ytvos_video(root: Path, part: str, video: str, frames: np.ndarray, la
     sub_dir = root / part / "JPEGImages" / video
     anno_dir = root / part / "Annotations" / video
     for d in (all_dir, sub_dir, anno_dir):
-        d.mkdir(parents=True, exist_ok=True)
+        make_dirs(d)
     annotated = list(range(0, len(frames), YTVOS_STEP))
     for t in range(len(frames)):
         _write_jpeg(all_dir / f"{t:05d}.jpg", frames[t])

@@ -13,6 +13,7 @@ from typing import Optional
 import numpy as np
 
 from dataset.synthetic import _write_jpeg, _write_json, _write_lines, render_sequence
+from lib.fileio import make_dirs
 from lib.image_io import write_label_png
 
 SIZE = (120, 216)
@@ -21,8 +22,8 @@ SIZE = (120, 216)
 def _write_video(image_dir: Path, anno_dir: Path, frames: np.ndarray, labels: np.ndarray, names: list[str],
                  annotated: list[int]) -> None:
     """JPEGs of every frame; label PNGs of the `annotated` frame indices (all objects present)."""
-    image_dir.mkdir(parents=True, exist_ok=True)
-    anno_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(image_dir)
+    make_dirs(anno_dir)
     for t, name in enumerate(names):
         _write_jpeg(image_dir / f"{name}.jpg", frames[t])
     for t in annotated:
@@ -31,7 +32,7 @@ def _write_video(image_dir: Path, anno_dir: Path, frames: np.ndarray, labels: np
 
 def _first_masks(anno_dir: Path, labels: np.ndarray, names: list[str], first_frames: list[int]) -> None:
     """YouTube-VOS-valid style: one PNG per frame where objects start, holding only those."""
-    anno_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(anno_dir)
     for first in sorted(set(first_frames)):
         starting = [k + 1 for k, f in enumerate(first_frames) if f == first]
         write_label_png(anno_dir / f"{names[first]}.png",
@@ -169,7 +170,7 @@ def make_lvos_scoring_set(root: str | Path, results: str | Path, meta: str = "v1
         frames = np.repeat((40 + 60 * (gt > 0)).astype(np.uint8)[..., None], 3, axis=-1)
         annotated = sorted({n - 1 for start, end, *_ in objects.values() for n in range(start, end, 5)})
         _write_video(split / "JPEGImages" / video, split / "Annotations" / video, frames, gt, names, annotated)
-        (results / video).mkdir(parents=True, exist_ok=True)
+        make_dirs(results / video)
         for t, name in enumerate(names):
             write_label_png(results / video / f"{name}.png", pred[t])
         as_value = (lambda n: f"{n:08d}") if meta == "v1" else (lambda n: n)

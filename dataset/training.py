@@ -30,8 +30,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from lib.errors import UsageError
-from lib.fileio import atomic_write_bytes
+from lib.errors import OutputError, UsageError
+from lib.fileio import atomic_write_bytes, make_dirs
 from lib.image_io import read_image, read_label_png, resize_image_bilinear, resize_labels_nearest
 
 from .davis import list_davis_sequences, resolve_davis_root
@@ -175,9 +175,9 @@ class TrainingSource:
                          "counts": [r + [0] * (width - len(r)) for r in original],
                          "resized": [r + [0] * (width - len(r)) for r in resized]}
         try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(cache_dir)
             atomic_write_bytes(cache, json.dumps(data).encode())
-        except OSError as exc:
+        except OutputError as exc:
             log.warning("could not write the visibility cache %s (%s); it will be recomputed next time", cache, exc)
         return data
 

@@ -7,6 +7,8 @@ import queue
 import threading
 from typing import Callable, Iterable, Iterator, TypeVar
 
+from lib.errors import OutputError
+
 T = TypeVar("T")
 
 _DONE = object()
@@ -126,7 +128,7 @@ class BackgroundWriter:
 
 def _with_path(exc: BaseException, path) -> BaseException:
     """The failure of writing `path`, as an OSError that names the path."""
-    if isinstance(exc, OSError) and exc.filename is not None:
+    if isinstance(exc, OutputError) or (isinstance(exc, OSError) and exc.filename is not None):
         return exc
     error = OSError(f"could not write {path}: {exc}")
     error.__cause__ = exc

@@ -27,6 +27,7 @@ import torch
 from dataset.presets import PRESETS, DataConfig, EvalData
 from lib import distributed
 from lib.cli import UsageError, resolve_device
+from lib.fileio import make_dirs
 from lib.metrics import format_table, json_safe, write_results
 from lib.results import (evaluate_data_dir, read_sequence_stats, results_dir, sequence_complete, summarize_tracking,
                          write_json, write_submission_zip)
@@ -227,7 +228,7 @@ def track_sequences(job: Job, sequences: list, tracker=None, frames: Optional[di
         first = sequences[0]
         for _ in tracker.track((first[i] for i in range(min(2, len(first)))), job.config.TH, keep_probabilities=False):
             pass
-    job.out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(job.out_dir, "the results folder", "--output-root or $RVOS_OUTPUT")
     started = time.perf_counter()
     track = track_lockstep if job.config.batch_sequences > 1 else track_one_by_one
     try:

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from lib.cli import UsageError, run
-from lib.fileio import atomic_write_bytes
+from lib.fileio import atomic_write_bytes, make_dirs
 from lib.image_io import read_label_png
 from lib.metrics import jaccard_index, json_safe
 from lib.visualize import load_timeline
@@ -178,6 +178,7 @@ def main(args: argparse.Namespace) -> dict:
     print(format_summary(summary))
     data = asdict(summary)
     if args.json is not None:
+        make_dirs(args.json.parent, "the --json file's folder", "--json")
         atomic_write_bytes(args.json, (json.dumps(json_safe(data), indent=1) + "\n").encode())
     return data
 

@@ -27,7 +27,7 @@ from typing import Iterable, Mapping, Sequence
 import cv2
 import numpy as np
 
-from lib.fileio import atomic_write_bytes
+from lib.fileio import atomic_write_bytes, make_dirs
 
 BOUNDARY_TOLERANCE = 0.008  # fraction of the image diagonal
 STATISTICS = ("mean", "recall", "decay")
@@ -431,7 +431,7 @@ def write_results(results: dict, out_dir: str | os.PathLike) -> None:
     """
     with_v = "V" in results
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir, "the results folder")
 
     text = json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n"
     atomic_write_bytes(out_dir / "results.json", text.encode("utf-8"))

@@ -25,7 +25,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence as SequenceType
@@ -34,7 +33,7 @@ import numpy as np
 
 from lib.background import BackgroundWriter
 from lib.errors import UsageError
-from lib.fileio import UMASK, atomic_write_bytes
+from lib.fileio import atomic_write_bytes, make_dirs, make_temp_dir
 from lib.image_io import read_label_png, write_label_png
 from lib.metrics import (LVOS_STEP, evaluate_lvos_object, evaluate_lvos_sequence, evaluate_results, json_safe,
                          lvos_scored_positions, summarize_lvos)
@@ -111,13 +110,12 @@ class SequenceWriter:
         self._finished = False
 
     def __enter__(self) -> "SequenceWriter":
-        self.results_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.results_dir, "the results folder")
         own = re.compile(rf"\.{re.escape(self.name)}\.(old\.)?[^.]+{re.escape(_PARTIAL)}")
         for stale in self.results_dir.glob(f".{self.name}.*{_PARTIAL}"):
             if own.fullmatch(stale.name):
                 shutil.rmtree(stale, ignore_errors=True)
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.name}.", suffix=_PARTIAL, dir=self.results_dir))
-        os.chmod(self.tmp_dir, 0o777 & ~UMASK)
+        self.tmp_dir = make_temp_dir(self.results_dir, f".{self.name}.", _PARTIAL)
         return self
 
     def write(self, frame_name: str, labels) -> Path:
@@ -158,7 +156,7 @@ class SequenceWriter:
         atomic_write_bytes(self.tmp_dir / STATS_FILE, _json_bytes(dict(stats or {})))
         old = None
         if self.final_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{self.name}.old.", suffix=_PARTIAL, dir=self.results_dir))
+            old = make_temp_dir(self.results_dir, f".{self.name}.old.", _PARTIAL)
             os.replace(self.final_dir, old / self.name)
         os.replace(self.tmp_dir, self.final_dir)
         self.tmp_dir = None
@@ -469,7 +467,7 @@ def write_submission_zip(results_directory: str | os.PathLike, videos: Mapping[s
             for frame in sorted(videos[video]):
                 zf.write(results_directory / video / f"{frame}.png", f"{prefix}{video}/{frame}.png")
                 frames += 1
-    zip_path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(zip_path.parent, "the submission zip's folder")
     atomic_write_bytes(zip_path, buffer.getvalue())
     return {"path": str(zip_path), "videos": len(complete), "frames": frames, "missing": missing}
 
@@ -485,5 +483,5 @@ def _json_bytes(data) -> bytes:
 def write_json(path: str | os.PathLike, data) -> None:
     """Strict JSON (NaN as null), written atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     atomic_write_bytes(path, _json_bytes(data))

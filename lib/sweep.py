@@ -26,7 +26,7 @@ from typing import Mapping, Optional, Sequence
 
 from lib import distributed
 from lib.background import read_ahead
-from lib.fileio import atomic_write_bytes
+from lib.fileio import atomic_write_bytes, make_dirs
 from lib.metrics import json_safe
 from lib.results import TrackingStats, curve_dir_name, results_dir_name
 
@@ -172,7 +172,7 @@ def curve_row(th: float, results: Mapping, speed: Optional[Mapping], gflops: flo
 
 def write_curve(out_dir: Path, rows: Sequence[Mapping], info: Mapping) -> None:
     """curve.csv (CURVE_COLUMNS, empty cells for missing numbers) and curve.json ({"rows", ...info})."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir, "the curve's folder")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CURVE_COLUMNS)

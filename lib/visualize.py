@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dataset.sequence import FRAME_SUFFIXES
 from lib.errors import UsageError
-from lib.fileio import atomic_write_bytes
+from lib.fileio import atomic_write_bytes, make_dirs
 from lib.image_io import read_image, read_label_png, resize_image_area, resize_labels_nearest_exact
 from lib.palette import DAVIS_PALETTE
 from lib.results import TrackingStats, timeline_entry
@@ -99,7 +99,7 @@ class Mp4Writer:
         h, w = rgb.shape[:2]
         if self._writer is None:
             self._size = (h, w)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.path.parent)
             padded = (h + h % 2, w + w % 2)
             self._writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps,
                                            (padded[1], padded[0]))
@@ -163,7 +163,7 @@ class GifWriter:
         first, rest = self._frames[0], self._frames[1:]
         first.save(buffer, format="GIF", save_all=True, append_images=rest, duration=max(duration, 20),
                    loop=0, optimize=True, disposal=1)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         atomic_write_bytes(self.path, buffer.getvalue())
         self._frames = []
 
@@ -412,6 +412,7 @@ def save_curve_png(path: str | os.PathLike, curves: Sequence[tuple[str, Sequence
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    make_dirs(Path(path).parent, "the curve's folder")
     atomic_write_bytes(Path(path), buffer.getvalue())
 
 
@@ -495,7 +496,7 @@ def write_visuals(results: str | os.PathLike, frames: str | os.PathLike, out: Op
     written: dict[str, list[str]] = {}
     for seq in sequences:
         target = out / seq
-        target.mkdir(parents=True, exist_ok=True)
+        make_dirs(target, "the overlay folder", "--out")
         paths = []
         mp4_path = target / "overlay.mp4" if mp4 else None
         gif_path = target / "overlay.gif" if gif else None

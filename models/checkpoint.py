@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lib.errors import UsageError
-from lib.fileio import atomic_write
+from lib.fileio import atomic_write, make_dirs
 from lib.safe_load import load_pth
 
 from .network import BACKBONE_CHANNELS, GFRTM
@@ -177,7 +177,7 @@ def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
     """torch.save `obj` to `path` through the atomic writer (lib.fileio), creating the parent
     directory."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     return atomic_write(path, lambda f: torch.save(obj, f))
 
 

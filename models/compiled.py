@@ -30,6 +30,8 @@ from torch._dynamo.exc import BackendCompilerFailed
 from torch._inductor.exc import InductorError
 from torch.utils._pytree import tree_map_only
 
+from lib.fileio import make_dirs
+
 # A code generator's crash, as opposed to a graph break (torch._dynamo.exc.Unsupported).
 COMPILER_FAILURES = (BackendCompilerFailed, InductorError)
 
@@ -50,8 +52,7 @@ def cache_dir() -> Path:
     if not given or os.path.abspath(given) == os.path.abspath(default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(DEFAULT_CACHE.expanduser())
     path = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return make_dirs(path, "the compile cache folder", "$TORCHINDUCTOR_CACHE_DIR")
 
 
 def set_global_switches(device: torch.device) -> None:

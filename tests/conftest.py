@@ -69,3 +69,41 @@ def seeded_backbone_state(ftext: str, seed: int, checksum: float) -> dict:
         pytest.skip(f"torch {torch.__version__} builds different seeded {ftext} weights "
                     f"(checksum {total} != {checksum}): cannot compare")
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Unusable output paths: every script answers with one `error:` line and exit status 2
+
+
+@pytest.fixture
+def blocked(tmp_path) -> Path:
+    """A regular file: a folder asked for under it cannot be made (NotADirectoryError)."""
+    path = tmp_path / "a-file"
+    path.write_text("not a folder\n")
+    return path
+
+
+def run_script(monkeypatch, capsys, main, parser, argv) -> tuple[int, str]:
+    """main(args) through lib.cli.run as the shell runs it, with `argv` -> (exit status, stderr)."""
+    from lib.cli import run
+
+    monkeypatch.setattr(sys, "argv", ["script", *map(str, argv)])
+    capsys.readouterr()
+    try:
+        run(main, parser)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def assert_output_error(code: int, err: str, blocker: Path) -> None:
+    """One `error:` line that names the file standing where a folder should be, and exit 2."""
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: cannot create "), err
+    assert f"{blocker} is a file, not a folder" in lines[0], err
+
+
+read_only_folders = pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                                       reason="root ignores folder permissions")

@@ -3,6 +3,7 @@ functions (lib.image_io)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import stat
 import subprocess
@@ -17,6 +18,8 @@ import evaluate
 import train
 from lib import fileio
 from lib.cli import UsageError, cpu_threads, run
+from lib.errors import OutputError
+from conftest import read_only_folders
 from lib.image_io import (read_image, resize_image_area, resize_image_bilinear, resize_labels_nearest,
                           resize_labels_nearest_exact)
 
@@ -176,7 +179,7 @@ def test_atomic_write_fsyncs_and_keeps_the_old_file_on_failure(tmp_path, monkeyp
         f.write(b"half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=f"cannot create {path}: disk full"):
         fileio.atomic_write(path, fail)
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
 
@@ -200,3 +203,44 @@ def test_corrupt_image_is_a_usage_error(tmp_path):
     path.write_bytes(b"not a jpeg")
     with pytest.raises(UsageError, match="cannot decode image"):
         read_image(path)
+
+
+def test_make_dirs_names_the_path_the_reason_and_the_flag(tmp_path, blocked, monkeypatch):
+    made = fileio.make_dirs(tmp_path / "a" / "b", "the results folder", "--output-root")
+    assert made == tmp_path / "a" / "b" and made.is_dir()
+    assert fileio.make_dirs(made) == made  # already there: fine
+    for path in (blocked / "x" / "y", blocked):  # under a file, and the file itself
+        with pytest.raises(OutputError) as info:
+            fileio.make_dirs(path, "the results folder", "--output-root")
+        assert str(info.value) == (f"cannot create the results folder {path}: {blocked} is a file, not a folder "
+                                   f"(choose another with --output-root)")
+    with pytest.raises(OutputError, match="too long"):
+        fileio.make_dirs(tmp_path / ("n" * 300))
+    # a read-only file system (simulated: root could write anywhere here)
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(OutputError, match=f"cannot create the output folder {tmp_path / 'ro'}: read-only file system"):
+        fileio.make_dirs(tmp_path / "ro")
+
+
+def test_atomic_write_and_temp_dirs_under_a_file_are_output_errors(tmp_path, blocked):
+    with pytest.raises(OutputError, match=f"{blocked} is a file, not a folder"):
+        fileio.atomic_write_bytes(blocked / "f.json", b"{}")
+    with pytest.raises(OutputError, match=f"{blocked} is a file, not a folder"):
+        fileio.make_temp_dir(blocked, ".x.", ".partial")
+    assert blocked.read_text() == "not a folder\n" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@read_only_folders
+def test_read_only_folder_is_an_output_error(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(OutputError, match="permission"):
+            fileio.make_dirs(folder)
+        with pytest.raises(OutputError, match="ermission denied"):
+            fileio.atomic_write_bytes(folder / "f.json", b"{}")
+    finally:
+        folder.chmod(0o755)

@@ -32,6 +32,7 @@ from lib.visualize import load_timeline
 from models import precision
 from models.checkpoint import build_network
 
+from conftest import assert_output_error, read_only_folders, run_script
 from forged_checkpoints import PAYLOADS, malicious_checkpoint, upstream_trainer_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -699,3 +700,29 @@ def test_malicious_checkpoint_runs_nothing(payload, checkpoint, davis_root, tmp_
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
         assert f"{evil} was not loaded: it would call {payload.replace('os.', 'posix.')}" in proc.stderr
         assert not marker.exists()
+
+
+def test_unusable_output_root_is_one_error_line(checkpoint, davis_root, blocked, monkeypatch, capsys):
+    """--output-root under a file: one line naming the file and the flag, exit 2, for one threshold
+    and for a sweep (whose curve folder is under the same root)."""
+    for th in ("0.5", "1.0,0.5"):
+        argv = ["--model", checkpoint, "--ftext", "resnet18", "--num-aug", "1", "--backbone-weights", "random",
+                "--dev", "cpu", "--output-root", blocked / "out", *davis_args(davis_root)[:-1], th]
+        code, err = run_script(monkeypatch, capsys, main, get_parser(), argv)
+        assert_output_error(code, err, blocker=blocked)
+        assert "--output-root" in err
+    assert blocked.read_text() == "not a folder\n"
+
+
+@read_only_folders
+def test_read_only_output_root_is_one_error_line(checkpoint, davis_root, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "ro"
+    root.mkdir()
+    root.chmod(0o555)
+    try:
+        argv = ["--model", checkpoint, "--ftext", "resnet18", "--num-aug", "1", "--backbone-weights", "random",
+                "--dev", "cpu", "--output-root", root, *davis_args(davis_root)]
+        code, err = run_script(monkeypatch, capsys, main, get_parser(), argv)
+    finally:
+        root.chmod(0o755)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "ermission" in err, err

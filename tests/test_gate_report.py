@@ -99,3 +99,13 @@ def test_cli_writes_json_and_names_missing_inputs(folders, capsys):
         gate_report.gate_report(root / "nowhere", root / "plain", root / "annotations")
     with pytest.raises(ValueError, match="no <sequence>/timeline.json"):
         gate_report.gate_report(root / "annotations", root / "plain", root / "annotations")
+
+
+def test_unusable_json_path_is_one_error_line(folders, blocked, monkeypatch, capsys):
+    from conftest import assert_output_error, run_script
+
+    root, _ = folders
+    argv = ["--gated", root / "gated", "--plain", root / "plain", "--annotations", root / "annotations",
+            "--json", blocked / "report.json"]
+    code, err = run_script(monkeypatch, capsys, gate_report.main, gate_report.get_parser(), argv)
+    assert_output_error(code, err, blocker=blocked)

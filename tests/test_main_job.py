@@ -195,3 +195,13 @@ def test_benchmark_tables_the_seeds_and_writes_the_doc(tmp_path, capsys):
     assert "```text\n" + " " * 12 + "TH 1.0 (always compute)" in text and "All three goals met (seed 0).\n```" in text
     assert [m[0] for m in EPOCH_LINE.findall(text)] == ["1", "2"] and "demo_ep0001.pth" not in text
     assert bench.seed_list("0-2,7,2") == [0, 1, 2, 7] and bench.seeds_text([0, 1, 2, 7]) == "0-2,7"
+
+
+def test_unusable_work_folder_is_one_error_line(blocked, monkeypatch, capsys):
+    import demo
+    from conftest import assert_output_error, run_script
+
+    code, err = run_script(monkeypatch, capsys, demo.main, demo.get_parser(),
+                           ["--work", blocked / "w", "--epochs", "1", "--dev", "cpu"])
+    assert_output_error(code, err, blocker=blocked)
+    assert "--work" in err

@@ -20,7 +20,7 @@ from lib.video_io import MaskSet, natural_key, open_frames, processing_size, sam
 from models.checkpoint import save_checkpoint
 from models.network import GFRTM
 
-from conftest import ROOT
+from conftest import ROOT, assert_output_error, run_script
 
 DOG_SIZE = (121, 215)  # odd, so the MP4 writer pads; tracked at 64 x 114 with --max-size 64
 
@@ -253,3 +253,11 @@ def test_errors(dog, checkpoint, tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: --video")
+
+
+def test_unusable_out_is_one_error_line(dog, checkpoint, blocked, monkeypatch, capsys):
+    argv = ["--video", dog / "frames", "--mask", dog / "mask.png", "--model", checkpoint, "--out", blocked / "x",
+            "--dev", "cpu", "--num-aug", "1", "--backbone-weights", "random"]
+    code, err = run_script(monkeypatch, capsys, demo.main, demo.get_parser(), argv)
+    assert_output_error(code, err, blocker=blocked)
+    assert "--out" in err

@@ -32,6 +32,7 @@ from trainers.gfrtm_step import GateLossConfig, GFRTMStep, gate_target, straight
 from trainers.tmcache import TargetModelCache
 from trainers.trainer import TrainConfig, Trainer, build_network, build_optimizer, checkpoint_files, run_training
 
+from conftest import assert_output_error, run_script
 from forged_checkpoints import malicious_checkpoint, upstream_trainer_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -561,3 +562,12 @@ def test_malicious_init_and_resume_checkpoints_run_nothing(tmp_path, synthetic_r
         assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert errors[0].startswith(f"error: checkpoint {evil} was not loaded: it would call posix.system")
         assert not marker.exists()
+
+
+@pytest.mark.parametrize("flag", ["--checkpoints", "--tensorboard", "--tmcache"])
+def test_unusable_output_folders_are_one_error_line(flag, synthetic_root, tmp_path, blocked, monkeypatch, capsys):
+    argv = cli(tmp_path, synthetic_root, "--epochs", "1", "--workers", "0", flag, str(blocked / "x"))
+    code, err = run_script(monkeypatch, capsys, train.main, train.get_parser(), argv)
+    assert_output_error(code, err, blocker=blocked)
+    assert flag in err
+    assert not (tmp_path / "ck").exists() or not list((tmp_path / "ck").rglob("*.pth"))  # nothing trained

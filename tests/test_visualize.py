@@ -18,7 +18,7 @@ from lib.visualize import (ABSENT, COMPUTED, GIVEN, REUSED, TIMELINE_COLOURS, Gi
                            draw_timeline, list_sequences, load_timeline, object_boundaries, overlay,
                            save_timeline_png, timeline_layout, timeline_states, write_timeline)
 
-from conftest import ROOT
+from conftest import ROOT, assert_output_error, run_script
 
 
 def _labels(h=40, w=60):
@@ -237,3 +237,16 @@ def test_visualize_cli_errors(fake_results, tmp_path):
                            "--frames", str(tmp_path / "missing")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: --frames")
+
+
+def test_unusable_out_is_one_error_line(fake_results, blocked, monkeypatch, capsys):
+    from lib.sweep import CURVE_COLUMNS, write_curve
+
+    frames_dir, results = fake_results
+    rows = [{**{c: 1.0 for c in CURVE_COLUMNS}, "tau": tau, "J&F": jf, "fps": fps, "results_dir": ""}
+            for tau, jf, fps in ((1.0, 0.6, 10.0), (0.7, 0.55, 14.0))]
+    write_curve(results / "sweep", rows, {})
+    for argv in (["--results", results, "--frames", frames_dir, "--out", blocked / "vis"],
+                 ["curve", results / "sweep", "--out", blocked / "curves.png"]):
+        code, err = run_script(monkeypatch, capsys, vis_cli.main, vis_cli.get_parser(), argv)
+        assert_output_error(code, err, blocker=blocked)

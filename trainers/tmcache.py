@@ -13,6 +13,7 @@ read from disk again. The trainer fills the cache for an epoch's samples before 
 from __future__ import annotations
 
 import logging
+import os
 import zlib
 from collections import OrderedDict
 from pathlib import Path
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lib.errors import OutputError
+from lib.fileio import make_dirs
 from lib.safe_load import load_pth
 from models.augmenter import FirstFrameAugmenter, training_params
 from models.backbone import Backbone
@@ -28,6 +31,19 @@ from models.target_model import TargetModel, TargetModelConfig
 
 log = logging.getLogger(__name__)
 LAYER = "layer4"
+TMCACHE_FLAG = "--tmcache or $RVOS_TMCACHE"  # what places the cache, named when it cannot be made
+
+
+def writable_cache(folder: Path) -> bool:
+    """Whether cache entries can be written in `folder`, made here if missing. An existing folder
+    this user cannot write (e.g. upstream's released cache on a read-only disk) is read as it is
+    (False, said once); any other unusable path raises OutputError naming --tmcache."""
+    folder = Path(folder)
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+        log.warning("the target-model cache %s is read-only: its entries are used, new ones are not saved", folder)
+        return False
+    make_dirs(folder, "the target-model cache", TMCACHE_FLAG)
+    return True
 
 
 class TargetModelCache:
@@ -38,7 +54,7 @@ class TargetModelCache:
         self.backbone = backbone
         self.device = torch.device(device)
         self.augmenter = FirstFrameAugmenter(training_params(num_aug)) if num_aug > 1 else None
-        self.read_only = read_only
+        self.read_only = read_only or not writable_cache(self.path)
         self.seed = seed
         self.memory_size = memory_size
         self._memory: OrderedDict[tuple[str, int, int], TargetModel] = OrderedDict()  # LRU, newest last
@@ -94,7 +110,7 @@ class TargetModelCache:
         path = self.file(*key)
         try:
             atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
-        except OSError as exc:
+        except OutputError as exc:
             log.warning("could not write target-model cache entry %s (%s)", path, exc)
 
     def _remember(self, key: tuple[str, int, int], model: TargetModel) -> None:

@@ -31,13 +31,14 @@ from dataset.training import SAMPLE_SIZE, References, TrainingSamples, build_sou
 from lib import distributed
 from lib.cli import resolve_device
 from lib.errors import UsageError
+from lib.fileio import make_dirs
 from models.backbone import Backbone
 from models.checkpoint import check_backbone, load_network_state, network_state, read_checkpoint, save_checkpoint
 from models.network import GFRTM
 from models.precision import autocast, check_precision
 
 from .gfrtm_step import STAT_KEYS, GateLossConfig, GFRTMStep
-from .tmcache import TargetModelCache
+from .tmcache import TargetModelCache, writable_cache
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,11 @@ class TrainConfig:
     seed: int = 0
 
 
+# The flags (and variables) that place the outputs, named when a folder cannot be made.
+CHECKPOINTS_FLAG = "--checkpoints or $RVOS_CHECKPOINTS"
+TENSORBOARD_FLAG = "--tensorboard or $RVOS_TENSORBOARD"
+
+
 def build_network(config: TrainConfig) -> GFRTM:
     """A fresh network (seeded by config.seed without touching the global RNG; the gate's last
     bias as upstream), optionally initialized from config.initPth."""
@@ -136,6 +142,10 @@ def run_training(config: TrainConfig) -> dict:
 
 def _train(config: TrainConfig, ctx: distributed.Context, device: torch.device, description: str) -> dict:
     check_precision(config.precision, device)  # before any data is prepared
+    if ctx.is_main:  # the output folders next: an unusable path is reported before any work
+        make_dirs(Path(config.checkpoints) / config.name, "the checkpoint folder", CHECKPOINTS_FLAG)
+        make_dirs(Path(config.tensorboard) / config.name, "the TensorBoard folder", TENSORBOARD_FLAG)
+        writable_cache(config.tmcache)
     if ctx.is_main:
         print(f"device: {description}; {ctx.world_size} process(es)", flush=True)
     if device.type == "cuda":
@@ -204,10 +214,11 @@ class Trainer:
         self.visuals: dict[str, torch.Tensor] = {}
         self.writer = None
         if rank == 0:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.checkpoint_dir, "the checkpoint folder", CHECKPOINTS_FLAG)
             for stale in self.checkpoint_dir.glob(".*.tmp"):  # left by a run killed while saving
                 stale.unlink()
             from torch.utils.tensorboard import SummaryWriter
+            make_dirs(tensorboard_dir, "the TensorBoard folder", TENSORBOARD_FLAG)
             self.writer = SummaryWriter(str(tensorboard_dir))
 
     @property
