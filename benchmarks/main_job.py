@@ -28,7 +28,7 @@ from pathlib import Path
 
 import main_job
 from lib.cli import int_at_least, run
-from lib.fileio import atomic_write_bytes
+from lib.fileio import atomic_write_bytes, make_dirs
 
 REPORT = main_job.REPORT  # written by main_job.run_main_job into its --work folder
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ def run_seed(seed: int, work: Path, job_args: list[str]) -> dict:
     with "seconds" (the run's wall time; absent when the report was there before)."""
     report = work / REPORT
     if not report.is_file():
-        work.mkdir(parents=True, exist_ok=True)
+        make_dirs(work, "the seed's work folder", "--work")
         command = [sys.executable, str(ROOT / "demo.py"), "--seed", str(seed), "--work", str(work), *job_args]
         start = time.perf_counter()
         with open(work / "main_job.txt", "w") as out, open(work / "main_job.err", "w") as err:
