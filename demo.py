@@ -15,25 +15,28 @@ overlay.mp4, overlay.gif, timeline.json and timeline.png (which objects reused o
 frame).
 
 Without --video: the default main job (main_job.py: synthetic data -> training -> evaluation -> overlay).
+Each job has its own parser (`video_parser`, `main_job_parser`); `get_parser` picks one by --video.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 
-from lib.background import BackgroundWriter, read_ahead
 import main_job
+from evaluation.results import TrackingStats, percent, write_timeline
+from evaluation.tracking import track_sequence
+from evaluation.visuals import GifWriter, Mp4Writer, overlay, save_timeline_png
+from lib.background import BackgroundWriter, read_ahead
 from lib.cli import (UsageError, add_backbone_weights_flag, add_batch_sequences_flag, add_compile_flag, add_device_flag,
                      add_num_aug_flag, add_precision_flag, add_seed_flag, add_threads_flag, add_threshold_flag,
                      int_at_least, positive_float, resolve_device, run)
 from lib.fileio import make_dirs
 from lib.image_io import resize_labels_nearest_exact, write_label_png
 from lib.video_io import MaskSet, TrackerFeed, open_frames, processing_size
-from lib.results import TrackingStats
-from lib.visualize import GifWriter, Mp4Writer, overlay, save_timeline_png, write_timeline
 
 
 DEFAULT_FPS_OUT = 10.0  # overlay frame rate where the input has none (a frame folder)
@@ -52,51 +55,71 @@ def _max_size(text: str) -> int:
     return value
 
 
-def get_parser() -> argparse.ArgumentParser:
+def video_parser() -> argparse.ArgumentParser:
+    """The own-video job's flags (`python demo.py --video ...`)."""
     parser = argparse.ArgumentParser(
-        description="G-FRTM (Reuse-VOS) demo. With --video: segment your own video from the mask of "
-                    "its first frame (see --video, --mask).")
-    own = parser.add_argument_group("own video")
-    own.add_argument("--video", type=Path, default=None,
-                     help="video to segment: an MP4 (any file OpenCV decodes; frames are named 00000, "
-                          "00001, ...) or a folder of JPG/PNG frames sorted by name (frames named by "
-                          "their file stems)")
-    own.add_argument("--mask", type=Path, default=None,
-                     help="label PNG of the first frame (pixel value = object id, e.g. a DAVIS palette "
-                          "PNG; 0 = background), or a folder of label PNGs named like the frames (for an "
-                          "MP4: by frame number, 00012.png): an object starts at the first PNG holding "
-                          "its id. Masks need the frame's aspect ratio, any size (resized nearest)")
-    own.add_argument("--model", type=Path, default=None,
-                     help="G-FRTM / FRTM checkpoint (released or ours) to segment with (required with --video)")
-    own.add_argument("--out", type=Path, default=None,
-                     help="output folder (default ./demo_out/<video name>): masks/<frame>.png, "
-                          "overlay.mp4, overlay.gif, timeline.json, timeline.png")
-    add_threshold_flag(own, several=True)
-    add_device_flag(own)
-    add_precision_flag(own)  # also the main job's training and evaluation
-    add_compile_flag(own)  # also the main job's evaluation
-    add_num_aug_flag(own, default=5)  # also the main job's evaluation
-    add_backbone_weights_flag(own)
-    add_seed_flag(own)
-    own.add_argument("--max-size", type=_max_size, default=480,
-                     help="frames whose shorter side exceeds this many pixels are tracked at that shorter "
-                          "side (INTER_AREA), the masks resized back (nearest) to the frame size (default "
-                          "480, like DAVIS 480p; 0 = never resize)")
-    own.add_argument("--fps-out", type=positive_float, default=None,
-                     help="frame rate of overlay.mp4 and overlay.gif (default: the input video's frame rate; "
-                          f"{DEFAULT_FPS_OUT:g} for a frame folder or a video that does not give one)")
-    job = parser.add_argument_group("default main job (no --video)")
-    job.add_argument("--work", type=Path, default=Path("./demo_out/main"),
-                     help="folder for the synthetic data, checkpoints, results and overlays (default ./demo_out/main)")
-    job.add_argument("--epochs", type=int_at_least(1), default=45,
-                     help="training epochs of 12 samples (default 45: a few minutes on 2 CPU cores; the reuse "
-                          "gate starts reusing on still stretches)")
-    add_batch_sequences_flag(job)
-    add_threads_flag(job, default=main_job.JOB_THREADS,
+        description="G-FRTM (Reuse-VOS) demo: segment your own video from the mask of its first frame.")
+    parser.add_argument("--video", type=Path, required=True,
+                        help="video to segment: an MP4 (any file OpenCV decodes; frames are named 00000, "
+                             "00001, ...) or a folder of JPG/PNG frames sorted by name (frames named by "
+                             "their file stems)")
+    parser.add_argument("--mask", type=Path, required=True,
+                        help="label PNG of the first frame (pixel value = object id, e.g. a DAVIS palette "
+                             "PNG; 0 = background), or a folder of label PNGs named like the frames (for an "
+                             "MP4: by frame number, 00012.png): an object starts at the first PNG holding "
+                             "its id. Masks need the frame's aspect ratio, any size (resized nearest)")
+    parser.add_argument("--model", type=Path, required=True,
+                        help="G-FRTM / FRTM checkpoint (released or ours) to segment with")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default ./demo_out/<video name>): masks/<frame>.png, "
+                             "overlay.mp4, overlay.gif, timeline.json, timeline.png")
+    add_threshold_flag(parser)
+    add_device_flag(parser)
+    add_precision_flag(parser)
+    add_compile_flag(parser)
+    add_num_aug_flag(parser, default=5)
+    add_backbone_weights_flag(parser)
+    add_seed_flag(parser)
+    parser.add_argument("--max-size", type=_max_size, default=480,
+                        help="frames whose shorter side exceeds this many pixels are tracked at that shorter "
+                             "side (INTER_AREA), the masks resized back (nearest) to the frame size (default "
+                             "480, like DAVIS 480p; 0 = never resize)")
+    parser.add_argument("--fps-out", type=positive_float, default=None,
+                        help="frame rate of overlay.mp4 and overlay.gif (default: the input video's frame rate; "
+                             f"{DEFAULT_FPS_OUT:g} for a frame folder or a video that does not give one)")
+    return parser
+
+
+def main_job_parser() -> argparse.ArgumentParser:
+    """The default main job's flags (`python demo.py`, `bash scripts/demo.sh`)."""
+    parser = argparse.ArgumentParser(
+        description="G-FRTM (Reuse-VOS) demo: the default main job (synthetic data -> training -> evaluation "
+                    "-> overlays and the gate report; docs/main-job.md). For your own video: "
+                    "python demo.py --video VIDEO --mask MASK --model CKPT (python demo.py --video V --help).")
+    parser.add_argument("--work", type=Path, default=Path("./demo_out/main"),
+                        help="folder for the synthetic data, checkpoints, results and overlays (default ./demo_out/main)")
+    parser.add_argument("--epochs", type=int_at_least(1), default=45,
+                        help="training epochs of 12 samples (default 45: a few minutes on 2 CPU cores; the reuse "
+                             "gate starts reusing on still stretches)")
+    add_threshold_flag(parser, several=True)
+    add_device_flag(parser)
+    add_precision_flag(parser)  # training and evaluation
+    add_compile_flag(parser)  # evaluation
+    add_num_aug_flag(parser, default=5)  # evaluation
+    add_seed_flag(parser)
+    add_batch_sequences_flag(parser)
+    add_threads_flag(parser, default=main_job.JOB_THREADS,
                      why=" for the job's training and evaluation; docs/main-job.md's run used 2: the job's "
                          "floating-point results, and with them whether the gate meets its goals, change with the "
                          "thread count")
     return parser
+
+
+def get_parser(argv: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The parser of the job the command line (`argv`, default sys.argv[1:]) asks for: the own
+    video with --video, else the main job."""
+    argv = sys.argv[1:] if argv is None else argv
+    return video_parser() if any(a == "--video" or a.startswith("--video=") for a in argv) else main_job_parser()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,16 +135,6 @@ def overlay_fps(fps_out: Optional[float], video_fps: Optional[float]) -> float:
 
 def run_own_video(args: argparse.Namespace) -> dict:
     """Segment args.video from args.mask with args.model; write the outputs; return a summary."""
-    if args.mask is None:
-        raise UsageError("--mask is required with --video (the first frame's label PNG or a folder of them)")
-    if args.model is None:
-        raise UsageError("--model is required with --video (a G-FRTM checkpoint)")
-    if args.batch_sequences > 1:
-        raise UsageError("--batch-sequences: --video tracks one video; several sequences at a time are for the "
-                         "main job's evaluation (no --video) and evaluate.py")
-    if isinstance(args.TH, tuple):
-        raise UsageError(f"--TH: one threshold with --video, got {len(args.TH)} (a list of thresholds is for "
-                         f"the main job, or evaluate.py on annotated videos)")
     if not Path(args.model).expanduser().is_file():
         raise FileNotFoundError(f"--model: checkpoint not found: {args.model}")
     bw = args.backbone_weights
@@ -161,10 +174,9 @@ def run_own_video(args: argparse.Namespace) -> dict:
             mp4.write(shown)
             gif.add(shown)
 
-        for result in tracker.track(read_ahead(feed), args.TH, keep_probabilities=False):
+        for result in track_sequence(tracker, read_ahead(feed), args.TH, stats, feed.current_stem):
             stem, rgb = feed.pop()
             background.submit(mask_dir / f"{stem}.png", lambda s=stem, r=rgb, x=result.labels.numpy(): write(s, r, x))
-            stats.add(result, stem)
             if stats.frames % 50 == 0:
                 print(f"  {stats.frames} frames", flush=True)
         background.flush()
@@ -182,7 +194,7 @@ def run_own_video(args: argparse.Namespace) -> dict:
                "reused": reused, "tracked": tracked, "reuse_rate": stats.reuse_rate,
                "size": (height, width), "tracking_size": size, "fps_out": fps_out, "precision": args.precision,
                "wall_seconds": stats.wall_seconds, "wall_fps": stats.wall_fps}
-    rate = f"{100.0 * reused / tracked:.1f}%" if tracked else "n/a"
+    rate = percent(stats.reuse_rate)
     print(f"{stats.frames} frames, tracker {fps:.1f} FPS, wall {stats.wall_fps:.1f} FPS (reading, tracking and "
           f"writing), reuse {rate} ({reused}/{tracked} object-frames)")
     print(f"wrote {mask_dir}/*.png, {out / 'overlay.mp4'}, {out / 'overlay.gif'}, "
@@ -191,10 +203,9 @@ def run_own_video(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> dict:
-    if args.video is not None:
+    """The own video (args of `video_parser`) or the main job (args of `main_job_parser`)."""
+    if getattr(args, "video", None) is not None:
         return run_own_video(args)
-    if args.mask is not None:
-        raise UsageError("--mask needs --video (the video the mask belongs to)")
     return main_job.run_main_job(args)
 
 

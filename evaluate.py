@@ -7,8 +7,8 @@
 Writes DAVIS-palette label PNGs to `<output root>/result/<dset>-<model stem>_<TH>[_fast]/<seq>/`,
 computes J&F from those PNGs (benchmarks with ground truth), FPS and reuse rate, and writes
 results.json / results.csv next to the masks; for benchmarks without public ground truth the
-server's submission zip `<results dir>.zip`. Several thresholds (lib.sweep) add curve.csv,
-curve.json and curve.png beside the results directories. The work is done by lib.evaluation
+server's submission zip `<results dir>.zip`. Several thresholds (evaluation.sweep) add curve.csv,
+curve.json and curve.png beside the results directories. The work is done by the evaluation package
 (presets in dataset.presets); `python evaluate.py --help` lists every option.
 """
 from __future__ import annotations
@@ -17,11 +17,12 @@ import argparse
 from pathlib import Path
 
 from dataset.presets import PRESETS
+from evaluation.job import EvalConfig
+from evaluation.run import evaluate
+from evaluation.score import score_results
 from lib.cli import (add_backbone_weights_flag, add_batch_sequences_flag, add_compile_flag, add_data_root_flags,
                      add_device_flag,
                      add_num_aug_flag, add_precision_flag, add_seed_flag, add_threshold_flag, int_at_least, run)
-from lib.evaluation import EvalConfig, evaluate
-from lib.score import score_results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,10 +105,10 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def main(args: argparse.Namespace) -> dict:
-    """Run the evaluation described by parsed arguments (lib.evaluation.evaluate): in this process,
+    """Run the evaluation described by parsed arguments (evaluation.run.evaluate): in this process,
     or as one rank of `torchrun --nproc_per_node=N evaluate.py ...`. Returns the results dict
     (as written to results.json; {} on ranks other than 0). Raises FileNotFoundError /
-    UsageError naming the path or flag at fault. With --score: lib.score.score_results."""
+    UsageError naming the path or flag at fault. With --score: evaluation.score.score_results."""
     config = config_from_args(args)
     if config.score is not None:
         return score_results(config)

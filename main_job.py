@@ -4,7 +4,7 @@ overlays and the gate report, printed side by side with three goals (docs/main-j
 
 demo.py parses the flags (--work, --epochs, --threads, --TH, ...) and calls `run_main_job(args)`,
 which builds the training and evaluation configs and calls the library (trainers.trainer.
-run_training, lib.evaluation.evaluate, lib.visualize.write_visuals).
+run_training, evaluation.run.evaluate, evaluation.visuals.write_visuals).
 """
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import argparse
 import json
 from pathlib import Path
 
+from evaluation.gate_report import format_summary, gate_report
+from evaluation.job import EvalConfig
+from evaluation.results import percent
 from lib.cli import cpu_threads, resolve_device
-from lib.evaluation import EvalConfig
 from lib.fileio import atomic_write_bytes, make_dirs
-from lib.gate_report import format_summary, gate_report
 
 
 # The main job's data and training, sized for a few minutes on 2 CPU cores (docs/main-job.md).
@@ -38,18 +39,18 @@ REPORT = "report.json"  # the report's numbers, in --work
 
 def time_thresholds(evaluation: EvalConfig, thresholds: tuple[float, ...], runs: int) -> dict[float, dict]:
     """The speed of evaluate.py's tracker (the checkpoint and settings of `evaluation`) at each
-    threshold, measured as evaluate.py's threshold sweeps measure it (lib.sweep.timed_runs): the
+    threshold, measured as evaluate.py's threshold sweeps measure it (evaluation.sweep.timed_runs): the
     videos, decoded once into memory, are tracked at each threshold in turn, `runs` times, so that
     the drift of a shared machine hits every threshold alike.
     -> {threshold: {"fps": the median over the runs of frames / tracker time (evaluate.py's FPS),
     "fps_runs": [...], "reuse_rate": ...}}."""
     from lib.distributed import Context
-    from lib.evaluation import build_tracker, prepare
-    from lib.sweep import combine_timings, timed_runs
+    from evaluation.job import job_tracker, prepare
+    from evaluation.sweep import combine_timings, timed_runs
 
     job = prepare(evaluation, Context(), *resolve_device(evaluation.dev))  # as evaluate.py, one process
     videos = {seq.name: [seq[t] for t in range(len(seq))] for seq in job.data.sequences}
-    speed = combine_timings([timed_runs(build_tracker(job), videos, thresholds, runs)], thresholds)
+    speed = combine_timings([timed_runs(job_tracker(job), videos, thresholds, runs)], thresholds)
     return {th: {k: speed[th][k] for k in ("fps", "fps_runs", "reuse_rate")} for th in thresholds}
 
 
@@ -65,7 +66,7 @@ def main_job_goals(plain: dict, gated: dict, speed: dict[float, dict]) -> list[t
     drop = 100 * (plain["J&F"] - gated["J&F"])
     fps, fps_plain = speed[th]["fps"], speed[1.0]["fps"]
     return [
-        (f"reuse rate at TH {th:g} >= {100 * GOAL_REUSE:.0f}%: {100 * reuse:.1f}%", reuse >= GOAL_REUSE),
+        (f"reuse rate at TH {th:g} >= {100 * GOAL_REUSE:.0f}%: {percent(reuse)}", reuse >= GOAL_REUSE),
         (f"J&F at TH {th:g} within {GOAL_JF_POINTS:g} points of TH 1.0: {100 * gated['J&F']:.1f} vs "
          f"{100 * plain['J&F']:.1f} ({-drop:+.1f})", drop <= GOAL_JF_POINTS),
         (f"FPS at TH {th:g} above TH 1.0: {fps:.1f} vs {fps_plain:.1f} ({fps / fps_plain:.2f}x)", fps > fps_plain),
@@ -100,7 +101,7 @@ def side_by_side(plain: dict, gated: dict, speed: dict[float, dict]) -> str:
     """The report table: J&F, J, F, FPS (from time_thresholds) and reuse rate at TH 1.0 and at
     the gate's threshold."""
     def pct(value: float) -> str:
-        return f"{100 * value:.1f}"
+        return percent(value, sign=False)
     rows = [("J&F", pct(plain["J&F"]), pct(gated["J&F"])),
             ("  J mean", pct(plain["J"]["mean"]), pct(gated["J"]["mean"])),
             ("  F mean", pct(plain["F"]["mean"]), pct(gated["F"]["mean"])),
@@ -161,8 +162,8 @@ def train(args: argparse.Namespace, train_data: Path, dev: str) -> Path:
 
 
 def _main_job(args: argparse.Namespace) -> dict:
-    from lib.evaluation import evaluate
-    from lib.visualize import write_visuals
+    from evaluation.run import evaluate
+    from evaluation.visuals import write_visuals
 
     work = Path(args.work)
     dev = str(resolve_device(args.dev)[0])
@@ -202,7 +203,7 @@ def _main_job(args: argparse.Namespace) -> dict:
     print("goals:")
     for line, met in goals:
         print(f"  [{'met' if met else 'NOT met'}] {line}")
-    print(f"the gate at TH {gate_th:g} (lib.gate_report):")
+    print(f"the gate at TH {gate_th:g} (evaluation.gate_report):")
     print("\n".join("  " + line for line in format_summary(gate).splitlines()))
     print(f"masks and metrics: {plain['results_dir']}, {gated['results_dir']}\n"
           f"overlays and reuse timelines: {work / 'overlays'}")

@@ -19,7 +19,7 @@ import argparse
 from pathlib import Path
 
 from lib.cli import UsageError, int_at_least, number_in, positive_float, run
-from lib.visualize import GIF_MAX_WIDTH, save_curve_png, write_visuals
+from evaluation.visuals import GIF_MAX_WIDTH, save_curve_png, write_visuals
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -62,7 +62,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def draw_curves(args: argparse.Namespace) -> Path:
     """`visualize.py curve`: the sweeps' curves in one figure; returns its path."""
-    from lib.sweep import read_curve
+    from evaluation.sweep import read_curve
 
     if not args.curves:
         raise UsageError("curve: give one or more RESULTS_DIR (folders holding curve.csv)")
@@ -82,7 +82,7 @@ def draw_curves(args: argparse.Namespace) -> Path:
 
 
 def main(args: argparse.Namespace):
-    """Write the overlays and timelines (lib.visualize.write_visuals); return {seq: [written
+    """Write the overlays and timelines (evaluation.visuals.write_visuals); return {seq: [written
     paths]}. With `curve`: the curves' figure (draw_curves); returns its path."""
     if args.command == "curve":
         return draw_curves(args)

@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lib.errors import UsageError
 from lib.image_io import read_image, read_label_png
-from lib.video_io import list_files
+from lib.video_io import FRAME_SUFFIXES, list_files
 
 VOID_LABEL = 255  # DAVIS "void" pixels: never an object
 
@@ -30,9 +30,6 @@ def resolve_root(root: Optional[str | os.PathLike], data_set: str, env_var: str,
     return path
 
 
-FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
-
-
 def folder_listing(directory: Path) -> str:
     """What a folder holds, for error messages: its first entries (folders end with /)."""
     if not directory.is_dir():
@@ -42,13 +39,13 @@ def folder_listing(directory: Path) -> str:
 
 
 def list_frames(image_dir: Path, expected: str = "") -> list[Path]:
-    """The frames of a video folder: its *.jpg, *.jpeg and *.png files (any case), in natural
+    """The frames of a video folder: its files with a `FRAME_SUFFIXES` suffix (any case), in natural
     order (lib.video_io.list_files). FileNotFoundError naming the folder, the `expected` layout
     and what it holds when there is none; UsageError when a frame is there twice (e.g.
     00000.jpg and 00000.png)."""
     images = list_files(image_dir, FRAME_SUFFIXES) if image_dir.is_dir() else []
     if not images:
-        raise FileNotFoundError(f"no frames (*.jpg, *.jpeg or *.png) in {image_dir}"
+        raise FileNotFoundError(f"no frames ({', '.join('*' + s for s in FRAME_SUFFIXES)}) in {image_dir}"
                                 f"{f' (expected {expected})' if expected else ''}: found {folder_listing(image_dir)}")
     stems = Counter(p.stem for p in images)
     twice = sorted(p.name for p in images if stems[p.stem] > 1)

@@ -1,6 +1,6 @@
-"""What the scripts share: the flags several scripts take (declared once here), device
-resolution, and the error handling of `run`; argument types (`lib.argtypes`) and `UsageError`
-(`lib.errors`) are re-exported from here.
+"""What the scripts share (imported by the scripts only): the flags several scripts take (declared
+once here) and the error handling of `run`; argument types (`lib.argtypes`), `UsageError`
+(`lib.errors`) and the device and thread helpers (`lib.device`) are re-exported from here.
 
 User mistakes (a wrong flag value, a missing or unusable file) raise `UsageError` (or
 FileNotFoundError): `run` prints them as one `error: ...` line and exits with status 2. Any other
@@ -18,13 +18,12 @@ import sys
 import threading
 import traceback
 from pathlib import Path
-from typing import Callable, Iterator, Optional
-
-import torch
+from typing import Callable, Optional
 
 from lib.argtypes import image_size, int_at_least, int_in, number_in, positive_float  # noqa: F401 (re-exported)
+from lib.device import cpu_threads, resolve_device  # noqa: F401 (re-exported for the scripts)
 from lib.errors import UsageError  # noqa: F401 (re-exported: scripts and tests import it from here)
-from models.precision import PRECISIONS
+from lib.precision import PRECISIONS
 
 
 # The reuse threshold TH (upstream parsed it as a string).
@@ -45,33 +44,6 @@ def threshold_list(text: str) -> float | tuple[float, ...]:
 
 
 threshold_list.__name__ = "threshold or comma-separated thresholds"
-
-
-def resolve_device(dev: Optional[str]) -> tuple[torch.device, str]:
-    """(device, description) for --dev. None / "auto": cuda:0 if available, else cpu."""
-    if dev is None or dev == "auto":
-        dev, why = ("cuda:0", "default: CUDA available") if torch.cuda.is_available() else \
-            ("cpu", "default: CUDA not available")
-    else:
-        why = "--dev"
-    try:
-        device = torch.device(dev)
-    except (RuntimeError, ValueError) as exc:
-        raise UsageError(f"--dev {dev!r} is not a device ({exc}); use e.g. cuda:0 or cpu") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--dev {dev}: CUDA is not available on this machine (torch {torch.__version__}); "
-                             f"use --dev cpu")
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index >= torch.cuda.device_count():
-            raise UsageError(f"--dev {dev}: only {torch.cuda.device_count()} CUDA device(s) here")
-        device = torch.device("cuda", index)
-        name = torch.cuda.get_device_name(index)
-    elif device.type == "cpu":
-        name = f"CPU, {torch.get_num_threads()} threads"
-    else:
-        name = device.type
-    return device, f"{device} ({name}; {why})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,19 +101,6 @@ def add_batch_sequences_flag(parser) -> None:
                         help="track B sequences at a time in lockstep: their frames go through the backbone, "
                              "template matching, reuse gate and decoder together (the same PNGs as 1, up to float "
                              "rounding; docs/evaluation.md) (default 1: one sequence at a time)")
-
-
-@contextlib.contextmanager
-def cpu_threads(count: Optional[int]) -> Iterator[None]:
-    """Run the block on `count` torch CPU threads (None: leave torch's count), then restore
-    torch's count, so that a caller in the same process (a test, a notebook) keeps its own."""
-    before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # A benchmark's root flag -> its help; None in the arguments means the environment variable.

@@ -3,7 +3,7 @@ rank, one time-out), rank 0 first, the sharding of evaluation's sequences over t
 the exchange of per-rank outcomes.
 
 Launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE in the environment) each
-process tracks its own share of the sequences (lib.evaluation) or trains on its share of each
+process tracks its own share of the sequences (evaluation.tracking) or trains on its share of each
 epoch's samples (trainers.trainer); without those variables everything runs in one process and
 no process group is created. Backends: NCCL with one GPU per local rank on CUDA, gloo on CPU.
 """
@@ -95,6 +95,12 @@ def init(ctx: Context, device: torch.device) -> Context:
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend, timeout=TIMEOUT, **kwargs)
     return Context(ctx.rank, ctx.world_size, ctx.local_rank, ctx.local_world_size, backend)
+
+
+def leave_together(ctx: Context) -> None:
+    """The barrier before leaving the process group: gloo can abort a rank (SIGABRT) that leaves
+    while another still holds its connections. Every rank must reach it, rank 0 also on error."""
+    all_gather(ctx, None)
 
 
 def shutdown(ctx: Context) -> None:

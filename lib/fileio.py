@@ -107,3 +107,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically (see atomic_write)."""
     return atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> Path:
+    """torch.save `obj` to `path` through the atomic writer, creating the parent directory."""
+    import torch  # only the callers that save tensors pay for it
+
+    path = Path(path)
+    make_dirs(path.parent)
+    return atomic_write(path, lambda f: torch.save(obj, f))

@@ -35,7 +35,7 @@ import torch
 from lib.errors import UsageError
 from lib.image_io import read_image, read_label_png, resize_image_area, resize_labels_nearest_exact
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")  # frames of a folder: of a video, a data set, a results visual
 MASK_SUFFIXES = (".png",)
 
 
@@ -114,10 +114,10 @@ class FrameSource:
         if self.path.is_dir():
             self.kind = "folder"
             self.name = self.path.resolve().name
-            self._files = list_files(self.path, IMAGE_SUFFIXES)
+            self._files = list_files(self.path, FRAME_SUFFIXES)
             if not self._files:
                 raise UsageError(f"{p}frame folder {self.path} holds no image files "
-                                 f"({', '.join(IMAGE_SUFFIXES)})")
+                                 f"({', '.join(FRAME_SUFFIXES)})")
             self.stems: Optional[list[str]] = [f.stem for f in self._files]
             duplicates = sorted({s for s in self.stems if self.stems.count(s) > 1})
             if duplicates:
@@ -317,6 +317,10 @@ class TrackerFeed:
 
     def pop(self) -> tuple[str, np.ndarray]:
         return self.pending.popleft()
+
+    def current_stem(self, _index: Optional[int] = None) -> str:
+        """The stem of the oldest frame not yet popped: that of the tracker's next result."""
+        return self.pending[0][0]
 
     def unused(self) -> list:
         """Starts that no frame consumed (a mask PNG beyond the video's end)."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lib.errors import UsageError
-from lib.fileio import atomic_write, make_dirs
+from lib.fileio import atomic_save
 from lib.safe_load import load_pth
 
 from .network import BACKBONE_CHANNELS, GFRTM
@@ -171,14 +171,6 @@ def load_network_state(net: GFRTM, state: StateDict) -> None:
         raise UsageError("checkpoint shapes do not match the network: "
                          + ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in bad[:5]))
     net.load_state_dict(state, strict=True)
-
-
-def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> Path:
-    """torch.save `obj` to `path` through the atomic writer (lib.fileio), creating the parent
-    directory."""
-    path = Path(path)
-    make_dirs(path.parent)
-    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def plain(value: Any) -> Any:

@@ -1,13 +1,11 @@
 """Compiled frame regions (`--compile`, `build_tracker(..., compile=True)`; docs/performance.md).
 
-The tracker calls its per-frame work through plain callables: `backbone.low`, `backbone.high`,
-`network.match`, `network.gate_logits`, `network.delta`, `network.decode_computed`,
-`network.decode_reused`, the target models' scores and filter re-optimisation
-(`Tracker.target_score`, `Tracker.filter_optimizer`: functions of a `TargetModelTable`'s stacked
-weights and buffers, so one compiled graph serves every set of objects of one count) and
-`Tracker.merge_probabilities`. `compile_regions` replaces them on the instances by
-`torch.compile(fn, fullgraph=True, dynamic=False)` versions of the same code: the eager path is
-untouched, and a graph break is an error, not a silent fall-back. A crash of the code generator
+`CompiledRegions` is the second implementation of the tracker's regions (models.regions): the
+same per-frame steps, each `torch.compile(fn, fullgraph=True, dynamic=False)` of the eager
+callable (the target models' scores and filter re-optimisation are functions of a
+`TargetModelTable`'s stacked weights and buffers, so one compiled graph serves every set of
+objects of one count). The network and the backbone are not touched: the eager path stays
+as it is, and a graph break is an error, not a silent fall-back. A crash of the code generator
 (`COMPILER_FAILURES`) leaves that region eager from then on, said once on stderr.
 
 Each region compiles once per input shape (frame size, number of objects in a batch; the target
@@ -15,7 +13,7 @@ models' regions, and on CUDA the network's too, take power-of-two batches: `row_
 CUDA with `mode="reduce-overhead"`, so a region replays as a CUDA graph, its outputs cloned (a
 replay overwrites the previous outputs, and objects keep them across frames). The memory insert
 and object starts (backbone on the augmented first frame, template, deep decoder stages, the
-joint initialisation) stay eager.
+joint initialisation) stay eager (`Regions`' start steps).
 """
 from __future__ import annotations
 
@@ -31,6 +29,10 @@ from torch._inductor.exc import InductorError
 from torch.utils._pytree import tree_map_only
 
 from lib.fileio import make_dirs
+
+from .backbone import Backbone
+from .network import GFRTM
+from .regions import GATE_STEPS, Regions
 
 # A code generator's crash, as opposed to a graph break (torch._dynamo.exc.Unsupported).
 COMPILER_FAILURES = (BackendCompilerFailed, InductorError)
@@ -69,27 +71,35 @@ def set_global_switches(device: torch.device) -> None:
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
                                                            16 * RECOMPILE_LIMIT)
     if device.type == "cuda":
-        from .precision import _tf32_switches
+        from lib.precision import _tf32_switches
         for namespace, name, value in _tf32_switches():
             setattr(namespace, name, value)
 
 
-class CompiledRegions:
-    """The compiled callables of one tracker, and the time spent compiling them."""
+class CompiledRegions(Regions):
+    """The regions of one tracker compiled (see the module docstring), and the time spent
+    compiling them. backend: "inductor" (generated kernels; CUDA graphs on CUDA) or e.g.
+    "aot_eager" (no code generation: checks that every region traces as one graph)."""
 
-    def __init__(self, device: torch.device, backend: str = "inductor"):
+    def __init__(self, network: GFRTM, backbone: Backbone, device: torch.device, backend: str = "inductor"):
+        super().__init__(network, backbone)
+        if backend == "inductor":
+            cache_dir()
+        set_global_switches(device)
         self.device = device
         self.backend = backend
         self.cudagraphs = device.type == "cuda" and backend == "inductor"
         # Object batches padded to powers of two for the network's regions: on CUDA (few graphs to
         # capture); on the CPU the padded rows' arithmetic would cost more than compiling per count.
         self.row_buckets = self.cudagraphs
-        self.names: dict[str, Callable] = {}  # region name -> compiled callable
+        self.static_shapes = True  # the target models' regions: every memory slot, power-of-two rows
         self.compile_seconds = 0.0  # total, every region and shape
         self.pending: list[str] = []  # regions compiled since the last report
         self.pending_seconds = 0.0
         self.compiled_shapes: dict[str, int] = {}  # region name -> graphs compiled (input shapes seen)
         self.failed: dict[str, str] = {}  # region name -> the compiler's error; such a region runs eagerly
+        skipped = () if network.has_gate else GATE_STEPS  # never called without a gate
+        self.steps = {name: fn if name in skipped else self.compile(name, fn) for name, fn in self.steps.items()}
 
     def compile(self, name: str, fn: Callable) -> Callable:
         """`fn` compiled whole (fullgraph) for static shapes, timed on the calls that compile."""
@@ -124,7 +134,6 @@ class CompiledRegions:
             return out
 
         region.__name__ = name
-        self.names[name] = region
         return region
 
     def report(self, sizes) -> None:
@@ -137,36 +146,3 @@ class CompiledRegions:
               f"for {shown} frames ({self.compile_seconds:.1f} s in all; cache {cache_dir()})",
               file=sys.stderr, flush=True)
         self.pending, self.pending_seconds = [], 0.0
-
-
-def compile_regions(tracker, backend: str = "inductor") -> CompiledRegions:
-    """Replace the tracker's per-frame callables by compiled ones (see the module docstring).
-    backend: "inductor" (generated kernels; CUDA graphs on CUDA) or e.g. "aot_eager" (no code
-    generation: checks that every region traces as one graph)."""
-    if backend == "inductor":
-        cache_dir()
-    set_global_switches(tracker.device)
-    regions = CompiledRegions(tracker.device, backend)
-    backbone, net = tracker.backbone, tracker.network
-    low, high = backbone.low, backbone.high
-
-    def all_levels(image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Object starts, eager: a batch of 1 + augmentations per object, once per object."""
-        features = low(image)
-        features.update(high(features["layer3"]))
-        return features
-
-    backbone.forward = all_levels
-    backbone.low = regions.compile("backbone.low", low)
-    backbone.high = regions.compile("backbone.high", high)
-    if net.has_gate:
-        net.match = regions.compile("match", net.match)
-        net.gate_logits = regions.compile("gate_logits", net.gate_logits)
-        net.delta = regions.compile("delta", net.delta)
-        net.decode_reused = regions.compile("decode_reused", net.decode_reused)
-    net.decode_computed = regions.compile("decode_computed", net.decode_computed)
-    tracker.target_score = regions.compile("target_score", tracker.target_score)
-    tracker.filter_optimizer = regions.compile("target_optimizer", tracker.filter_optimizer)
-    tracker.merge_probabilities = regions.compile("merge_probabilities", tracker.merge_probabilities)
-
-    return regions

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from .precision import autocast
+from lib.precision import autocast
 from .target_model import TargetModel
 
 PATHS = ("backbone_low", "backbone_high", "gate", "computed", "reused")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import full_fp32, to_device
+from lib.precision import full_fp32, to_device
 
 
 @dataclass(frozen=True)
@@ -196,7 +196,11 @@ class FilterProblem:
         """samples (N, n, h w, c); metric (N n, 9, h, w) and target (N n, 1, h, w), both already
         multiplied by the sample weights (0 for empty slots)."""
         n, k, hw, c = samples.shape
-        self.z = samples.reshape(n, k * hw, c)  # a view for slots taken as a prefix of the memory
+        # Jᵀ sums each slot's product and then the slots, so that a row's numbers do not depend on
+        # how many (zero-weight) slots its optimizer run covers: one product over all n h w pixels
+        # is blocked by its length, and rounds otherwise with one slot more (MKL on AVX-512).
+        self.slots = samples.reshape(n * k, hw, c)  # a copy only for several rows and a part of the memory
+        self.z = self.slots.view(n, k * hw, c)
         self.metric, self.target = metric, target
         self.size = tuple(metric.shape[-2:])
         self.reg, self.precond = reg, precond
@@ -212,8 +216,9 @@ class FilterProblem:
             return fold_taps(torch.bmm(z, filter_taps(v.view(n, c, 9))).view(-1, hw, 9), self.size)
 
         def jacobian_t(s: torch.Tensor) -> torch.Tensor:  # scores (N n, 1, h, w) -> weights (N, 9 c)
-            u = F.unfold(s, 3, padding=1).transpose(1, 2).reshape(n, khw, 9)
-            return filter_taps(torch.bmm(z.transpose(1, 2), u)).reshape(n, 9 * c)
+            u = F.unfold(s, 3, padding=1).transpose(1, 2)  # (N n, h w, 9)
+            zu = torch.bmm(self.slots.transpose(1, 2), u).view(n, -1, c, 9).sum(1)  # (N, c, 9)
+            return filter_taps(zu).reshape(n, 9 * c)
 
         scores = jacobian(theta)
         b = jacobian_t(self.target - UpsamplingMetric.apply(self.metric, scores)) - reg * (reg * theta)  # no negation op
@@ -371,9 +376,9 @@ class GaussNewtonCG:
     independent problems at once: θ (O, D), one row per object, updated in place; every CG
     scalar is per row. The CG state (`state`: direction, ρ, last residual) persists across
     runs, given by the caller (`CGState`) or fresh; ρ is divided by `forget_factor` at the start
-    of each CG run so old directions fade. `row_exact`: the CG dot products as a product and a
-    sum, which round each row as it would alone; else one `bmm` each (one op instead of two,
-    but a `bmm` over several rows rounds each row otherwise than over one)."""
+    of each CG run so old directions fade. The dot products of ρ and β are a product and a sum
+    (which round each row as it would alone). `row_exact`: so is α's dᵀAd; else one `bmm` (one
+    op instead of two, but a `bmm` over several rows rounds each row otherwise than over one)."""
 
     def __init__(self, problem, theta: torch.Tensor, forget_factor: float, state: CGState | None = None,
                  row_exact: bool = True):
@@ -420,9 +425,9 @@ class GaussNewtonCG:
         for i in range(iters):
             z = r / self.problem.precond
             rho_prev = self.rho
-            # (2, O, 1): rᵀz and r_prevᵀz per row
-            dots = (self.residuals * z).sum(2, keepdim=True) if self.row_exact else \
-                torch.bmm(z.unsqueeze(1), self.residuals.permute(1, 2, 0)).permute(2, 0, 1)
+            # (2, O, 1): rᵀz and r_prevᵀz per row, always as a product and a sum (ρ and β as one
+            # `bmm` moved a lone start's scores past upstream's spread: tests/golden_upstream)
+            dots = (self.residuals * z).sum(2, keepdim=True)
             self.rho = dots[self.current]
             if self.direction is None:
                 self.direction = z
@@ -522,6 +527,13 @@ class TargetModelTable:
         """The sample weights on the device (on the CPU a view of the host weights: no copy)."""
         return to_device(torch.from_numpy(self.host_weights), self.device)
 
+    def _send_weights(self, rows: Sequence[int]) -> None:
+        """The rows' changed sample weights to the device: only those rows are copied (on the
+        CPU `weights` is a view of the host weights: nothing to copy)."""
+        if self.device.type != "cpu":
+            self.weights[_selection(rows, self.device)] = to_device(torch.from_numpy(self.host_weights[rows]),
+                                                                    self.device)
+
     def release(self, rows: Sequence[int]) -> None:
         """Hand rows back: their objects are no longer tracked."""
         self.free.extend(r for r in rows if r not in self.free)
@@ -568,7 +580,7 @@ class TargetModelTable:
                 for buffer in (self.samples, self.metrics, self.targets):
                     buffer[sel, k:] = 0
             self.sizes[rows], self.last_slot[rows], self.applications[rows], self.used[rows] = k, -1, 0, True
-            self.weights = self._device_weights()
+            self._send_weights(rows)
             self.optimize(rows, cfg.update_iters, fresh=True)
         return rows
 
@@ -629,7 +641,7 @@ class TargetModelTable:
             index = tuple(to_device(torch.tensor([rows, slots]), self.device))
             self.samples[index] = self.current[index[0]]
             self.metrics[index], self.targets[index] = metrics, targets
-        self.weights = self._device_weights()
+        self._send_weights(rows)
 
     def _next_slot(self, row: int) -> int:
         """The slot of a row's new sample, its weights updated (host only)."""

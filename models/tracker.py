@@ -27,11 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from lib.errors import UsageError
+from lib.precision import autocast, check_precision, to_device
 
 from .backbone import Backbone
+from .merge import labels_from_merge, merge_probabilities  # noqa: F401 (merge_probabilities: re-exported)
 from .network import GFRTM
-from .precision import autocast, check_precision, to_device
-from .target_model import TargetModelConfig, TargetModelTable, optimize_filters, pad_to_bucket, row_index, target_scores
+from .regions import Regions
+from .target_model import TargetModelConfig, TargetModelTable, pad_to_bucket, row_index
 
 Frame = tuple  # (image uint8 3xHxW, labels uint8 HxW or None, new object ids)
 
@@ -165,42 +167,31 @@ def fetch(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def _max_over_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max and argmax (first wins ties) over the rows (dim -3) of a short (..., R, H, W) stack;
-    much faster on CPU than a strided reduction when R is small."""
-    best = x[..., 0, :, :].clone()
-    index = torch.zeros(best.shape, dtype=torch.long, device=x.device)
-    for i in range(1, x.shape[-3]):
-        row = x[..., i, :, :]
-        index.masked_fill_(row > best, i)
-        torch.maximum(best, row, out=best)
-    return best, index
+def build_regions(network: GFRTM, backbone: Backbone, device: torch.device, compile: bool | str = False) -> Regions:
+    """The regions a tracker runs its per-frame work through (models.regions): eager, or with
+    `compile` torch.compiled (True: inductor, else the backend named; models.compiled). Another
+    runtime plugs in here."""
+    if not compile:
+        return Regions(network, backbone)
+    from .compiled import CompiledRegions
+    return CompiledRegions(network, backbone, device, "inductor" if compile is True else compile)
 
 
-def merge_probabilities(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """FRTM's merge. p (1 + N, H, W), or (F, 1 + N, H, W) for F frames at once: row 0 ignored
-    (background), rows 1.. object probabilities.
-
-    Clamp to [1e-7, 1 - 1e-7], background = min over objects of (1 - p), softmax of p / (1 - p)
-    over the rows. Returns the kept soft masks (each row's softmax value where it wins, else 0),
-    p's shape, and the winning row per pixel (..., H, W).
-    """
-    p = p.clamp(1e-7, 1 - 1e-7)
-    p[..., 0, :, :] = 1 - _max_over_rows(p[..., 1:, :, :])[0]  # = min over objects of (1 - p), exactly
-    odds = p / (1 - p)
-    top, _ = _max_over_rows(odds)
-    e = torch.exp(odds - top.unsqueeze(-3))
-    segs = e / e.sum(dim=-3, keepdim=True)
-    _, winner = _max_over_rows(segs)
-    rows = torch.arange(segs.shape[-3], device=segs.device).view(-1, 1, 1)
-    return segs * (winner.unsqueeze(-3) == rows), winner
-
-
-def labels_from_merge(soft: torch.Tensor, winner: torch.Tensor) -> torch.Tensor:
-    """Label rows (..., H, W) as upstream computes them: it merges the kept soft masks once more,
-    which keeps an object's pixel only where its kept value exceeds 0.5 (else background)."""
-    kept = soft.gather(-3, winner.unsqueeze(-3)).squeeze(-3)
-    return torch.where((winner > 0) & (kept.clamp(max=1 - 1e-7) > 0.5), winner, torch.zeros_like(winner))
+def _for_inference(network: GFRTM, backbone: Backbone, device: torch.device, dtype: torch.dtype | None,
+                   channels_last: bool) -> tuple[GFRTM, Backbone]:
+    """The network and the backbone moved to `device`, frozen, in eval mode, channels-last (same
+    results, faster convolutions), the backbone's batch norm folded, in `dtype` when given."""
+    network = network.to(device).eval()
+    network.requires_grad_(False)
+    backbone = backbone.to(device).eval()
+    if channels_last or dtype is not None:
+        network.to(memory_format=torch.channels_last)
+        backbone.use_channels_last()
+    backbone.fuse_batch_norm()
+    if dtype is not None:
+        network.to(dtype)
+        backbone.resnet.to(dtype)
+    return network, backbone
 
 
 class Tracker:
@@ -210,8 +201,9 @@ class Tracker:
     channels-last, and the backbone's batch norm is folded into its convolutions (same
     results, faster). With `precision` "bf16" or "fp16" their weights are converted to that
     dtype (autocast would otherwise convert them on every frame). Build them with
-    `models.build_tracker` unless you need to share them. `compile`: torch.compile the per-frame
-    regions (True: inductor, or a backend's name; models.compiled).
+    `models.build_tracker` unless you need to share them. Every piece of per-frame work runs
+    through `self.regions` (models.regions), built by `build_regions`: eager, or with `compile`
+    torch.compiled (True: inductor, or a backend's name; models.compiled).
     """
 
     def __init__(self, network: GFRTM, backbone: Backbone, target_config: TargetModelConfig,
@@ -220,33 +212,14 @@ class Tracker:
         self.device = torch.device(device)
         self.precision = precision
         self.dtype = check_precision(precision, self.device)  # autocast dtype, None for fp32
-        self.network = network.to(self.device).eval()
-        for p in self.network.parameters():
-            p.requires_grad_(False)
-        self.backbone = backbone.to(self.device).eval()
-        if channels_last or self.dtype is not None:  # same results, faster convolutions
-            self.network.to(memory_format=torch.channels_last)
-            self.backbone.use_channels_last()
-        self.backbone.fuse_batch_norm()
-        if self.dtype is not None:
-            self.network.to(self.dtype)
-            self.backbone.resnet.to(self.dtype)
-        self.target_config = target_config
-        self.augmenter = augmenter
-        self.batch_objects = batch_objects
-        self.seed = seed
-        # Regions called through these attributes; compile=True replaces them (models.compiled).
-        self.target_score = target_scores
-        self.filter_optimizer = optimize_filters
-        self.merge_probabilities = merge_probabilities
+        self.network, self.backbone = _for_inference(network, backbone, self.device, self.dtype, channels_last)
+        self.target_config, self.augmenter = target_config, augmenter
+        self.batch_objects, self.seed = batch_objects, seed
+        self.regions = build_regions(self.network, self.backbone, self.device, compile)
         # The objects' target models, one table per frame size (and target-model settings) while
         # objects of that size are tracked: rows of finished sequences are handed back and taken
         # by later objects.
         self.tables: dict[tuple, TargetModelTable] = {}
-        self.compiled = None
-        if compile:
-            from .compiled import compile_regions
-            self.compiled = compile_regions(self, "inductor" if compile is True else compile)
 
     # ------------------------------------------------------------------------------------------
 
@@ -327,7 +300,7 @@ class Tracker:
             by_size.setdefault(tuple(entry.image.shape[-2:]), []).append(entry)
         for group in by_size.values():
             with self._autocast():
-                features = self.backbone.low(torch.cat([e.image for e in group]))
+                features = self.regions.backbone_low(torch.cat([e.image for e in group]))
             for i, entry in enumerate(group):
                 entry.features = {k: v[i:i + 1] for k, v in features.items()}
                 entry.low_batch, entry.low_row = features, i
@@ -365,7 +338,7 @@ class Tracker:
         for entry in tracking:
             if entry.features is None:
                 with self._autocast():
-                    entry.features = self.backbone.low(entry.image)
+                    entry.features = self.regions.backbone_low(entry.image)
         groups = self._groups(tracking)
         matched, p_reuse = self._gates(groups, threshold)
         outputs: dict[int, _Output] = {}  # id(object) -> its output
@@ -405,8 +378,7 @@ class Tracker:
                 reuse_prob={out.obj.id: out.reuse_prob for out in tracked if out.reuse_prob is not None},
                 scores={i: s[None] for i, s in zip(ids, scores)} if keep_raw else {},
                 logits={i: s[None] for i, s in zip(ids, logits)} if keep_raw else {}))
-        if self.compiled is not None:  # one line when this step compiled regions
-            self.compiled.report(dict.fromkeys(tuple(e.image.shape[-2:]) for e in entries))
+        self.regions.report(dict.fromkeys(tuple(e.image.shape[-2:]) for e in entries))
         return results
 
     def _merge(self, entries: list[_Entry], outputs: dict[int, _Output]
@@ -435,7 +407,7 @@ class Tracker:
                         p = p * (1 - new.start_mask)
                     rows.append(p)
             p = torch.stack(rows)
-            soft, winner = self.merge_probabilities(p.view(len(members), -1, *size) if len(members) > 1 else p)
+            soft, winner = self.regions.merge_probabilities(p.view(len(members), -1, *size) if len(members) > 1 else p)
             merged = labels_from_merge(soft, winner)
             ids = entries[members[0]].sequence.ids if len(members) == 1 else \
                 torch.stack([entries[i].sequence.ids for i in members])
@@ -485,10 +457,10 @@ class Tracker:
 
     def _padded(self, items: list) -> list:
         """`items` (a batch's objects or their rows) as the network's compiled regions take them
-        with `row_buckets` (models.compiled): the last one repeated up to a power-of-two count, so
+        with `row_buckets` (models.regions): the last one repeated up to a power-of-two count, so
         that each region compiles for few batch sizes (the extra outputs are discarded); else
         `items` itself."""
-        if self.compiled is None or not self.compiled.row_buckets:
+        if not self.regions.row_buckets:
             return items
         return pad_to_bucket(items)
 
@@ -506,7 +478,7 @@ class Tracker:
         All gate decisions of the step come to the host in one transfer."""
         if not groups or not self.network.has_gate or threshold >= 1:  # threshold >= 1: nothing reused
             return [None] * len(groups), [[None] * len(g.objects) for g in groups]
-        net = self.network
+        regions = self.regions
         matched, p_reuse = [], []
         with self._autocast():
             for group in groups:
@@ -514,10 +486,10 @@ class Tracker:
                 objs, rows = self._padded(group.objects), self._padded(group.rows)
                 prev = F.interpolate(torch.cat([o.prev_score for o in objs]), layer3.shape[-2:],
                                      mode="bilinear", align_corners=False)
-                m = net.match(layer3, prev, torch.cat([o.template for o in objs]), self._row_index(rows, group.frames))
+                m = regions.match(layer3, prev, torch.cat([o.template for o in objs]), self._row_index(rows, group.frames))
                 n = len(group.objects)
                 matched.append(m[:n])
-                p_reuse.append(torch.softmax(net.gate_logits(m).float(), dim=1)[:n, 0])
+                p_reuse.append(torch.softmax(regions.gate_logits(m).float(), dim=1)[:n, 0])
         flat = torch.cat(p_reuse).tolist()
         probs, k = [], 0
         for group in groups:
@@ -529,7 +501,7 @@ class Tracker:
                 threshold: float) -> list[_Output]:
         """Score and decode a group's objects on their gate decisions -> their outputs (device
         tensors). Updates each object's carried state (previous score, decoder state)."""
-        net = self.network
+        regions = self.regions
         objs, rows, size = group.objects, group.rows, group.size
         reuse = [p is not None and p > threshold for p in p_reuse]
         computed = [i for i, r in enumerate(reuse) if not r]
@@ -541,13 +513,13 @@ class Tracker:
             features = {k: _rows(v, frames) for k, v in group.features.items()}
             if "layer4" not in features:
                 with self._autocast():
-                    features.update(self.backbone.high(features["layer3"]))
+                    features.update(regions.backbone_high(features["layer3"]))
             local = [frames.index(rows[i]) for i in computed]
             index = self._row_index(local, len(frames))
             scores = objs[computed[0]].table.scores([objs[i].row for i in computed], features["layer4"], index)
             padded = self._padded(local)
             with self._autocast():
-                logits, x16 = net.decode_computed(features, _pad(scores, len(padded)), size,
+                logits, x16 = regions.decode_computed(features, _pad(scores, len(padded)), size,
                                                   index if padded is local else self._row_index(padded, len(frames)))
             logits, x16 = logits[:len(computed)], x16[:len(computed)]
             probs = torch.sigmoid(logits.float())  # fp32: the merge needs it
@@ -558,10 +530,10 @@ class Tracker:
         if reused:
             padded = self._padded(reused)
             with self._autocast():
-                delta = net.delta(_rows(matched, padded))
+                delta = regions.delta(_rows(matched, padded))
                 scores = torch.cat([objs[i].prev_score for i in padded]) + delta.float()
                 x16_prev = torch.cat([objs[i].x16 for i in padded])
-                logits, x16 = net.decode_reused(group.features, scores, x16_prev, delta, size,
+                logits, x16 = regions.decode_reused(group.features, scores, x16_prev, delta, size,
                                                 self._row_index([rows[i] for i in padded], group.frames))
             scores, logits, x16 = scores[:len(reused)], logits[:len(reused)], x16[:len(reused)]
             probs = torch.sigmoid(logits.float())
@@ -585,8 +557,8 @@ class Tracker:
                 aug_masks.append(augmented_masks)
             else:
                 aug_masks.append(mask)
-        with self._autocast():  # the backbone takes uint8 images as they are
-            all_features = self.backbone(torch.cat(images) if len(images) > 1 else image)
+        with self._autocast():  # the backbone takes uint8 images as they are; starts run eagerly (models.regions)
+            all_features = self.regions.start_features(torch.cat(images) if len(images) > 1 else image)
         features = {k: v[:1] for k, v in all_features.items()}
         layer4 = all_features["layer4"]
         k = aug_masks[0].shape[0]
@@ -611,9 +583,10 @@ class Tracker:
         key = (tuple(size), self.target_config, self.seed)
         if key not in self.tables:
             self.tables[key] = TargetModelTable(layer4.shape[1], self.target_config, tuple(layer4.shape[-2:]),
-                                                tuple(size), self.device, seed=self.seed, score_fn=self.target_score,
-                                                optimizer_fn=self.filter_optimizer,
-                                                static_shapes=self.compiled is not None)
+                                                tuple(size), self.device, seed=self.seed,
+                                                score_fn=self.regions.target_scores,
+                                                optimizer_fn=self.regions.optimize_filters,
+                                                static_shapes=self.regions.static_shapes)
         return self.tables[key]
 
     def _release(self, sequence: _Sequence) -> None:
@@ -636,9 +609,9 @@ class Tracker:
         with self._autocast():
             template = None
             if self.network.has_gate:
-                template = self.network.make_template(features["layer3"],
+                template = self.regions.make_template(features["layer3"],
                                                       F.interpolate(mask4d, (h8, w8), mode="nearest"))
-            x16 = self.network.deep_stages(features, score)
+            x16 = self.regions.deep_stages(features, score)
         return _Object(obj_id, t, mask4d[0, 0], table, row, template,
                        F.interpolate(mask4d, (h16, w16), mode="nearest"), x16)
 

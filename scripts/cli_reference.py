@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 from unittest import mock
@@ -18,15 +19,18 @@ from unittest import mock
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "docs" / "CLI.md"
 
-# How each script is run -> the module whose get_parser() it uses.
-SCRIPTS = {"train.py": "train", "evaluate.py": "evaluate", "demo.py": "demo", "visualize.py": "visualize",
-           "-m lib.gate_report": "lib.gate_report", "-m dataset.synthetic": "dataset.synthetic",
+# How each script is run -> the module whose get_parser() it uses ("module:function": another
+# function of the module that builds the parser; demo.py has one parser per job).
+SCRIPTS = {"train.py": "train", "evaluate.py": "evaluate", "demo.py": "demo:main_job_parser",
+           "demo.py --video": "demo:video_parser", "visualize.py": "visualize",
+           "-m tools.gate_report": "tools.gate_report", "-m tools.synthetic_data": "tools.synthetic_data",
            "-m benchmarks.tracker_speed": "benchmarks.tracker_speed",
            "-m benchmarks.train_speed": "benchmarks.train_speed",
            "-m benchmarks.precision_ops": "benchmarks.precision_ops",
            "-m benchmarks.precision_fidelity": "benchmarks.precision_fidelity",
            "-m benchmarks.parallel_eval": "benchmarks.parallel_eval",
-           "-m benchmarks.throughput": "benchmarks.throughput", "-m benchmarks.main_job": "benchmarks.main_job"}
+           "-m benchmarks.throughput": "benchmarks.throughput", "-m benchmarks.main_job": "benchmarks.main_job",
+           "scripts/make_upstream_vectors.py": "scripts.make_upstream_vectors"}
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -41,9 +45,10 @@ def parser_of(command: str) -> argparse.ArgumentParser:
     that defaults such as $RVOS_CHECKPOINTS show their documented fallback on every machine."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
-    module = importlib.import_module(SCRIPTS[command])
+    name, _, function = SCRIPTS[command].partition(":")
+    module = importlib.import_module(name)
     with mock.patch.dict(os.environ, clear=True):
-        return module.get_parser()
+        return getattr(module, function or "get_parser")()
 
 
 def documented_actions(parser: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -94,10 +99,14 @@ def section(command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _anchor(heading: str) -> str:
+    """The link target GitHub gives a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
 def reference() -> str:
     """The whole of docs/CLI.md."""
-    index = "\n".join(f"- [{c.removeprefix('-m ')}](#{c.removeprefix('-m ').replace('.', '').lower()})"
-                      for c in SCRIPTS)
+    index = "\n".join(f"- [{c.removeprefix('-m ')}](#{_anchor(c.removeprefix('-m '))})" for c in SCRIPTS)
     head = ("# Command-line reference\n\n"
             "Generated from the scripts' parsers by `python scripts/cli_reference.py`; do not edit by hand\n"
             "(`tests/test_cli_reference.py` fails when this page is out of date). Scripts run from the\n"

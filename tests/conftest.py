@@ -12,6 +12,11 @@ if str(ROOT) not in sys.path:
 
 SHARED = Path(os.environ.get("RVOS_SHARED", ROOT.parent / "shared"))
 GOLDEN = Path(os.environ.get("RVOS_GOLDEN", SHARED / "golden"))
+# Tracker vectors (golden/README.md's `*_tracker*.pt` format): the shared set and ours made with
+# upstream's code by scripts/make_upstream_vectors.py; RVOS_TRACKER_VECTORS (directories separated
+# by os.pathsep) replaces both.
+TRACKER_VECTOR_DIRS = [Path(p) for p in os.environ.get(
+    "RVOS_TRACKER_VECTORS", os.pathsep.join([str(GOLDEN), str(ROOT / "tests" / "golden_upstream")])).split(os.pathsep)]
 DAVIS_SAMPLE = SHARED / "data" / "davis-sample"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -26,19 +31,31 @@ def _restore_thread_count():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_inductor_cache(tmp_path_factory):
+    """torch.compile's generated code goes to a cache under pytest's temporary root (kept from
+    one run to the next, as pytest keeps that root), never into the user's ~/.cache; subprocesses
+    inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.getbasetemp().parent / "inductor-cache"))
+        yield
+
+
 @pytest.fixture
 def cheap_compile(monkeypatch) -> list:
     """The backends trackers were asked to compile with (`--compile` reached them); the regions
     are compiled with aot_eager whatever was asked (seconds, not minutes)."""
-    import models.compiled
+    import models.tracker
 
-    real, asked = models.compiled.compile_regions, []
+    real, asked = models.tracker.build_regions, []
 
-    def cheap(tracker, backend="inductor"):
-        asked.append(backend)
-        return real(tracker, "aot_eager")
+    def cheap(network, backbone, device, compile=False):
+        if compile:
+            asked.append("inductor" if compile is True else compile)
+            compile = "aot_eager"
+        return real(network, backbone, device, compile)
 
-    monkeypatch.setattr(models.compiled, "compile_regions", cheap)
+    monkeypatch.setattr(models.tracker, "build_regions", cheap)
     return asked
 
 

@@ -218,10 +218,10 @@ def test_a_prepared_result_serves_the_same_inputs_only():
 
 
 def test_tracking_with_prepared_first_frames_gives_the_same_results():
-    """lib.tracking prepares a sequence's first-frame augmentation in a thread while the
+    """evaluation.tracking prepares a sequence's first-frame augmentation in a thread while the
     previous sequence tracks; the tracker's start takes it and tracks exactly as without."""
     from benchmarks.tracker_speed import make_frames, random_tracker
-    from lib.tracking import prepare_first_frame
+    from evaluation.tracking import prepare_first_frame
 
     frames = make_frames(2, 3, (H, W), seed=3)
     runs = []
@@ -234,3 +234,32 @@ def test_tracking_with_prepared_first_frames_gives_the_same_results():
     for a, b in zip(*(r.frames for r in runs)):
         assert torch.equal(a.labels, b.labels)
         assert all(torch.equal(a.logits[i], b.logits[i]) for i in a.logits)
+
+
+def test_the_next_sequences_first_frame_is_decoded_once():
+    """The thread that augments the next sequence's first frame hands the decoded frame on: the
+    reader starts from it instead of decoding the frame again."""
+    from benchmarks.tracker_speed import make_frames, random_tracker
+    from evaluation.tracking import _preparing_next
+
+    class Counted:
+        def __init__(self, name, frames):
+            self.name, self.frames, self.reads = name, frames, []
+
+        def __len__(self):
+            return len(self.frames)
+
+        def __getitem__(self, i):
+            self.reads.append(i)
+            return self.frames[i]
+
+        def __iter__(self):
+            return (self[i] for i in range(len(self)))
+
+    tracker = random_tracker("resnet18", "cpu", num_aug=3)
+    sequences = [Counted(f"s{k}", make_frames(1, 3, (H, W), seed=k)) for k in range(3)]
+    for seq, frames in _preparing_next(tracker, sequences, {}):
+        got = list(frames)
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(got, seq.frames)) and len(got) == len(seq.frames)
+    assert [seq.reads for seq in sequences] == [[0, 1, 2]] * 3
+    assert tracker.augmenter.prepared_hits == 0  # prepared only: nothing tracked here

@@ -124,24 +124,27 @@ def test_usage_error_is_a_value_error():
 
 
 def test_shared_flags_are_declared_once_with_one_help_text():
-    parsers = {"evaluate": evaluate.get_parser(), "demo": demo.get_parser(), "train": train.get_parser()}
-    shared = {"--dev": ("evaluate", "demo", "train"), "--seed": ("evaluate", "demo", "train"),
-              "--backbone-weights": ("evaluate", "demo", "train"), "--num-aug": ("evaluate", "demo", "train"),
-              "--TH": ("evaluate", "demo")}
+    parsers = {"evaluate": evaluate.get_parser(), "demo": demo.video_parser(), "train": train.get_parser(),
+               "demo job": demo.main_job_parser()}
+    everywhere = ("evaluate", "demo", "train", "demo job")
+    shared = {"--dev": everywhere, "--seed": everywhere, "--num-aug": everywhere,
+              "--backbone-weights": ("evaluate", "demo", "train"),
+              "--TH": ("evaluate", "demo job")}  # demo.py --video: one threshold
     for flag, scripts in shared.items():
         actions = [next(a for a in parsers[s]._actions if flag in a.option_strings) for s in scripts]
         assert len({a.help for a in actions}) == 1, flag
         assert len({getattr(a.type, "__name__", a.type) for a in actions}) == 1, flag
-    defaults = {s: p.parse_args(["--dev", "cpu"]) for s, p in parsers.items()}
-    assert [defaults[s].num_aug for s in ("evaluate", "demo", "train")] == [5, 5, 15]
-    assert defaults["demo"].TH == defaults["evaluate"].TH == 0.7
+    demo_video = ["--video", "v", "--mask", "m.png", "--model", "c.pth"]
+    defaults = {s: p.parse_args(["--dev", "cpu", *(demo_video if s == "demo" else [])]) for s, p in parsers.items()}
+    assert [defaults[s].num_aug for s in ("evaluate", "demo", "train", "demo job")] == [5, 5, 15, 5]
+    assert defaults["demo"].TH == defaults["demo job"].TH == defaults["evaluate"].TH == 0.7
 
 
 def test_threads_flag_is_shared_and_its_count_is_restored():
     import torch
 
     from benchmarks import precision_fidelity, precision_ops, tracker_speed, train_speed
-    parsers = {"demo": demo.get_parser(), "precision_fidelity": precision_fidelity.get_parser(),
+    parsers = {"demo": demo.main_job_parser(), "precision_fidelity": precision_fidelity.get_parser(),
                "precision_ops": precision_ops.get_parser(), "tracker_speed": tracker_speed.get_parser(),
                "train_speed": train_speed.get_parser()}
     defaults = {name: p.parse_args(["--model", "x"] if name == "precision_fidelity" else []).threads

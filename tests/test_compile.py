@@ -46,11 +46,11 @@ def test_every_region_compiles_whole_with_aot_eager(mixed, capsys):
     frames, threshold, eager = mixed
     tracker = random_tracker("resnet18", "cpu", compile="aot_eager")
     assert_tracks_alike(list(tracker.track(frames, threshold)), eager, dict(atol=1e-5, rtol=0))
-    assert set(tracker.compiled.compiled_shapes) == REGIONS
+    assert set(tracker.regions.compiled_shapes) == REGIONS
     assert "--compile:" in capsys.readouterr().err  # the compile time, on stderr
-    assert tracker.compiled.compiled_shapes["backbone.low"] == 1
+    assert tracker.regions.compiled_shapes["backbone.low"] == 1
     list(tracker.track(make_frames(1, 2, (96, 64)), threshold))
-    assert tracker.compiled.compiled_shapes["backbone.low"] == 2
+    assert tracker.regions.compiled_shapes["backbone.low"] == 2
     assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
     # In lockstep the regions take two frames' objects at once (an index picks each one's frame).
     other = make_frames(2, 4, (64, 96), seed=4)
@@ -69,10 +69,10 @@ def test_compiled_regions_take_power_of_two_batches(mixed):
     _, threshold, _ = mixed
     frames = make_frames(3, 3, (64, 96), seed=5)
     tracker = random_tracker("resnet18", "cpu", compile="aot_eager")
-    assert not tracker.compiled.row_buckets  # on the CPU only when asked for (CUDA: always)
-    tracker.compiled.row_buckets = True
-    batches, match = [], tracker.network.match
-    tracker.network.match = lambda layer3, prev, *args: batches.append(prev.shape[0]) or match(layer3, prev, *args)
+    assert not tracker.regions.row_buckets  # on the CPU only when asked for (CUDA: always)
+    tracker.regions.row_buckets = True
+    batches, match = [], tracker.regions.steps["match"]
+    tracker.regions.steps["match"] = lambda layer3, prev, *args: batches.append(prev.shape[0]) or match(layer3, prev, *args)
     got = list(tracker.track(frames, threshold))
     assert batches == [4, 4]
     assert_tracks_alike(got, list(random_tracker("resnet18", "cpu").track(frames, threshold)), dict(atol=1e-5, rtol=0))
@@ -90,7 +90,7 @@ def test_compiled_target_models_keep_their_state_buffers(mixed):
     stream = tracker.track(frames, threshold=1.0)  # every frame computed
     next(stream)
     (table,) = tracker.tables.values()
-    assert table.optimizer_fn is tracker.compiled.names["target_optimizer"] and table.static_shapes
+    assert table.optimizer_fn == tracker.regions.optimize_filters and table.static_shapes
     runs, compiled = [], table.optimizer_fn
     table.optimizer_fn = lambda *args: runs.append(1) or compiled(*args)
     state = ("theta", "samples", "metrics", "targets", "current", "direction", "rho", "residual")
@@ -100,14 +100,15 @@ def test_compiled_target_models_keep_their_state_buffers(mixed):
     assert {name: getattr(table, name).data_ptr() for name in state} == pointers
 
 
-def test_inductor_tracks_like_eager(mixed):
+def test_inductor_tracks_like_eager(mixed, tmp_path_factory):
     """The one inductor run. Its compiled code is cached in models.compiled.cache_dir()
-    ($TORCHINDUCTOR_CACHE_DIR or ~/.cache/reuse-vos/inductor): minutes cold, well under one warm."""
+    ($TORCHINDUCTOR_CACHE_DIR, here the tests' temporary cache: conftest.py): minutes cold, well
+    under one warm."""
     frames, threshold, eager = mixed
     tracker = random_tracker("resnet18", "cpu", compile=True)
     assert_tracks_alike(list(tracker.track(frames, threshold)), eager, dict(atol=1e-4, rtol=1e-3))  # golden tolerance
-    assert set(tracker.compiled.compiled_shapes) == REGIONS
-    assert cache_dir().is_dir()
+    assert set(tracker.regions.compiled_shapes) == REGIONS
+    assert cache_dir().is_dir() and tmp_path_factory.getbasetemp().parent in cache_dir().parents
 
 
 def test_tracker_speed_puts_compiled_beside_eager(cheap_compile, capsys):
@@ -141,5 +142,5 @@ def test_a_compiler_crash_leaves_that_region_eager(mixed, capsys):
 
     tracker = random_tracker("resnet18", "cpu", compile=crashing)
     assert_tracks_alike(list(tracker.track(frames, threshold)), eager, dict(atol=1e-5, rtol=0))
-    assert set(tracker.compiled.failed) == {"target_score"}
+    assert set(tracker.regions.failed) == {"target_score"}
     assert capsys.readouterr().err.count("compiling target_score failed") == 1

@@ -10,12 +10,12 @@ from PIL import Image
 
 from dataset.davis import DAVISDataset, davis_split, list_davis_sequences
 from dataset.sequence import Sequence
-from dataset.synthetic import get_parser as synthetic_parser
-from dataset.synthetic import main as run_synthetic
 from dataset.synthetic import make_davis_like, make_ytvos_like, render_sequence
 from dataset.ytvos import YouTubeVOSDataset, valid_frame_names
 from lib.image_io import read_image, read_label_png, write_label_png
 from lib.palette import DAVIS_PALETTE
+from tools.synthetic_data import get_parser as synthetic_parser
+from tools.synthetic_data import main as run_synthetic
 
 SIZE = (48, 80)
 

@@ -27,9 +27,9 @@ from lib.metrics import evaluate_results
 from lib.cli import UsageError
 from lib.image_io import read_label_png, write_label_png
 from lib.palette import DAVIS_PALETTE
-from lib.results import STATS_FILE, SequenceWriter, results_dir_name, sequence_complete
-from lib.visualize import load_timeline
-from models import precision
+from evaluation.results import STATS_FILE, SequenceWriter, results_dir_name, sequence_complete
+from evaluation.results import load_timeline
+from lib import precision
 from models.checkpoint import build_network
 
 from conftest import assert_output_error, read_only_folders, run_script
@@ -624,16 +624,16 @@ def test_lockstep_failure_names_its_sequence_and_resume_completes(checkpoint, da
 
 def test_a_png_write_error_stops_the_run_naming_the_path(checkpoint, davis_root, dv2017, tmp_path, monkeypatch):
     """ENOSPC in the background PNG writer mid-sequence; --resume then completes the run."""
-    import lib.results
+    import evaluation.results
 
-    write = lib.results.write_label_png
+    write = evaluation.results.write_label_png
 
     def failing(path, labels):
         if path.parent.name.startswith(".motocross-jump.") and path.name == "00003.png":
             raise OSError(28, "No space left on device", str(path))
         write(path, labels)
 
-    monkeypatch.setattr(lib.results, "write_label_png", failing)
+    monkeypatch.setattr(evaluation.results, "write_label_png", failing)
     # One `error:` line (a UsageError) naming the file, the sequence and --resume.
     with pytest.raises(UsageError, match="No space left on device.*00003.png.*motocross-jump.*--resume"):
         run(checkpoint, tmp_path, *davis_args(davis_root))
@@ -642,7 +642,7 @@ def test_a_png_write_error_stops_the_run_naming_the_path(checkpoint, davis_root,
     assert not (results_dir / "motocross-jump").exists()
     no_partials(results_dir)
 
-    monkeypatch.setattr(lib.results, "write_label_png", write)  # space again
+    monkeypatch.setattr(evaluation.results, "write_label_png", write)  # space again
     resumed = run(checkpoint, tmp_path, *davis_args(davis_root), "--resume")
     assert resumed["sequences_computed"] == ["motocross-jump"]
     assert png_bytes(results_dir) == png_bytes(dv2017[0])

@@ -1,4 +1,5 @@
-"""The gate report (lib/gate_report.py) on hand-made result folders whose numbers are known."""
+"""The gate report (evaluation/gate_report.py, its command line tools/gate_report.py) on hand-made result
+folders whose numbers are known."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,9 +9,10 @@ import math
 import numpy as np
 import pytest
 
-from lib import gate_report
+from evaluation import gate_report
+from evaluation.results import write_timeline
 from lib.image_io import write_label_png
-from lib.visualize import write_timeline
+from tools import gate_report as gate_report_tool
 
 FRAMES = ["00000", "00001", "00002", "00003"]
 
@@ -86,10 +88,10 @@ def test_timelines_without_probabilities_give_no_auc(folders):
 
 def test_cli_writes_json_and_names_missing_inputs(folders, capsys):
     root, _ = folders
-    parser = gate_report.get_parser()
+    parser = gate_report_tool.get_parser()
     out = root / "report.json"
-    gate_report.main(parser.parse_args(["--gated", str(root / "gated"), "--plain", str(root / "plain"),
-                                        "--annotations", str(root / "annotations"), "--json", str(out)]))
+    gate_report_tool.main(parser.parse_args(["--gated", str(root / "gated"), "--plain", str(root / "plain"),
+                                             "--annotations", str(root / "annotations"), "--json", str(out)]))
     assert json.loads(out.read_text())["reused_still"] == 2
     assert "still object-frames" in capsys.readouterr().out
     (root / "annotations" / "seq" / "00002.png").unlink()
@@ -107,5 +109,5 @@ def test_unusable_json_path_is_one_error_line(folders, blocked, monkeypatch, cap
     root, _ = folders
     argv = ["--gated", root / "gated", "--plain", root / "plain", "--annotations", root / "annotations",
             "--json", blocked / "report.json"]
-    code, err = run_script(monkeypatch, capsys, gate_report.main, gate_report.get_parser(), argv)
+    code, err = run_script(monkeypatch, capsys, gate_report_tool.main, gate_report_tool.get_parser(), argv)
     assert_output_error(code, err, blocker=blocked)

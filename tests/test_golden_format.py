@@ -74,7 +74,7 @@ def make_vector() -> dict:
 
 
 def run_conformance(golden: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, RVOS_GOLDEN=str(golden))
+    env = dict(os.environ, RVOS_TRACKER_VECTORS=str(golden))
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfs", "-p", "no:cacheprovider",
                            str(ROOT / "tests" / "test_golden_tracker.py")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -109,6 +109,7 @@ def test_mutated_vectors_fail(vector, tmp_path):
         torch.save(v, tmp_path / f"rn18_tracker_{name}.pt")
     proc = run_conformance(tmp_path)
     failed = {line.split("::")[1].split(" ")[0] for line in proc.stdout.splitlines() if line.startswith("FAILED")}
-    assert failed == {"test_gates_exact[rn18_tracker_flipped.pt]",
-                      "test_scores_and_logits[rn18_tracker_moved.pt]",
-                      "test_output_labels[rn18_tracker_relabelled.pt]"}, proc.stdout
+    d = tmp_path.name
+    assert failed == {f"test_gates_exact[{d}/rn18_tracker_flipped.pt]",
+                      f"test_scores_and_logits[{d}/rn18_tracker_moved.pt]",
+                      f"test_output_labels[{d}/rn18_tracker_relabelled.pt]"}, proc.stdout

@@ -1,4 +1,6 @@
-"""Conformance: every `*_tracker*.pt` in $RVOS_GOLDEN reproduced end to end.
+"""Conformance: every `*_tracker*.pt` in $RVOS_GOLDEN (the shared vectors) and in
+tests/golden_upstream (ours, made with upstream's code by scripts/make_upstream_vectors.py)
+reproduced end to end ($RVOS_TRACKER_VECTORS, directories separated by os.pathsep, replaces both).
 
 Everything comes from the vector and the rules of golden/README.md ("rn18_tracker*.pt"): which
 objects start on which frame (`start_frames`), the image size, the frame count, the settings
@@ -13,15 +15,22 @@ objects start on which frame (`start_frames`), the image size, the frame count, 
 """
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 import pytest
 import torch
 
 from lib.safe_load import load_pth
 from models import build_tracker
 
-from conftest import GOLDEN, seeded_backbone_state
+from conftest import ROOT, TRACKER_VECTOR_DIRS, seeded_backbone_state
 
-CASES = sorted(GOLDEN.glob("*_tracker*.pt")) if GOLDEN.is_dir() else []
+_spec = importlib.util.spec_from_file_location("make_upstream_vectors", ROOT / "scripts" / "make_upstream_vectors.py")
+make_upstream_vectors = sys.modules.setdefault(_spec.name, importlib.util.module_from_spec(_spec))
+_spec.loader.exec_module(make_upstream_vectors)
+
+CASES = [case for d in TRACKER_VECTOR_DIRS for case in sorted(d.glob("*_tracker*.pt"))]
 
 
 def start_frames(case) -> dict[int, list[int]]:
@@ -38,27 +47,13 @@ def frames_of(case):
 
 
 def decision_margin(case, t: int) -> torch.Tensor:
-    """(H, W) margin of frame t's label decision, per golden/README.md: upstream's merge of the
-    vector's logits (objects starting at t enter with their given mask as probability 1, the
-    tracked objects' probabilities multiplied by 1 minus that mask), soft masks s with background
-    first, and with s1 >= s2 the two largest: min(s1 - s2, |s1 - 0.5|)."""
-    eps = 1e-7
-    entering = [(case["labels"][t, 0] == i).double() for i in start_frames(case).get(t, [])]
-    rows = []
-    for _, r in sorted(case["raw"][t - 1].items()):
-        p = torch.sigmoid(r["logits"][0, 0].double())
-        for mask in entering:
-            p = p * (1 - mask)
-        rows.append(p)
-    p = torch.stack(rows + entering).clamp(eps, 1 - eps)
-    background = (1 - p).min(dim=0, keepdim=True).values
-    p = torch.cat([background, p])
-    s = torch.softmax(p / (1 - p), dim=0)
-    top = s.topk(2, dim=0).values
-    return torch.minimum(top[0] - top[1], (top[0] - 0.5).abs())
+    """(H, W) margin of frame t's label decision, per golden/README.md (the vector maker's rule:
+    upstream's merge of the vector's logits, the objects starting at t entering with their given
+    masks)."""
+    return make_upstream_vectors.decision_margin(case["labels"][t, 0], start_frames(case), case["raw"][t - 1], t)
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[c.name for c in CASES])
+@pytest.fixture(scope="module", params=CASES, ids=[f"{c.parent.name}/{c.name}" for c in CASES])
 def case(request):
     return load_pth(request.param)
 
@@ -71,8 +66,9 @@ def run(case):
     return tracker.run_sequence(frames_of(case), threshold=case["threshold"], keep_raw=True)
 
 
-def test_golden_files_exist():
-    assert CASES, f"no *_tracker*.pt in {GOLDEN}"
+@pytest.mark.parametrize("directory", TRACKER_VECTOR_DIRS, ids=str)
+def test_golden_files_exist(directory):
+    assert sorted(directory.glob("*_tracker*.pt")), f"no *_tracker*.pt in {directory}"
 
 
 def test_vector_format(case):

@@ -24,14 +24,14 @@ sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(1)
 from pathlib import Path
-import lib.tracking
+import evaluation.tracking
 from evaluate import get_parser, main
 from models.checkpoint import save_checkpoint
 from models.network import GFRTM
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 rss = {}
-read_ahead = lib.tracking.read_ahead
+read_ahead = evaluation.tracking.read_ahead
 
 def sampled(items, depth):
     def frames():
@@ -41,7 +41,7 @@ def sampled(items, depth):
             yield item
     return read_ahead(frames(), depth)
 
-lib.tracking.read_ahead = sampled
+evaluation.tracking.read_ahead = sampled
 work = Path(sys.argv[2])
 torch.manual_seed(0)
 save_checkpoint(work / "rn18.pth", GFRTM("resnet18").eval())

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from evaluation.job import EvalConfig
+
 
 def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
     """`bash scripts/demo.sh` is `python demo.py`: here with one epoch on tiny data. It prints TH 1.0
@@ -22,15 +24,15 @@ def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(main_job, "JOB_TRAIN_OPTIONS", {"batch_size": 2, "samples_per_epoch": 2, "num_aug": 1})
     import torch
 
-    import lib.evaluation
+    import evaluation.run
     import trainers.trainer
     seen_threads, seen_configs = [], []
-    for module, name in ((trainers.trainer, "run_training"), (lib.evaluation, "evaluate")):
+    for module, name in ((trainers.trainer, "run_training"), (evaluation.run, "evaluate")):
         monkeypatch.setattr(module, name, lambda config, run=getattr(module, name):
                             seen_threads.append(torch.get_num_threads()) or seen_configs.append(config) or run(config))
     threads = torch.get_num_threads()
     job_threads = 1 if threads != 1 else 2  # differs from the test's own count
-    out = demo.main(demo.get_parser().parse_args(["--work", str(tmp_path), "--epochs", "1", "--dev", "cpu",
+    out = demo.main(demo.main_job_parser().parse_args(["--work", str(tmp_path), "--epochs", "1", "--dev", "cpu",
                                                   "--threads", str(job_threads), "--batch-sequences", "2"]))
     assert seen_threads == [job_threads] * 3  # --threads reaches the training and both evaluations
     assert [c.batch_sequences for c in seen_configs[1:]] == [2, 2]  # and --batch-sequences both evaluations
@@ -78,9 +80,9 @@ def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
     assert fps_goal in goals[2][1] and re.search(r"^FPS: .* median of 3 runs that alternated", printed, flags=re.M)
     # After one epoch the gate reuses nothing at TH 0.7; at a threshold where it reuses, the timing
     # runs still decide as evaluate.py does.
-    low = lib.evaluation.EvalConfig(model=out["checkpoint"], dset="ytvos-layout", data_root=tmp_path / "synthetic-val",
+    low = EvalConfig(model=out["checkpoint"], dset="ytvos-layout", data_root=tmp_path / "synthetic-val",
                                     output_root=tmp_path / "low", TH=0.05, backbone_weights="random", dev="cpu")
-    reference = lib.evaluation.evaluate(low)
+    reference = evaluation.run.evaluate(low)
     timed = main_job.time_thresholds(low, (1.0, 0.05), 2)
     assert 0 < reference["reuse_rate"] == timed[0.05]["reuse_rate"] and timed[1.0]["reuse_rate"] == 0
 
@@ -90,9 +92,9 @@ def test_main_job_threads_default():
     import demo
     import main_job
 
-    assert demo.get_parser().parse_args([]).threads == main_job.JOB_THREADS == 2
+    assert demo.get_parser([]).parse_args([]).threads == main_job.JOB_THREADS == 2
     with pytest.raises(SystemExit):
-        demo.get_parser().parse_args(["--threads", "0"])
+        demo.get_parser([]).parse_args(["--threads", "0"])
 
 
 def test_main_job_goals():
@@ -201,7 +203,7 @@ def test_unusable_work_folder_is_one_error_line(blocked, monkeypatch, capsys):
     import demo
     from conftest import assert_output_error, run_script
 
-    code, err = run_script(monkeypatch, capsys, demo.main, demo.get_parser(),
+    code, err = run_script(monkeypatch, capsys, demo.main, demo.main_job_parser(),
                            ["--work", blocked / "w", "--epochs", "1", "--dev", "cpu"])
     assert_output_error(code, err, blocker=blocked)
     assert "--work" in err

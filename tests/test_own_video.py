@@ -49,7 +49,7 @@ def dog(davis_sample, tmp_path_factory):
 
 
 def run_demo(video, mask, checkpoint, out, *extra):
-    args = demo.get_parser().parse_args(
+    args = demo.video_parser().parse_args(
         ["--video", str(video), "--mask", str(mask), "--model", str(checkpoint), "--out", str(out),
          "--dev", "cpu", "--num-aug", "1", "--backbone-weights", "random", *extra])
     return demo.main(args)
@@ -160,9 +160,10 @@ def test_fps_out_overrides_the_video_frame_rate(tmp_path):
     assert demo.overlay_fps(None, 24.0) == 24.0
     assert demo.overlay_fps(None, None) == demo.DEFAULT_FPS_OUT
     assert demo.overlay_fps(5.0, 24.0) == 5.0
-    assert demo.get_parser().parse_args(["--fps-out", "12.5"]).fps_out == 12.5
+    required = ["--video", "v", "--mask", "m.png", "--model", "c.pth"]
+    assert demo.video_parser().parse_args([*required, "--fps-out", "12.5"]).fps_out == 12.5
     with pytest.raises(SystemExit):
-        demo.get_parser().parse_args(["--fps-out", "0"])
+        demo.video_parser().parse_args([*required, "--fps-out", "0"])
 
 
 def test_late_object_from_mask_folder(checkpoint, tmp_path):
@@ -237,15 +238,17 @@ def test_errors(dog, checkpoint, tmp_path):
     write_label_png(stray / "00099.png", read_label_png(dog / "mask.png"))
     with pytest.raises(ValueError, match="--mask.*00099"):
         run_demo(dog / "frames", stray, checkpoint, out)
-    with pytest.raises(ValueError, match="--mask is required"):
-        demo.main(demo.get_parser().parse_args(["--video", str(dog / "frames"), "--model", str(checkpoint)]))
-    with pytest.raises(ValueError, match="--batch-sequences.*one video"):
-        demo.main(demo.get_parser().parse_args(["--video", str(dog / "frames"), "--mask", str(dog / "mask.png"),
-                                                "--model", str(checkpoint), "--batch-sequences", "2"]))
-    with pytest.raises(SystemExit):
-        demo.get_parser().parse_args(["--TH", "1.5"])
-    with pytest.raises(SystemExit):
-        demo.get_parser().parse_args(["--max-size", "abc"])
+    video = ["--video", str(dog / "frames"), "--model", str(checkpoint)]
+    for argv in ([*video],  # --mask is required
+                 [*video, "--mask", str(dog / "mask.png"), "--batch-sequences", "2"],  # a main-job flag
+                 [*video, "--mask", str(dog / "mask.png"), "--TH", "1.0,0.7"],  # one threshold with --video
+                 [*video, "--mask", str(dog / "mask.png"), "--TH", "1.5"],
+                 [*video, "--mask", str(dog / "mask.png"), "--max-size", "abc"]):
+        assert demo.get_parser(argv).description == demo.video_parser().description
+        with pytest.raises(SystemExit):
+            demo.get_parser(argv).parse_args(argv)
+    with pytest.raises(SystemExit):  # --mask belongs to --video
+        demo.get_parser(["--mask", "m.png"]).parse_args(["--mask", "m.png"])
     assert not (out / "masks").exists()  # every error came before any output
 
     proc = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--video", str(tmp_path / "nope.mp4"),
@@ -258,6 +261,6 @@ def test_errors(dog, checkpoint, tmp_path):
 def test_unusable_out_is_one_error_line(dog, checkpoint, blocked, monkeypatch, capsys):
     argv = ["--video", dog / "frames", "--mask", dog / "mask.png", "--model", checkpoint, "--out", blocked / "x",
             "--dev", "cpu", "--num-aug", "1", "--backbone-weights", "random"]
-    code, err = run_script(monkeypatch, capsys, demo.main, demo.get_parser(), argv)
+    code, err = run_script(monkeypatch, capsys, demo.main, demo.video_parser(), argv)
     assert_output_error(code, err, blocker=blocked)
     assert "--out" in err

@@ -25,7 +25,7 @@ from dataset.synthetic_layouts import make_davis_testdev_like, make_folder_like,
 from evaluate import get_parser, main
 from lib.metrics import (evaluate_lvos_object, evaluate_results, lvos_scored_positions, lvos_statistics,
                           lvos_variance)
-from lib.results import STATS_FILE
+from evaluation.results import STATS_FILE
 # Fixtures: the non-trivial random G-FRTM; one torch thread; no data roots from the environment.
 from tests.test_evaluate import _clean_env, _one_thread, checkpoint  # noqa: F401
 
@@ -256,10 +256,11 @@ def test_finished_sequences_kept_on_error(checkpoint, data, tmp_path):
 
 
 def test_config_calls_the_library_from_python(checkpoint, data, tmp_path):
-    """lib.evaluation.EvalConfig: evaluate.py's defaults, keyword values set over them, as the main
+    """evaluation.job.EvalConfig: evaluate.py's defaults, keyword values set over them, as the main
     job and any Python caller build it; the script maps its flags to the same config."""
     from evaluate import config_from_args
-    from lib.evaluation import EvalConfig, evaluate
+    from evaluation.job import EvalConfig
+    from evaluation.run import evaluate
 
     config = EvalConfig(model=str(checkpoint), dset="dv2017testdev", davis_root=data / "davis", output_root=tmp_path,
                         backbone_weights="random", num_aug=1, dev="cpu", TH=TH, sequences=["synth-testdev-00"])

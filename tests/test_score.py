@@ -182,13 +182,13 @@ def test_layout_errors_name_the_layout_and_the_folder(tmp_path):
     make_folder_like(root, "davis", num_sequences=1, num_frames=3)
     video = next((root / "JPEGImages").iterdir())
     for path in video.glob("*.jpg"):
-        path.rename(path.with_suffix(".bmp"))
+        path.rename(path.with_suffix(".gif"))
     with pytest.raises(FileNotFoundError) as err:
         PRESETS["davis-layout"].load(args("--dset", "davis-layout", "--data-root", str(root)))
-    assert f"no frames (*.jpg, *.jpeg or *.png) in {video}" in str(err.value)
-    assert "expected the davis-layout layout: JPEGImages[/480p]/" in str(err.value) and "00000.bmp" in str(err.value)
-    shutil.copy(video / "00000.bmp", video / "00000.jpg")
-    shutil.copy(video / "00000.bmp", video / "00000.png")
+    assert f"no frames (*.jpg, *.jpeg, *.png, *.bmp) in {video}" in str(err.value)
+    assert "expected the davis-layout layout: JPEGImages[/480p]/" in str(err.value) and "00000.gif" in str(err.value)
+    shutil.copy(video / "00000.gif", video / "00000.jpg")
+    shutil.copy(video / "00000.gif", video / "00000.png")
     with pytest.raises(ValueError, match=r"holds a frame twice \(00000\.jpg, 00000\.png\)"):
         PRESETS["davis-layout"].load(args("--dset", "davis-layout", "--data-root", str(root)))
     shutil.rmtree(root / "Annotations")

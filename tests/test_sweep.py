@@ -1,4 +1,4 @@
-"""evaluate.py --TH with several thresholds (lib.sweep): each row equals a separate single-threshold
+"""evaluate.py --TH with several thresholds (evaluation.sweep): each row equals a separate single-threshold
 run, the timing runs decide as the results runs, --resume skips finished thresholds, the FLOPs
 follow the decisions, and `visualize.py curve` overlays finished sweeps.
 
@@ -21,9 +21,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import visualize
 from evaluate import get_parser
-from lib import sweep as sweep_module
+from evaluation import sweep as sweep_module
+from evaluation.results import load_timeline
 from lib.cli import UsageError
-from lib.visualize import load_timeline
 from models import build_tracker
 from models.flops import frame_flops, path_flops
 from tests.test_evaluate import _clean_env, _one_thread, checkpoint, davis_root, run  # noqa: F401 (fixtures)
@@ -193,12 +193,12 @@ def test_demo_main_job_sweeps_a_threshold_list(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(trainers.trainer, "run_training", fake_training)
     monkeypatch.setattr(main_job, "JOB_VAL", {"sequences": 1, "frames": 8, "enter_at": 3})
     monkeypatch.setattr(main_job, "JOB_TIMING_RUNS", 1)
-    out = demo.main(demo.get_parser().parse_args(["--work", str(tmp_path), "--epochs", "1", "--dev", "cpu",
+    out = demo.main(demo.main_job_parser().parse_args(["--work", str(tmp_path), "--epochs", "1", "--dev", "cpu",
                                                   "--TH", "0.7,0.5", "--num-aug", "1", "--threads", "1"]))
     assert set(out["speed"]) == {1.0, 0.7, 0.5} and out["results"]["threshold"] == 0.7
     assert [r["tau"] for r in sweep_module.read_curve(tmp_path / "result" / "ytvos-layout-demo_ep0001_curve_fast")] \
         == [1.0, 0.7, 0.5]
     assert re.search(r"^  \[(met|NOT met)\] reuse rate at TH 0\.7", capsys.readouterr().out, flags=re.M)
-    with pytest.raises(UsageError, match="one threshold with --video"):
-        demo.main(demo.get_parser().parse_args(["--video", str(tmp_path), "--mask", str(tmp_path), "--model",
-                                                str(tmp_path), "--TH", "0.7,0.5"]))
+    with pytest.raises(SystemExit):  # one threshold with --video
+        demo.video_parser().parse_args(["--video", str(tmp_path), "--mask", str(tmp_path), "--model",
+                                        str(tmp_path), "--TH", "0.7,0.5"])

@@ -150,3 +150,22 @@ def test_static_shapes_equal_the_filled_prefix():
         assert torch.equal(a, b)
     for name in STATE:
         assert torch.equal(getattr(tables[0], name)[:3], getattr(tables[1], name)[:3]), name
+
+
+def test_an_insert_sends_only_the_rows_it_changed(monkeypatch):
+    """Off the CPU the sample weights live in a device copy of the host table: an insert copies
+    the rows it changed, not the whole table (on the CPU the copy is a view: nothing is sent)."""
+    import models.target_model as target_model
+
+    t = table()
+    rows = [t.add([f], [m])[0] for f, m in (first_frame(seed) for seed in (20, 21, 22, 23))]
+    t.scores(rows, frames(1, 5)[0][0])
+    sent = []
+    monkeypatch.setattr(target_model, "to_device", lambda x, device: sent.append(tuple(x.shape)) or x)
+    t.device = torch.device("meta")  # any device but the CPU
+    t.weights = t.weights.clone()  # the device copy
+    masks = torch.rand(2, 1, *LABEL, generator=torch.Generator().manual_seed(6))
+    metrics, targets = t.upsampling.encode(masks, torch.ones_like(masks))
+    t.insert([rows[1], rows[3]], metrics, targets)
+    assert (2, CONFIG.memory_size) in sent and all(shape[0] <= 2 for shape in sent), sent
+    assert torch.equal(t.weights, torch.from_numpy(t.host_weights))  # the copy is up to date

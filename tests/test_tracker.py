@@ -105,8 +105,9 @@ def test_forced_reuse_skips_high_backbone_and_target_model(checkpoint, clip, mon
 
     tracker = tracker_for(checkpoint)
     calls, applied, updated = [], [], []  # high backbone passes, target-model rows scored, rows updated
-    high, scores, update = tracker.backbone.high, TargetModelTable.scores, TargetModelTable.update
-    monkeypatch.setattr(tracker.backbone, "high", lambda x: calls.append(1) or high(x))
+    high, scores, update = tracker.regions.steps["backbone.high"], TargetModelTable.scores, TargetModelTable.update
+    monkeypatch.setitem(tracker.regions.steps, "backbone.high", lambda x: calls.append(1) or high(x))
+    monkeypatch.setattr(tracker.backbone, "high", lambda x: calls.append(1) or high(x))  # object starts
     monkeypatch.setattr(TargetModelTable, "scores",
                         lambda self, rows, *args: applied.extend(rows) or scores(self, rows, *args))
     monkeypatch.setattr(TargetModelTable, "update",

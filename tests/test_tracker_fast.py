@@ -16,8 +16,8 @@ import torch
 from dataset.synthetic import render_sequence
 from models import build_tracker
 from models.network import GFRTM
-from models import precision
-from models.precision import check_precision, full_fp32
+from lib import precision
+from lib.precision import check_precision, full_fp32
 from models.target_model import TargetModel, TargetModelConfig
 from models.tracker import fetch
 

@@ -30,7 +30,7 @@ from models.checkpoint import GATE_MODULES, read_checkpoint, save_checkpoint
 from models.network import GFRTM
 from trainers.gfrtm_step import GateLossConfig, GFRTMStep, gate_target, straight_through_gate
 from trainers.tmcache import TargetModelCache
-from trainers.trainer import TrainConfig, Trainer, build_network, build_optimizer, checkpoint_files, run_training
+from trainers.trainer import TrainConfig, Trainer, initial_network, build_optimizer, checkpoint_files, run_training
 
 from conftest import assert_output_error, run_script
 from forged_checkpoints import malicious_checkpoint, upstream_trainer_checkpoint
@@ -77,7 +77,7 @@ def test_loss_decreases_on_a_fixed_batch(synthetic_root, tmp_path):
     targets = [cache.get(s.sequence, s.frames[0], s.object_id, frames[0][b], masks[0][b])
                for b, s in enumerate(data.specs)]
     args = parse(tmp_path, synthetic_root)
-    net = build_network(args).train()
+    net = initial_network(args).train()
     step = GFRTMStep(net, backbone, GateLossConfig())
     optimizer, _ = build_optimizer(net, args)
     losses = []
@@ -104,7 +104,7 @@ def test_reduced_precision_training(synthetic_root, tmp_path, monkeypatch):
     assert {v.dtype for v in ckpt["model"].values() if v.is_floating_point()} == {torch.float32}
     assert "grad_scaler" not in ckpt and ckpt["args"]["precision"] == "bf16"
 
-    from models import precision
+    from lib import precision
     monkeypatch.setattr(precision, "_cpu_supports_fp16", lambda: True)
     run_training(parse(tmp_path / "fp16", synthetic_root, "--epochs", "1", "--precision", "fp16"))
     ckpt = read_checkpoint(tmp_path / "fp16" / "ck" / "t" / "t_ep0001.pth")
@@ -148,7 +148,7 @@ def test_resume_restores_epoch_optimizer_and_scheduler(first_run, synthetic_root
     tmp_path, _ = first_run
     saved = read_checkpoint(tmp_path / "ck" / "t" / "t_ep0001.pth")
     args = parse(tmp_path, synthetic_root, "--epochs", "2")
-    net = build_network(args)
+    net = initial_network(args)
     optimizer, scheduler = build_optimizer(net, args)
     trainer = Trainer(GFRTMStep(net, Backbone("resnet18", "random", seed=0), GateLossConfig()), optimizer,
                       scheduler, [], None, args, torch.device("cpu"), tmp_path / "ck" / "t", tmp_path / "tb2")
@@ -423,22 +423,22 @@ def test_init_from_frtm_and_gfrtm_checkpoints(tmp_path, synthetic_root):
         source = GFRTM("resnet18")
     frtm = {"model": {k: v for k, v in source.state_dict().items() if k.split(".")[0] not in GATE_MODULES}}
     torch.save(frtm, tmp_path / "frtm.pth")
-    net = build_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "frtm.pth")))
-    fresh = build_network(parse(tmp_path, synthetic_root))
+    net = initial_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "frtm.pth")))
+    fresh = initial_network(parse(tmp_path, synthetic_root))
     assert torch.equal(net.decoder.TSE.layer4.reduce[0].weight, source.decoder.TSE.layer4.reduce[0].weight)
     assert torch.equal(net.upsampler.conv1.weight, source.upsampler.conv1.weight)
     assert torch.equal(net.template_matching.key[0].weight, fresh.template_matching.key[0].weight)  # fresh
     assert torch.equal(net.reuse_gate.conv2.bias, torch.tensor([0.1, 2.0]))
     save_checkpoint(tmp_path / "gfrtm.pth", source)
-    net = build_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "gfrtm.pth")))
+    net = initial_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "gfrtm.pth")))
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in net.state_dict().items())
     # As upstream's trainer saves (stats of upstream's lib.utils.AverageMeter, upstream key names).
     upstream_trainer_checkpoint(source, tmp_path / "upstream_like.pth")
-    net = build_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "upstream_like.pth")))
+    net = initial_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "upstream_like.pth")))
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in net.state_dict().items())
     save_checkpoint(tmp_path / "rn101.pth", GFRTM("resnet101"))
     with pytest.raises(ValueError, match="resnet101"):
-        build_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "rn101.pth")))
+        initial_network(parse(tmp_path, synthetic_root, "--initPth", str(tmp_path / "rn101.pth")))
 
 
 def test_target_model_cache_hits_and_retrains_corrupt_entries(tmp_path, caplog):

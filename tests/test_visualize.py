@@ -13,10 +13,10 @@ from PIL import Image
 import visualize as vis_cli
 from lib.image_io import write_label_png
 from lib.palette import DAVIS_PALETTE
-from lib.results import TrackingStats
-from lib.visualize import (ABSENT, COMPUTED, GIVEN, REUSED, TIMELINE_COLOURS, GifWriter, Mp4Writer,
-                           draw_timeline, list_sequences, load_timeline, object_boundaries, overlay,
-                           save_timeline_png, timeline_layout, timeline_states, write_timeline)
+from evaluation.results import TrackingStats, load_timeline, write_timeline
+from evaluation.visuals import (ABSENT, COMPUTED, GIVEN, REUSED, TIMELINE_COLOURS, GifWriter, Mp4Writer,
+                           draw_timeline, list_sequences, object_boundaries, overlay,
+                           save_timeline_png, timeline_layout, timeline_states)
 
 from conftest import ROOT, assert_output_error, run_script
 
@@ -240,7 +240,7 @@ def test_visualize_cli_errors(fake_results, tmp_path):
 
 
 def test_unusable_out_is_one_error_line(fake_results, blocked, monkeypatch, capsys):
-    from lib.sweep import CURVE_COLUMNS, write_curve
+    from evaluation.sweep import CURVE_COLUMNS, write_curve
 
     frames_dir, results = fake_results
     rows = [{**{c: 1.0 for c in CURVE_COLUMNS}, "tau": tau, "J&F": jf, "fps": fps, "results_dir": ""}

@@ -26,7 +26,7 @@ from lib.fileio import make_dirs
 from lib.safe_load import load_pth
 from models.augmenter import FirstFrameAugmenter, training_params
 from models.backbone import Backbone
-from models.checkpoint import atomic_save
+from lib.fileio import atomic_save
 from models.target_model import TargetModel, TargetModelConfig
 
 log = logging.getLogger(__name__)

@@ -29,13 +29,13 @@ from tqdm import tqdm
 from dataset.synthetic import make_davis_like
 from dataset.training import SAMPLE_SIZE, References, TrainingSamples, build_sources, epoch_samples
 from lib import distributed
-from lib.cli import resolve_device
+from lib.device import resolve_device
 from lib.errors import UsageError
 from lib.fileio import make_dirs
 from models.backbone import Backbone
 from models.checkpoint import check_backbone, load_network_state, network_state, read_checkpoint, save_checkpoint
 from models.network import GFRTM
-from models.precision import autocast, check_precision
+from lib.precision import autocast, check_precision
 
 from .gfrtm_step import STAT_KEYS, GateLossConfig, GFRTMStep
 from .tmcache import TargetModelCache, writable_cache
@@ -96,7 +96,7 @@ CHECKPOINTS_FLAG = "--checkpoints or $RVOS_CHECKPOINTS"
 TENSORBOARD_FLAG = "--tensorboard or $RVOS_TENSORBOARD"
 
 
-def build_network(config: TrainConfig) -> GFRTM:
+def initial_network(config: TrainConfig) -> GFRTM:
     """A fresh network (seeded by config.seed without touching the global RNG; the gate's last
     bias as upstream), optionally initialized from config.initPth."""
     with torch.random.fork_rng(devices=[]):
@@ -169,7 +169,7 @@ def _train(config: TrainConfig, ctx: distributed.Context, device: torch.device, 
                                             for s in sources), flush=True)
 
     backbone = Backbone(config.ftext, config.backbone_weights, seed=config.seed).to(device)
-    network = build_network(config).to(device)
+    network = initial_network(config).to(device)
     step = GFRTMStep(network, backbone, GateLossConfig(config.m1, config.m2, config.marginEp, config.apply_margin))
     optimizer, scheduler = build_optimizer(network, config)
     cache = TargetModelCache(config.tmcache, backbone, device, num_aug=config.num_aug, seed=config.seed)

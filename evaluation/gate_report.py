@@ -13,25 +13,22 @@ separates still from moving ones (AUC: 0.5 not at all, 1.0 perfectly); and the m
 reused object-frames against the same object-frames computed at TH 1.0 (likewise for the
 computed ones).
 
-    python -m lib.gate_report --gated result/<name>_0.7_fast --plain result/<name>_1.0_fast \\
+    python -m tools.gate_report --gated result/<name>_0.7_fast --plain result/<name>_1.0_fast \\
         --annotations /path/to/Annotations [--json gate_report.json]
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
-from lib.cli import UsageError, run
-from lib.fileio import atomic_write_bytes, make_dirs
+from evaluation.results import load_timeline
+from lib.errors import UsageError
 from lib.image_io import read_label_png
-from lib.metrics import jaccard_index, json_safe
-from lib.visualize import load_timeline
+from lib.metrics import jaccard_index
 
 MOVING_IOU = 0.9  # an object-frame is moving when its mask's IoU with the previous frame's is below this
 
@@ -158,30 +155,3 @@ def format_summary(s: GateSummary) -> str:
 
 def gate_report(gated: str | Path, plain: str | Path, annotations: str | Path) -> GateSummary:
     return summarize(object_frames(gated, plain, annotations))
-
-
-def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gated", type=Path, required=True,
-                   help="evaluate.py results folder at the gate's threshold (e.g. result/<name>_0.7_fast)")
-    p.add_argument("--plain", type=Path, required=True,
-                   help="evaluate.py results folder of the same checkpoint and frames at TH 1.0")
-    p.add_argument("--annotations", type=Path, required=True,
-                   help="ground truth: <sequence>/<frame>.png for every frame (e.g. a DAVIS "
-                        "Annotations/480p folder or a YouTube-VOS-layout folder's Annotations)")
-    p.add_argument("--json", type=Path, default=None, help="also write the summary to this JSON file")
-    return p
-
-
-def main(args: argparse.Namespace) -> dict:
-    summary = gate_report(args.gated, args.plain, args.annotations)
-    print(format_summary(summary))
-    data = asdict(summary)
-    if args.json is not None:
-        make_dirs(args.json.parent, "the --json file's folder", "--json")
-        atomic_write_bytes(args.json, (json.dumps(json_safe(data), indent=1) + "\n").encode())
-    return data
-
-
-if __name__ == "__main__":
-    run(main, get_parser())

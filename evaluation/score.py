@@ -14,15 +14,16 @@ import sys
 from pathlib import Path
 
 from dataset.presets import PRESETS
-from lib.cli import UsageError
-from lib.evaluation import EvalConfig, _nan_for_none, summary_line
+from evaluation.job import EvalConfig
+from evaluation.report import nan_for_none, summary_line
+from evaluation.results import evaluate_data_dir
+from lib.errors import UsageError
 from lib.metrics import format_table, json_safe, write_results
-from lib.results import evaluate_data_dir
 
 
 def score_results(config: EvalConfig) -> dict:
     """Score the folder config.score against the ground truth of preset config.dset (config: a
-    lib.evaluation.EvalConfig; its data roots as for an evaluation, its sequences to score a
+    evaluation.job.EvalConfig; its data roots as for an evaluation, its sequences to score a
     subset). Writes results.json and results.csv into the folder, prints the table; returns the
     results dict. Raises UsageError for a preset without public ground truth, FileNotFoundError
     for a missing folder or PNG, UsageError for a PNG of the wrong size."""
@@ -54,7 +55,7 @@ def score_results(config: EvalConfig) -> dict:
     })
     results = json_safe(results)
     write_results(results, folder)
-    print(format_table(_nan_for_none(results)))
+    print(format_table(nan_for_none(results)))
     print(summary_line(results))
     print(f"wrote {folder / 'results.json'}")
     return results

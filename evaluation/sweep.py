@@ -24,11 +24,15 @@ import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
+from evaluation import job as ev
+from evaluation.report import FPS_DEFINITION, WALL_FPS_DEFINITION, collect_results, report
+from evaluation.results import TrackingStats, curve_dir_name, load_timeline, percent, rate, results_dir_name
+from evaluation.tracking import exchange_outcomes, track_sequence, track_sequences
+from evaluation.visuals import save_curve_png
 from lib import distributed
 from lib.background import read_ahead
 from lib.fileio import atomic_write_bytes, make_dirs
 from lib.metrics import json_safe
-from lib.results import TrackingStats, curve_dir_name, results_dir_name
 
 CURVE_COLUMNS = ("tau", "J&F", "J", "F", "reuse_rate", "fps", "wall_fps", "gflops_per_frame", "frames",
                  "timing_runs", "results_dir")
@@ -100,8 +104,8 @@ def timed_runs(tracker, videos: Mapping[str, object], thresholds: Sequence[float
             started = time.perf_counter()
             for name, video in videos.items():
                 before = stats.frames
-                for frame in tracker.track(frames_of(video), th, keep_probabilities=False):
-                    stats.add(frame)
+                for _ in track_sequence(tracker, frames_of(video), th, stats):
+                    pass
                 taken = decisions(stats.timeline[before:])
                 if run == 0:
                     entry["decisions"][name] = taken
@@ -122,9 +126,8 @@ def combine_timings(per_rank: Sequence[Mapping[float, dict]], thresholds: Sequen
         entries = [r[th] for r in per_rank]
         frames = sum(e["frames"] for e in entries)
         runs = len(entries[0]["seconds"])
-        fps = [frames / s if s > 0 else math.nan for s in (sum(e["seconds"][i] for e in entries) for i in range(runs))]
-        wall = [frames / w if w > 0 else math.nan
-                for w in (max(e["wall_seconds"][i] for e in entries) for i in range(runs))]
+        fps = [rate(frames, sum(e["seconds"][i] for e in entries)) for i in range(runs)]
+        wall = [rate(frames, max(e["wall_seconds"][i] for e in entries)) for i in range(runs)]
         tracked = sum(e["tracked"] for e in entries)
         combined[th] = {"fps": statistics.median(fps) if fps else math.nan, "fps_runs": fps,
                         "wall_fps": statistics.median(wall) if wall else math.nan, "wall_fps_runs": wall,
@@ -204,7 +207,7 @@ def read_curve(path: Path) -> list[dict]:
 def format_curve(rows: Sequence[Mapping]) -> str:
     """The curve as a console table."""
     def pct(v):
-        return "n/a" if v is None or math.isnan(v) else f"{100 * v:.1f}"
+        return percent(v, sign=False)
 
     def num(v, digits=1):
         return "n/a" if v is None or math.isnan(v) else f"{v:.{digits}f}"
@@ -220,7 +223,7 @@ def format_curve(rows: Sequence[Mapping]) -> str:
 
 
 def for_threshold(job, th: float):
-    """`job` (lib.evaluation.Job) as a single-threshold run at `th` would prepare it."""
+    """`job` (evaluation.job.Job) as a single-threshold run at `th` would prepare it."""
     config = dataclasses.replace(job.config, TH=float(th))
     out_dir = job.out_dir.parent / results_dir_name(config.dset, job.checkpoint, th, config.fast)
     return dataclasses.replace(job, config=config, out_dir=out_dir, settings={**job.settings, "threshold": float(th)})
@@ -237,12 +240,9 @@ def _finished(job, todo: list[str]) -> Optional[dict]:
 
 
 def sweep(config, ctx: distributed.Context, device, device_text: str) -> dict:
-    """An evaluation with several thresholds (config, a lib.evaluation.EvalConfig: TH a tuple): see the module's docstring.
+    """An evaluation with several thresholds (config, an evaluation.job.EvalConfig: TH a tuple): see the module's docstring.
     Returns {"thresholds": {th: results dict}, "rows": curve rows, "curve_dir"} on rank 0,
     {} elsewhere."""
-    from lib import evaluation as ev
-    from lib.visualize import save_curve_png
-
     thresholds = [float(th) for th in config.TH]
     base = ev.prepare(dataclasses.replace(config, TH=thresholds[0]), ctx, device, device_text)
     jobs = {th: for_threshold(base, th) for th in thresholds}
@@ -251,7 +251,7 @@ def sweep(config, ctx: distributed.Context, device, device_text: str) -> dict:
         if ctx.is_main:
             ev.announce(base)
             print(f"thresholds: {', '.join(map(repr, thresholds))}; curve: {out_dir}")
-        tracker = ev.build_tracker(base)
+        tracker = ev.job_tracker(base)
         mine = ev.my_share(base, [seq.name for seq in base.data.sequences])
         budget = int(MEMORY_SHARE * free_memory() / max(1, ctx.local_world_size))
         frames = frames_in_memory(mine, budget)
@@ -272,10 +272,10 @@ def sweep(config, ctx: distributed.Context, device, device_text: str) -> dict:
                 continue
             if ctx.is_main:
                 print(f"[{step}/{len(thresholds)}] TH {th!r}: {len(todo)} sequence(s) -> {job.out_dir}")
-            outcomes = ev.exchange_outcomes(job, ev.track_sequences(job, ev.my_share(job, todo), tracker, frames))
+            outcomes = exchange_outcomes(job, track_sequences(job, ev.my_share(job, todo), tracker, frames))
             if ctx.is_main:
-                results[th] = ev.collect_results(job, outcomes, todo)
-                ev.report(results[th])
+                results[th] = collect_results(job, outcomes, todo)
+                report(results[th])
 
         speed = None
         if config.timing_runs:
@@ -306,8 +306,8 @@ def sweep(config, ctx: distributed.Context, device, device_text: str) -> dict:
                 "device_description": device_text, "world_size": ctx.world_size, "timing_runs": config.timing_runs,
                 "timing": {str(th): speed[th] for th in thresholds} if speed else None,
                 "path_flops": {f"{h}x{w}": paths for (h, w), paths in flops_cache.items()},
-                "fps_definition": TIMING_FPS_DEFINITION if speed else ev.FPS_DEFINITION,
-                "wall_fps_definition": TIMING_WALL_FPS_DEFINITION if speed else ev.WALL_FPS_DEFINITION,
+                "fps_definition": TIMING_FPS_DEFINITION if speed else FPS_DEFINITION,
+                "wall_fps_definition": TIMING_WALL_FPS_DEFINITION if speed else WALL_FPS_DEFINITION,
                 "gflops_definition": GFLOPS_DEFINITION, "command": [sys.executable] + sys.argv}
         write_curve(out_dir, rows, info)
         wrote = [out_dir / "curve.csv", out_dir / "curve.json"]
@@ -322,10 +322,8 @@ def sweep(config, ctx: distributed.Context, device, device_text: str) -> dict:
         print(f"wrote {', '.join(map(str, wrote))}")
         return {"thresholds": results, "rows": rows, "curve_dir": str(out_dir), "timing": speed}
     finally:
-        distributed.all_gather(ctx, None)  # leave the process group together (see lib.evaluation)
+        distributed.leave_together(ctx)
 
 
 def _timeline(results_directory: Path, name: str) -> list:
-    from lib.visualize import load_timeline
-
     return load_timeline(Path(results_directory) / name / "timeline.json")["frames"]

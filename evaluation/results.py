@@ -212,6 +212,35 @@ def timeline_entry(frame_name: str, reused_by_id: Mapping, reuse_prob_by_id: Map
             "reuse_prob": {str(k): round(float(v), 6) for k, v in ordered(reuse_prob_by_id)}}
 
 
+def write_timeline(path: str | os.PathLike, fps: float, frames: Iterable[Mapping]) -> Path:
+    """Write timeline.json, the one writer of it: {"fps": fps (null when unknown), "frames":
+    [{"frame": stem, "reused": {"id": bool}, "reuse_prob": {"id": float}}]} ("reuse_prob"
+    optional in `frames`)."""
+    data = {"fps": float(fps) if math.isfinite(fps) else None,
+            "frames": [timeline_entry(f["frame"], f["reused"], f.get("reuse_prob", {})) for f in frames]}
+    path = Path(path)
+    atomic_write_bytes(path, _json_bytes(data))
+    return path
+
+
+def load_timeline(path: str | os.PathLike) -> dict:
+    """Read and check a timeline.json. Raises FileNotFoundError / UsageError naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"timeline not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+        frames = data["frames"]
+        for f in frames:
+            str(f["frame"])
+            {int(k): bool(v) for k, v in f["reused"].items()}
+            {int(k): float(v) for k, v in f.get("reuse_prob", {}).items()}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UsageError(f"{path} is not a timeline.json ({{'fps': ..., 'frames': [{{'frame': ..., "
+                         f"'reused': {{...}}}}]}}): {exc!r}") from exc
+    return data
+
+
 class TrackingStats:
     """Accumulates tracker time and reuse decisions over one sequence.
 
@@ -260,7 +289,7 @@ class TrackingStats:
 
     @property
     def fps(self) -> float:
-        return self.frames / self.seconds if self.seconds > 0 else math.nan
+        return rate(self.frames, self.seconds)
 
     @property
     def reuse_rate(self) -> float:
@@ -268,7 +297,7 @@ class TrackingStats:
 
     @property
     def wall_fps(self) -> float:
-        return self.frames / self.wall_seconds if self.wall_seconds else math.nan
+        return rate(self.frames, self.wall_seconds)
 
     def as_dict(self) -> dict:
         return {"frames": self.frames, "seconds": self.seconds, "fps": self.fps,
@@ -278,24 +307,36 @@ class TrackingStats:
                 "reuse_per_object": {str(k): dict(v) for k, v in sorted(self.objects.items())}}
 
 
-def summarize_tracking(per_sequence: Mapping[str, Mapping]) -> dict:
-    """Overall numbers from per-sequence statistics (TrackingStats.as_dict()):
-    fps = all frames / all tracker time, reuse_rate = all reused / all tracked object-frames
-    (pooled); plus upstream's averages (mean of the sequences' fps; mean of the objects' reuse
-    rates) for comparison with upstream's printout."""
+def rate(count: float, seconds: float | None) -> float:
+    """The one definition of a speed: `count` (frames) / `seconds`, NaN without time."""
+    return count / seconds if seconds is not None and seconds > 0 else math.nan
+
+
+def percent(value, sign: bool = True) -> str:
+    """A rate (0..1) as a percentage with one decimal for reports and tables ("12.3%", or "12.3"
+    without `sign` where the header says %), "n/a" when unknown."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * value:.1f}{'%' if sign else ''}"
+
+
+def summarize_tracking(per_sequence: Mapping[str, Mapping], wall_seconds: float, frames_run: int) -> dict:
+    """Overall numbers from per-sequence statistics (TrackingStats.as_dict()), pooled over all
+    sequences of all ranks: fps = all frames / all tracker time, reuse_rate = all reused / all
+    tracked object-frames; wall_fps = the frames tracked in this run (`frames_run`) / the run's
+    wall time (`wall_seconds`: the longest rank's tracking loop); plus upstream's averages (mean
+    of the sequences' fps; mean of the objects' reuse rates) for comparison with upstream's
+    printout."""
     frames = sum(int(s["frames"]) for s in per_sequence.values())
     seconds = sum(float(s["seconds"]) for s in per_sequence.values())
-    walls = [s.get("wall_seconds") for s in per_sequence.values()]
-    wall = sum(float(w) for w in walls) if walls and all(_finite(w) for w in walls) else math.nan
     tracked = sum(int(s["tracked_object_frames"]) for s in per_sequence.values())
     reused = sum(int(s["reused_object_frames"]) for s in per_sequence.values())
     seq_fps = [s["fps"] for s in per_sequence.values() if _finite(s.get("fps"))]
     obj_rates = [o["reused"] / o["tracked"] for s in per_sequence.values()
                  for o in s.get("reuse_per_object", {}).values() if o["tracked"]]
     return {
-        "frames": frames, "seconds": seconds,
-        "fps": frames / seconds if seconds > 0 else math.nan,
-        "wall_seconds": wall, "wall_fps": frames / wall if wall > 0 else math.nan,
+        "frames": frames, "seconds": seconds, "fps": rate(frames, seconds),
+        "wall_seconds": wall_seconds, "wall_fps": rate(frames_run, wall_seconds) if frames_run else math.nan,
         "tracked_object_frames": tracked, "reused_object_frames": reused,
         "reuse_rate": reused / tracked if tracked else math.nan,
         "fps_sequence_mean": float(np.mean(seq_fps)) if seq_fps else math.nan,

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -28,13 +27,12 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dataset.sequence import FRAME_SUFFIXES
+from evaluation.results import TrackingStats, load_timeline, percent
 from lib.errors import UsageError
 from lib.fileio import atomic_write_bytes, make_dirs
 from lib.image_io import read_image, read_label_png, resize_image_area, resize_labels_nearest_exact
 from lib.palette import DAVIS_PALETTE
-from lib.results import TrackingStats, timeline_entry
-from lib.video_io import natural_key, same_aspect
+from lib.video_io import FRAME_SUFFIXES, natural_key, same_aspect
 
 GIF_MAX_WIDTH = 427
 GIF_MAX_FRAMES = 200
@@ -191,32 +189,6 @@ BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
 
 
-def write_timeline(path: str | os.PathLike, fps: float, frames: Sequence[Mapping]) -> None:
-    """Write timeline.json: {"fps": fps, "frames": [{"frame": stem, "reused": {"id": bool},
-    "reuse_prob": {"id": float}}]} ("reuse_prob" optional in `frames`)."""
-    data = {"fps": float(fps) if math.isfinite(fps) else None,
-            "frames": [timeline_entry(f["frame"], f["reused"], f.get("reuse_prob", {})) for f in frames]}
-    atomic_write_bytes(Path(path), (json.dumps(data, indent=1) + "\n").encode())
-
-
-def load_timeline(path: str | os.PathLike) -> dict:
-    """Read and check a timeline.json. Raises FileNotFoundError / ValueError naming the path."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"timeline not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-        frames = data["frames"]
-        for f in frames:
-            str(f["frame"])
-            {int(k): bool(v) for k, v in f["reused"].items()}
-            {int(k): float(v) for k, v in f.get("reuse_prob", {}).items()}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise UsageError(f"{path} is not a timeline.json ({{'fps': ..., 'frames': [{{'frame': ..., "
-                         f"'reused': {{...}}}}]}}): {exc!r}") from exc
-    return data
-
-
 def timeline_states(frames: Sequence[Mapping]) -> tuple[list[int], np.ndarray]:
     """(object ids, states uint8 num_objects x num_frames) with ABSENT / GIVEN / COMPUTED / REUSED.
 
@@ -301,7 +273,7 @@ def draw_timeline(timeline: Mapping, name: str = "") -> Image.Image:
     reused, tracked = stats.reused, stats.tracked
     fps = timeline.get("fps")
     fps_text = f"{fps:.1f} FPS" if isinstance(fps, (int, float)) and math.isfinite(fps) else "FPS n/a"
-    rate_text = f"reuse {100.0 * reused / tracked:.1f}% ({reused}/{tracked} object-frames)" if tracked \
+    rate_text = f"reuse {percent(stats.reuse_rate)} ({reused}/{tracked} object-frames)" if tracked \
         else "reuse n/a (no tracked object-frames)"
     title = f"{name}: " if name else ""
     draw.text((8, 6), f"{title}{fps_text}, {rate_text}", fill=TEXT, font=font)
@@ -445,7 +417,7 @@ def _frame_path(frames: Path, seq: str, stem: str) -> Path:
         path = frames / seq / f"{stem}{suffix}"
         if path.is_file():
             return path
-    raise FileNotFoundError(f"--frames: no frame {frames / seq / stem}.jpg (or .jpeg / .png) for the "
+    raise FileNotFoundError(f"--frames: no frame {frames / seq / stem}.jpg (or .jpeg / .png / .bmp) for the "
                             f"result mask {seq}/{stem}.png")
 
 

@@ -1,0 +1,1 @@
+"""Command-line tools that are not one of the top-level scripts: `python -m tools.<job>`."""
