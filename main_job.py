@@ -9,13 +9,14 @@ run_training, evaluation.run.evaluate, evaluation.visuals.write_visuals).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from evaluation.gate_report import format_summary, gate_report
 from evaluation.job import EvalConfig
 from evaluation.results import percent
 from lib.cli import cpu_threads, resolve_device
-from lib.fileio import make_dirs
+from lib.fileio import atomic_write_bytes, make_dirs
 
 
 # The main job's data and training, sized for a few minutes on 2 CPU cores (docs/main-job.md).
@@ -33,6 +34,7 @@ JOB_THREADS = 2  # docs/main-job.md's report was made with 2 threads; other coun
 JOB_TIMING_RUNS = 3
 GOAL_REUSE = 0.20  # reuse rate at the gate's threshold at least this
 GOAL_JF_POINTS = 3.0  # J&F at the gate's threshold at most this many points below TH 1.0
+REPORT = "report.json"  # the report's numbers, in --work
 
 
 def time_thresholds(evaluation: EvalConfig, thresholds: tuple[float, ...], runs: int) -> dict[float, dict]:
@@ -71,6 +73,30 @@ def main_job_goals(plain: dict, gated: dict, speed: dict[float, dict]) -> list[t
     ]
 
 
+def job_report(args: argparse.Namespace, plain: dict, gated: dict, speed: dict[float, dict],
+                goals: list[tuple[str, bool]]) -> dict:
+    """The numbers of the report, as <--work>/report.json holds them (benchmarks.main_job reads it):
+    seed, epochs, threshold, J&F / reuse rate / FPS (median timing run) at TH 1.0 (`_plain`) and at
+    the gate's TH, and the goals as lines and met flags."""
+    th = gated["threshold"]
+    return {"seed": args.seed, "epochs": args.epochs, "threads": args.threads, "threshold": th,
+            "jf_plain": plain["J&F"], "jf": gated["J&F"], "reuse_rate": gated["reuse_rate"],
+            "fps_plain": speed[1.0]["fps"], "fps": speed[th]["fps"],
+            "goals": [line for line, _ in goals], "goals_met": [met for _, met in goals]}
+
+
+def verdict(goals: list[tuple[str, bool]], args: argparse.Namespace) -> str:
+    """The report's last line: all goals met, or which were missed and what to try."""
+    missed = [line.split(":")[0] for line, met in goals if not met]
+    if not missed:
+        return f"All three goals met (seed {args.seed})."
+    seed, epochs, parent = args.seed + 1, 2 * args.epochs, Path(args.work).parent
+    return (f"NOT all goals met (seed {args.seed}): missed {'; '.join(missed)}. The job trains for a few minutes "
+            f"from a random backbone, so some seeds miss (docs/main-job.md, Over seeds 0-9). Try another seed "
+            f"(--seed {seed} --work {parent / f'seed{seed}'}) or longer training (--epochs {epochs} --work "
+            f"{parent / f'epochs{epochs}'}), each in a new --work folder (a folder's data and checkpoints are reused).")
+
+
 def side_by_side(plain: dict, gated: dict, speed: dict[float, dict]) -> str:
     """The report table: J&F, J, F, FPS (from time_thresholds) and reuse rate at TH 1.0 and at
     the gate's threshold."""
@@ -98,26 +124,33 @@ def run_main_job(args: argparse.Namespace) -> dict:
         return _main_job(args)
 
 
-def _main_job(args: argparse.Namespace) -> dict:
+def write_data(work: Path, seed: int) -> tuple[Path, Path]:
+    """The job's synthetic training set (DAVIS layout) and validation videos (YouTube-VOS layout,
+    every frame annotated) under `work`, unless written before. -> (training root, validation root)."""
     from dataset.synthetic import make_davis_like
     from dataset.synthetic_layouts import make_folder_like
-    from evaluation.run import evaluate
-    from evaluation.visuals import write_visuals
-    from trainers.trainer import TrainConfig, run_training
 
-    work = make_dirs(Path(args.work), "the work folder", "--work")
+    work = make_dirs(Path(work), "the work folder", "--work")
     train_data, val_data = work / "synthetic-train", work / "synthetic-val"
-    dev = str(resolve_device(args.dev)[0])
     if not (train_data / "ImageSets").is_dir():
         print(f"[1/6] writing synthetic data: {JOB_TRAIN['sequences']} training sequences (DAVIS layout) to "
               f"{train_data}, {JOB_VAL['sequences']} validation videos (YouTube-VOS layout, every frame "
               f"annotated) to {val_data}")
         make_folder_like(val_data, "ytvos", num_sequences=JOB_VAL["sequences"], num_frames=JOB_VAL["frames"],
-                         size=JOB_SIZE, seed=args.seed, annotated="all", enter_at=JOB_VAL["enter_at"],
+                         size=JOB_SIZE, seed=seed, annotated="all", enter_at=JOB_VAL["enter_at"],
                          motion="stop-and-go")
         make_davis_like(train_data, num_sequences=0, num_frames=JOB_TRAIN["frames"], size=JOB_SIZE, num_objects=2,
-                        seed=args.seed, num_train_sequences=JOB_TRAIN["sequences"], motion="stop-and-go",
+                        seed=seed, num_train_sequences=JOB_TRAIN["sequences"], motion="stop-and-go",
                         hold=JOB_TRAIN["hold"])
+    return train_data, val_data
+
+
+def train(args: argparse.Namespace, train_data: Path, dev: str) -> Path:
+    """The job's training (train.py --dset synthetic, random backbone) on `train_data` for
+    args.epochs epochs, checkpoints under args.work (a finished run is not repeated). -> the last checkpoint."""
+    from trainers.trainer import TrainConfig, run_training
+
+    work = Path(args.work)
     print(f"[2/6] training for {args.epochs} short epochs on the synthetic set (random backbone; "
           f"{args.threads} CPU threads, --threads)")
     run_training(TrainConfig(
@@ -125,7 +158,17 @@ def _main_job(args: argparse.Namespace) -> dict:
         checkpoints=work / "checkpoints", tensorboard=work / "tensorboard", tmcache=work / "tmcache",
         cache_dir=work / "cache", size=JOB_SIZE, epochs=args.epochs, keep_checkpoints=1, workers=0,
         backbone_weights="random", seed=args.seed, dev=dev, precision=args.precision, **JOB_TRAIN_OPTIONS))
-    checkpoint = work / "checkpoints" / "demo" / f"demo_ep{args.epochs:04d}.pth"
+    return work / "checkpoints" / "demo" / f"demo_ep{args.epochs:04d}.pth"
+
+
+def _main_job(args: argparse.Namespace) -> dict:
+    from evaluation.run import evaluate
+    from evaluation.visuals import write_visuals
+
+    work = Path(args.work)
+    dev = str(resolve_device(args.dev)[0])
+    train_data, val_data = write_data(work, args.seed)
+    checkpoint = train(args, train_data, dev)
     listed = args.TH if isinstance(args.TH, tuple) else (args.TH,)
     gate_th = next((th for th in listed if th < 1.0), listed[0])  # the goals are checked here
     thresholds = tuple(dict.fromkeys((1.0,) + listed))
@@ -167,5 +210,7 @@ def _main_job(args: argparse.Namespace) -> dict:
     print("These numbers come from a random backbone trained for a few minutes on synthetic data: they "
           "show the pipeline and what the reuse gate does, not the paper's results (see docs/evaluation.md: "
           "Reproducing the published tables).")
+    atomic_write_bytes(work / REPORT, (json.dumps(job_report(args, plain, gated, speed, goals), indent=1) + "\n").encode())
+    print(verdict(goals, args))
     return {"results": gated, "results_plain": plain, "speed": speed, "goals": goals, "gate": gate,
             "overlays": written, "checkpoint": str(checkpoint)}

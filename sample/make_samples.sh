@@ -5,6 +5,10 @@
 # Offline, CPU, a few minutes on 2 cores.
 #
 #   bash sample/make_samples.sh          # WORK: the main job's --work folder (default a temp dir)
+#   WORK=demo_out/seeds/seed-0 bash sample/make_samples.sh   # reuses the main job's run there
+#
+# A WORK folder that holds a finished run of the main job (its report.json, e.g. the seed-0 run of
+# `python -m benchmarks.main_job --seeds 0-9`, whose report docs/main-job.md shows) is used as it is.
 #
 # The GIFs are redrawn from the main job's TH 0.7 results with visualize.py at 160 px wide (the
 # main job's own overlays are full size) to keep the repository small.
@@ -15,7 +19,9 @@ cd "$ROOT"
 WORK="${WORK:-$(mktemp -d)}"
 mkdir -p "$WORK"
 
-"$PY" demo.py --work "$WORK" --dev cpu | tee "$WORK/main_job.txt"
+if [[ ! -f "$WORK/report.json" ]]; then
+    "$PY" demo.py --work "$WORK" --dev cpu | tee "$WORK/main_job.txt"
+fi
 RESULTS="$(ls -d "$WORK"/result/ytvos-layout-demo_ep*_0.7_fast | tail -n 1)"
 "$PY" visualize.py --results "$RESULTS" --frames "$WORK/synthetic-val/JPEGImages" \
     --out "$WORK/samples" --no-mp4 --gif-width 160

@@ -30,7 +30,7 @@ SCRIPTS = {"train.py": "train", "evaluate.py": "evaluate", "demo.py": "demo:main
            "-m benchmarks.precision_ops": "benchmarks.precision_ops",
            "-m benchmarks.precision_fidelity": "benchmarks.precision_fidelity",
            "-m benchmarks.parallel_eval": "benchmarks.parallel_eval",
-           "-m benchmarks.throughput": "benchmarks.throughput",
+           "-m benchmarks.throughput": "benchmarks.throughput", "-m benchmarks.main_job": "benchmarks.main_job",
            "-m benchmarks.runtimes": "benchmarks.runtimes",
            "scripts/make_upstream_vectors.py": "scripts.make_upstream_vectors"}
 

@@ -3,6 +3,7 @@ end to end on tiny data, prints TH 1.0 and the gate's TH side by side with its g
 timing decides as evaluate.py does."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -48,6 +49,10 @@ def test_main_job_runs_offline(tmp_path, capsys, monkeypatch):
                                                     "FPS at TH 0.7 above TH 1.0"]
     assert [g[0] == "met" for g in goals] == [met for _, met in out["goals"]]
     assert "random backbone" in printed and "not the paper's results" in printed
+    last = printed.rstrip().splitlines()[-1]  # the verdict, and the report's numbers in --work
+    assert last == main_job.verdict(out["goals"], demo.get_parser().parse_args(["--work", str(tmp_path), "--epochs", "1"]))
+    report = json.loads((tmp_path / main_job.REPORT).read_text())
+    assert report["goals_met"] == [met for _, met in out["goals"]] and report["jf"] == out["results"]["J&F"]
     plain, gated = out["results_plain"], out["results"]
     assert plain["threshold"] == 1.0 and gated["threshold"] == 0.7 and plain["reuse_rate"] == 0.0
     for results in (plain, gated):
@@ -112,6 +117,86 @@ def test_main_job_goals():
     assert re.search(r"^J&F +60\.0 +58\.0$", table, flags=re.M)
     assert re.search(r"^FPS +31\.0 +33\.0$", table, flags=re.M)
     assert re.search(r"^reuse rate +0\.0% +45\.0%$", table, flags=re.M)
+
+
+def test_main_job_says_plainly_what_was_missed_and_what_to_try():
+    import argparse
+
+    import main_job
+
+    args = argparse.Namespace(seed=4, epochs=45, work="demo_out/main")
+    goals = [("reuse rate at TH 0.7 >= 20%: 12.0%", False), ("J&F at TH 0.7 within 3 points of TH 1.0: 50 vs 51", True),
+             ("FPS at TH 0.7 above TH 1.0: 16.0 vs 16.2 (0.99x)", False)]
+    line = main_job.verdict(goals, args)
+    assert line.startswith("NOT all goals met (seed 4): missed reuse rate at TH 0.7 >= 20%; FPS at TH 0.7 above")
+    assert "J&F" not in line
+    assert "--seed 5 --work demo_out/seed5" in line and "--epochs 90 --work demo_out/epochs90" in line
+    assert main_job.verdict([(text, True) for text, _ in goals], args) == "All three goals met (seed 4)."
+
+
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "main-job.md"
+EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+: loss_seg ([\d.]+), loss_diff ([\d.]+), loss_gp ([\d.]+), "
+                        r"accuracy ([\d.]+), reuse_rate ([\d.]+)", flags=re.M)
+
+
+def test_documented_seed0_run_is_what_the_code_produces(tmp_path, capsys):
+    """docs/main-job.md's seed-0 report comes from `python demo.py` as shipped: the first epochs'
+    statistics it records from that run's output are what the job's data and training print now
+    (seed 0, the job's thread count). When this fails, a change moved the job's numbers: rerun
+    `python -m benchmarks.main_job --seeds 0-9` and `bash sample/make_samples.sh` and update
+    docs/main-job.md from them."""
+    import demo
+    import main_job
+    from lib.cli import cpu_threads
+
+    documented = [tuple(map(float, m)) for m in EPOCH_LINE.findall(DOC.read_text())]
+    assert [int(d[0]) for d in documented] == [1, 2], "docs/main-job.md records seed 0's first two epochs"
+    args = demo.get_parser().parse_args(["--work", str(tmp_path), "--epochs", "2", "--dev", "cpu"])
+    assert args.seed == 0 and args.threads == main_job.JOB_THREADS
+    with cpu_threads(args.threads):
+        train_data, _ = main_job.write_data(tmp_path, args.seed)
+        main_job.train(args, train_data, "cpu")
+    produced = [tuple(map(float, m)) for m in EPOCH_LINE.findall(capsys.readouterr().out)]
+    assert len(produced) == 2
+    for doc, now in zip(documented, produced):  # as printed: 4 decimals
+        assert now == pytest.approx(doc, abs=1.1e-4), f"epoch {int(doc[0])}: documented {doc[1:]}, produced {now[1:]}"
+
+
+def test_benchmark_tables_the_seeds_and_writes_the_doc(tmp_path, capsys):
+    """benchmarks.main_job: one row per seed from each run's report.json, the count of seeds that
+    met all goals, and --doc rewrites the page's marked blocks from the runs (seed 0's from its output)."""
+    from benchmarks import main_job as bench
+
+    def report(seed, reuse, jf, fps):
+        return {"seed": seed, "threshold": 0.7, "jf_plain": 0.50, "jf": jf, "reuse_rate": reuse, "fps_plain": 10.0,
+                "fps": fps, "goals_met": [reuse >= 0.2, 0.50 - jf <= 0.03, fps > 10.0]}
+    runs = {0: report(0, 0.35, 0.49, 11.0), 1: report(1, 0.05, 0.50, 9.9), 2: report(2, 0.30, 0.45, 10.5)}
+    for seed, data in runs.items():
+        (tmp_path / f"seed-{seed}").mkdir()
+        (tmp_path / f"seed-{seed}" / "report.json").write_text(json.dumps(data))
+    printed = ("[2/6] training\nepoch 1/45: loss_seg 0.5000, loss_diff 0.1000, loss_gp 0.2000, accuracy 0.0100, "
+               "reuse_rate 0.0000, loss 0.8 -> demo_out/x/demo_ep0001.pth\nepoch 2/45: loss_seg 0.4000, loss_diff "
+               "0.1000, loss_gp 0.2000, accuracy 0.0200, reuse_rate 0.5000, loss 0.7 -> demo_out/x/demo_ep0002.pth\n"
+               "epoch 3/45: loss_seg 0.3\n\n" + " " * 12 + "TH 1.0 (always compute)  TH 0.7 (reuse gate)\nJ&F 50.0 49.0\n"
+               "All three goals met (seed 0).\n")
+    (tmp_path / "seed-0" / "main_job.txt").write_text(printed)
+    doc = tmp_path / "page.md"
+    doc.write_text("intro\n<!-- seeds -->\nold\n<!-- /seeds -->\nmid\n<!-- seed-0 report -->\n<!-- /seed-0 report -->\n"
+                   "<!-- seed-0 epochs -->\nold\n<!-- /seed-0 epochs -->\nend\n")
+    args = bench.get_parser().parse_args(["--seeds", "0-2", "--work", str(tmp_path), "--doc", str(doc)])
+    assert bench.main(args) == runs
+    out = capsys.readouterr().out
+    assert re.search(r"^ +0 +35\.0% +50\.0 +49\.0 +-1\.0 +1\.10x +met, met, met", out, flags=re.M)
+    assert re.search(r"^ +1 +5\.0% .* MISSED, met, MISSED", out, flags=re.M)
+    assert re.search(r"^ +2 +30\.0% .* -5\.0 +1\.05x +met, MISSED, met", out, flags=re.M)
+    assert "TH 0.7: 1 of 3 seeds met all three goals (missed: 1, 2)" in out
+    text = doc.read_text()
+    assert "old" not in text and text.startswith("intro\n<!-- seeds -->\n```text\npython -m benchmarks.main_job --seeds 0-2\n")
+    assert "1 of 3 seeds met all three goals" in text and text.endswith("```\n<!-- /seed-0 epochs -->\nend\n")
+    assert "```text\n" + " " * 12 + "TH 1.0 (always compute)" in text and "All three goals met (seed 0).\n```" in text
+    assert [m[0] for m in EPOCH_LINE.findall(text)] == ["1", "2"] and "demo_ep0001.pth" not in text
+    assert bench.seed_list("0-2,7,2") == [0, 1, 2, 7] and bench.seeds_text([0, 1, 2, 7]) == "0-2,7"
 
 
 def test_unusable_work_folder_is_one_error_line(blocked, monkeypatch, capsys):
