@@ -30,11 +30,11 @@ import main_job
 from evaluation.results import TrackingStats, percent, write_timeline
 from evaluation.tracking import track_sequence
 from evaluation.visuals import GifWriter, Mp4Writer, overlay, save_timeline_png
-from lib.argtypes import add_max_size_flag
 from lib.background import BackgroundWriter, read_ahead
 from lib.cli import (UsageError, add_backbone_weights_flag, add_batch_sequences_flag, add_compile_flag, add_device_flag,
-                     add_num_aug_flag, add_precision_flag, add_seed_flag, add_threads_flag, add_threshold_flag,
-                     int_at_least, positive_float, resolve_device, run)
+                     add_mask_flag, add_max_size_flag, add_num_aug_flag, add_precision_flag, add_seed_flag,
+                     add_threads_flag, add_threshold_flag, add_video_flag, int_at_least, positive_float,
+                     resolve_device, run)
 from lib.fileio import make_dirs
 from lib.image_io import resize_labels_nearest_exact, write_label_png
 from lib.video_io import MaskSet, TrackerFeed, open_frames, processing_size
@@ -50,15 +50,8 @@ def video_parser() -> argparse.ArgumentParser:
     """The own-video job's flags (`python demo.py --video ...`)."""
     parser = argparse.ArgumentParser(
         description="G-FRTM (Reuse-VOS) demo: segment your own video from the mask of its first frame.")
-    parser.add_argument("--video", type=Path, required=True,
-                        help="video to segment: an MP4 (any file OpenCV decodes; frames are named 00000, "
-                             "00001, ...) or a folder of JPG/PNG frames sorted by name (frames named by "
-                             "their file stems)")
-    parser.add_argument("--mask", type=Path, required=True,
-                        help="label PNG of the first frame (pixel value = object id, e.g. a DAVIS palette "
-                             "PNG; 0 = background), or a folder of label PNGs named like the frames (for an "
-                             "MP4: by frame number, 00012.png): an object starts at the first PNG holding "
-                             "its id. Masks need the frame's aspect ratio, any size (resized nearest)")
+    add_video_flag(parser)
+    add_mask_flag(parser)
     parser.add_argument("--model", type=Path, required=True,
                         help="G-FRTM / FRTM checkpoint (released or ours) to segment with")
     parser.add_argument("--out", type=Path, default=None,

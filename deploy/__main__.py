@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from evaluation.results import TrackingStats
-from lib.argtypes import add_max_size_flag, int_at_least, number_in
 from lib.errors import UsageError
 from lib.fileio import atomic_write_bytes, make_dirs
+from lib.flags import add_mask_flag, add_max_size_flag, add_threads_flag, add_threshold_flag, add_video_flag
 from lib.image_io import resize_labels_nearest_exact, write_label_png
 from lib.metrics import json_safe
 from lib.video_io import MaskSet, TrackerFeed, open_frames, processing_size
@@ -31,18 +31,12 @@ def get_parser() -> argparse.ArgumentParser:
         description="Segment a video from its first frame's mask with a tracker exported by export.py, run by "
                     "onnxruntime (no PyTorch). docs/deployment.md.")
     parser.add_argument("--model", type=Path, required=True, help="folder written by export.py (manifest.json, *.onnx)")
-    parser.add_argument("--video", type=Path, required=True,
-                        help="an MP4 (frames named 00000, 00001, ...) or a folder of JPG/PNG frames sorted by name")
-    parser.add_argument("--mask", type=Path, required=True,
-                        help="label PNG of the first frame (pixel value = object id), or a folder of label PNGs "
-                             "named like the frames: an object starts at the first PNG holding its id")
+    add_video_flag(parser)
+    add_mask_flag(parser)
     parser.add_argument("--out", type=Path, required=True, help="output folder: masks/<frame>.png, timeline.json")
-    parser.add_argument("--TH", type=number_in(0.0, 1.0, " (reuse iff p_reuse > TH; 1 never reuses)"), default=0.7,
-                        help="reuse threshold: an object reuses its previous decoder state where the gate's "
-                             "reuse probability exceeds it (default 0.7)")
+    add_threshold_flag(parser)
     add_max_size_flag(parser)
-    parser.add_argument("--threads", type=int_at_least(1), default=None,
-                        help="onnxruntime intra-op threads (default: onnxruntime's choice)")
+    add_threads_flag(parser, None, runtime="onnxruntime")
     return parser
 
 

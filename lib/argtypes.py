@@ -76,11 +76,3 @@ def max_size(text: str) -> int:
     if value != 0 and value < 32:
         raise argparse.ArgumentTypeError(f"must be 0 (never resize) or at least 32 pixels, got {value}")
     return value
-
-
-def add_max_size_flag(parser) -> None:
-    """--max-size (demo.py --video, python -m deploy): the tracking size of one's own video."""
-    parser.add_argument("--max-size", type=max_size, default=480,
-                        help="frames whose shorter side exceeds this many pixels are tracked at that shorter "
-                             "side (INTER_AREA), the masks resized back (nearest) to the frame size (default "
-                             "480, like DAVIS 480p; 0 = never resize)")

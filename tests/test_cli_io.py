@@ -140,6 +140,21 @@ def test_shared_flags_are_declared_once_with_one_help_text():
     assert defaults["demo"].TH == defaults["demo job"].TH == defaults["evaluate"].TH == 0.7
 
 
+def test_the_runtime_without_pytorch_shares_the_own_video_flags():
+    """python -m deploy declares --video, --mask, --TH and --max-size where demo.py --video does
+    (lib.flags, which imports no PyTorch): the same help, type and default."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed: pip install -r requirements-export.txt")
+    from deploy.__main__ import get_parser
+
+    parsers = (demo.video_parser(), get_parser())
+    for flag in ("--video", "--mask", "--TH", "--max-size"):
+        demo_action, deploy_action = (next(a for a in p._actions if flag in a.option_strings) for p in parsers)
+        assert (deploy_action.option_strings, deploy_action.help, deploy_action.type, deploy_action.default) == \
+            (demo_action.option_strings, demo_action.help, demo_action.type, demo_action.default), flag
+    threads = next(a for a in parsers[1]._actions if "--threads" in a.option_strings)
+    assert threads.help.startswith("CPU threads (onnxruntime's intra-op threads)") and threads.default is None
+
+
 def test_threads_flag_is_shared_and_its_count_is_restored():
     import torch
 
