@@ -266,8 +266,10 @@ def quantize_graphs(folder: Path, sources, frames_per_source: int, log=print) ->
     per-channel int8 weights, uint8 activations with MinMax ranges: onnxruntime's fast
     u8 x s8 kernels on x86) after onnxruntime's constant folding, calibrated on the graphs'
     inputs while the export tracks the calibration frames. Rewrites the manifest -> it."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxscript.optimizer import fold_constants
 
     from models.graphs import GRAPHS
 
@@ -288,12 +290,21 @@ def quantize_graphs(folder: Path, sources, frames_per_source: int, log=print) ->
     graphs = dict(manifest["graphs"])
     for name in names:
         entry = graphs[name]
-        fp32, folded, int8 = (folder / entry["file"], folder / f"{name}.folded.onnx", folder / f"{name}.int8.onnx")
+        fp32, constant, folded, int8 = (folder / entry["file"], folder / f"{name}.constant.onnx",
+                                        folder / f"{name}.folded.onnx", folder / f"{name}.int8.onnx")
         start = time.perf_counter()
-        # onnxruntime's own graph optimisation first (constant folding: biases become initializers)
-        quant_pre_process(str(fp32), str(folded), skip_symbolic_shape=True)
+        # The exporter writes a convolution without bias (the decoders' bias=False convolutions) as
+        # Conv(x, w, Expand(Cast(0), C)), which onnxruntime's optimiser leaves computed; fold such
+        # constant subgraphs first, so that every bias is an initializer that quantize_static can
+        # quantise (else it warns "Expected bias ... to be an initializer" and keeps the subgraph).
+        model = onnx.load(str(fp32))
+        fold_constants(model)
+        onnx.save(model, str(constant))
+        # then onnxruntime's own graph optimisation (batch norms into convolutions: biases become initializers)
+        quant_pre_process(str(constant), str(folded), skip_symbolic_shape=True)
         quantize_static(str(folded), str(int8), Reader(recorded[name]), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=INT8_OPS)
+        constant.unlink()
         folded.unlink()
         int8.replace(fp32)
         log(f"  {name}: int8, {fp32.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - start:.0f} s", flush=True)
