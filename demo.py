@@ -135,7 +135,8 @@ def run_own_video(args: argparse.Namespace) -> dict:
     if model.is_dir():  # an export: onnxruntime, with the settings it was exported with
         exported = read_manifest(model, "--model")
         parser = video_parser()
-        settings = exported_settings(model, exported, changed_fields(args, {k: parser.get_default(k) for k in vars(args)}))
+        given = changed_fields(args, {name: parser.get_default(name) for name in vars(args)})
+        settings = exported_settings(model, exported, given)
     elif not model.is_file():
         raise FileNotFoundError(f"--model: checkpoint not found: {args.model}")
     else:
@@ -185,7 +186,8 @@ def run_own_video(args: argparse.Namespace) -> dict:
 
         for result in track_sequence(tracker, read_ahead(feed), args.TH, stats, feed.current_stem):
             stem, rgb = feed.pop()
-            background.submit(mask_dir / f"{stem}.png", lambda s=stem, r=rgb, x=np.asarray(result.labels): write(s, r, x))
+            labels = np.asarray(result.labels)
+            background.submit(mask_dir / f"{stem}.png", lambda s=stem, r=rgb, x=labels: write(s, r, x))
             if stats.frames % 50 == 0:
                 print(f"  {stats.frames} frames", flush=True)
         background.flush()

@@ -22,8 +22,8 @@ from dataset.presets import PRESETS
 from evaluation.job import EvalConfig
 from evaluation.run import evaluate
 from evaluation.score import score_results
-from lib.cli import (UsageError, add_backbone_weights_flag, add_batch_sequences_flag, add_compile_flag, add_data_root_flags,
-                     add_device_flag, add_fast_flag,
+from lib.cli import (UsageError, add_backbone_weights_flag, add_batch_sequences_flag, add_compile_flag,
+                     add_data_root_flags, add_device_flag, add_fast_flag,
                      add_num_aug_flag, add_precision_flag, add_seed_flag, add_threshold_flag, int_at_least, run)
 
 

@@ -8,8 +8,9 @@ directory, device), and the sequences each rank tracks.
 
 --model is a checkpoint, or a folder written by export.py (its graphs run by onnxruntime:
 `deploy.ExportedTracker`, which the script hands in as `open_exported`, so that evaluation does
-not depend on deploy/). The steps after these: evaluation.tracking (track_sequences, exchange_outcomes), evaluation.report
-(collect_results, report); evaluation.run.evaluate runs them all.
+not depend on deploy/). The steps after these: evaluation.tracking (track_sequences,
+exchange_outcomes), evaluation.report (collect_results, report); evaluation.run.evaluate runs
+them all.
 """
 from __future__ import annotations
 
@@ -161,7 +162,7 @@ def exported_settings(folder: Path, manifest: Mapping[str, Any], given: Mapping[
     set to other values than their defaults ({field: value}); UsageError for one that contradicts
     the export (--num-aug 3 for a folder exported with 5) or does not apply to onnxruntime
     (--precision, --compile, --batch-sequences, a --dev other than the CPU)."""
-    fix = f"export the checkpoint again with export.py, or evaluate the checkpoint itself"
+    fix = "export the checkpoint again with export.py, or evaluate the checkpoint itself"
     for name, value in given.items():
         if name in FIXED_AT_EXPORT:
             flag, exported = FIXED_AT_EXPORT[name]
@@ -169,12 +170,13 @@ def exported_settings(folder: Path, manifest: Mapping[str, Any], given: Mapping[
                 raise UsageError(f"{flag} {value}: the exported folder {folder} (--model) was exported with "
                                  f"{flag} {exported(manifest)}, fixed in its graphs; leave {flag} out, or {fix}")
         elif name == "precision":
-            raise UsageError(f"--precision {value}: the exported folder {folder} (--model) runs at the precision it was "
-                             f"exported with ({manifest['precision']}; export.py --int8 for int8); leave --precision "
-                             f"out, or evaluate the checkpoint itself with --precision {value}")
+            raise UsageError(f"--precision {value}: the exported folder {folder} (--model) runs at the precision it "
+                             f"was exported with ({manifest['precision']}; export.py --int8 for int8); leave "
+                             f"--precision out, or evaluate the checkpoint itself with --precision {value}")
         elif name == "compile" and value:
             raise UsageError(f"--compile is for checkpoints (torch.compile); the exported folder {folder} (--model) "
-                             f"runs under onnxruntime, which optimises its graphs when it loads them: leave --compile out")
+                             f"runs under onnxruntime, which optimises its graphs when it loads them: leave "
+                             f"--compile out")
         elif name == "batch_sequences" and value > 1:
             raise UsageError(f"--batch-sequences {value}: lockstep tracking is for checkpoints; the exported folder "
                              f"{folder} (--model) tracks one sequence at a time: leave --batch-sequences out")

@@ -384,7 +384,7 @@ def test_evaluate_runs_an_exported_folder_like_its_checkpoint(case, inputs, expo
         assert Path(got["results_dir"]).name == f"davis-layout-{exported.name}-onnx_{th}_fast"
         assert json.loads((Path(got["results_dir"]) / "results.json").read_text())["runtime"] == "onnxruntime"
         assert got["frames"] == want["frames"] == 10
-        assert got["J&F"] == pytest.approx(want["J&F"], abs=2e-3), th
+        assert got["J&F"] == pytest.approx(want["J&F"], abs=1e-4), th  # measured: 2.3e-6 at TH 1.0
         assert got["reuse_rate"] == want["reuse_rate"], th
     assert onnx["thresholds"][0.35]["reuse_rate"] > 0 and onnx["thresholds"][1.0]["reuse_rate"] == 0
     curve = Path(onnx["curve_dir"])
@@ -398,10 +398,9 @@ def test_demo_runs_an_exported_folder(case, exported, runtime, davis_frames, tmp
     from lib.image_io import read_label_png, resize_labels_nearest_exact
 
     out = tmp_path / "out"
-    args = demo.get_parser(["--video", "x"]).parse_args(["--video", str(davis_frames[0]), "--mask", str(davis_frames[1]),
-                                                        "--model", str(exported), "--out", str(out), "--TH", "0.35",
-                                                        "--max-size", "120"])
-    summary = demo.main(args)
+    argv = ["--video", str(davis_frames[0]), "--mask", str(davis_frames[1]), "--model", str(exported), "--out", str(out),
+            "--TH", "0.35", "--max-size", "120"]
+    summary = demo.main(demo.get_parser(argv).parse_args(argv))
     assert (summary["runtime"], summary["precision"]) == ("onnxruntime", "fp32")
     want = list(runtime.track(_davis_feed(davis_frames), 0.35))
     masks = sorted((out / "masks").iterdir())
@@ -450,7 +449,8 @@ def test_scripts_refuse_a_bad_exported_folder(exported, small_davis, davis_frame
                 str(out)]
         line = _one_error_line(capsys, lambda: run_script(evaluate.main, evaluate.get_parser()), argv, monkeypatch)
     else:
-        argv = ["--video", str(davis_frames[0]), "--mask", str(davis_frames[1]), "--model", str(folder), "--out", str(out)]
+        argv = ["--video", str(davis_frames[0]), "--mask", str(davis_frames[1]), "--model", str(folder), "--out",
+                str(out)]
         line = _one_error_line(capsys, lambda: run_script(demo.main, demo.get_parser(argv)), argv, monkeypatch)
     assert line.startswith("error: --model: graph") and "truncated" in line, line
     assert not out.exists()
