@@ -402,7 +402,12 @@ def test_demo_runs_an_exported_folder(case, exported, runtime, davis_frames, tmp
             "--TH", "0.35", "--max-size", "120"]
     summary = demo.main(demo.get_parser(argv).parse_args(argv))
     assert (summary["runtime"], summary["precision"]) == ("onnxruntime", "fp32")
-    want = list(runtime.track(_davis_feed(davis_frames), 0.35))
+    want = list(runtime.track(_davis_feed(davis_frames), 0.35, keep_probabilities=True))
+    for frame in want[1:]:  # each tracked object's probability map before the merge, as models.Tracker keeps it
+        assert set(frame.probabilities) == set(frame.reused) == {1}
+        p = frame.probabilities[1]
+        assert p.shape == frame.labels.shape and 0 <= p.min() and p.max() <= 1
+        assert np.mean((p > 0.5) == (frame.labels == 1)) > 0.99
     masks = sorted((out / "masks").iterdir())
     assert [m.stem for m in masks] == [p.stem for p in sorted(davis_frames[0].iterdir())]
     size = read_label_png(masks[0]).shape
