@@ -26,7 +26,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 
+import numpy as np
+
 import main_job
+from evaluation.job import changed_fields, exported_settings
 from evaluation.results import TrackingStats, percent, write_timeline
 from evaluation.tracking import track_sequence
 from evaluation.visuals import GifWriter, Mp4Writer, overlay, save_timeline_png
@@ -36,6 +39,7 @@ from lib.cli import (UsageError, add_backbone_weights_flag, add_batch_sequences_
                      add_threads_flag, add_threshold_flag, add_video_flag, int_at_least, positive_float,
                      resolve_device, run)
 from lib.fileio import make_dirs
+from lib.manifest import read_manifest
 from lib.image_io import resize_labels_nearest_exact, write_label_png
 from lib.video_io import MaskSet, TrackerFeed, open_frames, processing_size
 
@@ -53,7 +57,9 @@ def video_parser() -> argparse.ArgumentParser:
     add_video_flag(parser)
     add_mask_flag(parser)
     parser.add_argument("--model", type=Path, required=True,
-                        help="G-FRTM / FRTM checkpoint (released or ours) to segment with")
+                        help="G-FRTM / FRTM checkpoint (released or ours) to segment with, or a folder written by "
+                             "export.py, run by onnxruntime (its --num-aug, --seed and --backbone-weights are those "
+                             "it was exported with)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default ./demo_out/<video name>): masks/<frame>.png, "
                              "overlay.mp4, overlay.gif, timeline.json, timeline.png")
@@ -115,13 +121,23 @@ def overlay_fps(fps_out: Optional[float], video_fps: Optional[float]) -> float:
 
 
 def run_own_video(args: argparse.Namespace) -> dict:
-    """Segment args.video from args.mask with args.model; write the outputs; return a summary."""
-    if not Path(args.model).expanduser().is_file():
+    """Segment args.video from args.mask with args.model (a checkpoint, or a folder written by
+    export.py); write the outputs; return a summary."""
+    model = Path(args.model).expanduser()
+    exported = None
+    if model.is_dir():  # an export: onnxruntime, with the settings it was exported with
+        exported = read_manifest(model, "--model")
+        parser = video_parser()
+        given = changed_fields(args, {name: parser.get_default(name) for name in vars(args)})
+        settings = exported_settings(model, exported, given)
+    elif not model.is_file():
         raise FileNotFoundError(f"--model: checkpoint not found: {args.model}")
+    else:
+        settings = {"precision": args.precision, "runtime": "torch"}
     bw = args.backbone_weights
-    if bw.lower() not in ("imagenet", "random", "none") and not Path(bw).expanduser().is_file():
+    if exported is None and bw.lower() not in ("imagenet", "random", "none") and not Path(bw).expanduser().is_file():
         raise FileNotFoundError(f"--backbone-weights: no such file: {bw} (or use 'imagenet' / 'random')")
-    device, _ = resolve_device(args.dev)
+    device, _ = resolve_device("cpu" if exported is not None else args.dev)
 
     frames = open_frames(args.video, flag="--video")
     masks = MaskSet(args.mask, flag="--mask")
@@ -130,16 +146,22 @@ def run_own_video(args: argparse.Namespace) -> dict:
     size = processing_size(height, width, args.max_size)
     out = Path(args.out) if args.out is not None else Path("demo_out") / frames.name
     mask_dir = out / "masks"
+
+    # After the cheap checks, before anything is written (a bad model creates no folder)
+    if exported is not None:
+        from evaluate import open_exported  # onnxruntime's CPU provider
+        tracker = open_exported(model)
+    else:
+        from models import build_tracker
+        tracker = build_tracker(str(model), device=device, num_aug=args.num_aug, backbone_weights=bw, seed=args.seed,
+                                precision=args.precision, compile=args.compile)
     make_dirs(mask_dir, "the output folder", "--out")
 
-    from models import build_tracker  # after the cheap checks
-    tracker = build_tracker(str(Path(args.model).expanduser()), device=device, num_aug=args.num_aug,
-                            backbone_weights=bw, seed=args.seed, precision=args.precision, compile=args.compile)
-
     resized = size != (height, width)
+    runs_on = f"onnxruntime {settings['precision']} (exported)" if exported is not None else f"device {device}"
     print(f"{frames.name}: {width}x{height} frames"
           f"{f', tracked at {size[1]}x{size[0]}' if resized else ''}; objects {masks.object_ids}; "
-          f"device {device}; threshold {args.TH}", flush=True)
+          f"{runs_on}; threshold {args.TH}", flush=True)
     feed = TrackerFeed(frames, starts, size)
     fps_out = overlay_fps(args.fps_out, frames.fps)
     stats = TrackingStats()
@@ -157,7 +179,8 @@ def run_own_video(args: argparse.Namespace) -> dict:
 
         for result in track_sequence(tracker, read_ahead(feed), args.TH, stats, feed.current_stem):
             stem, rgb = feed.pop()
-            background.submit(mask_dir / f"{stem}.png", lambda s=stem, r=rgb, x=result.labels.numpy(): write(s, r, x))
+            labels = np.asarray(result.labels)
+            background.submit(mask_dir / f"{stem}.png", lambda s=stem, r=rgb, x=labels: write(s, r, x))
             if stats.frames % 50 == 0:
                 print(f"  {stats.frames} frames", flush=True)
         background.flush()
@@ -170,7 +193,7 @@ def run_own_video(args: argparse.Namespace) -> dict:
     reused, tracked = stats.reused, stats.tracked
     summary = {"video": str(args.video), "out": str(out), "frames": stats.frames, "fps": fps,
                "reused": reused, "tracked": tracked, "reuse_rate": stats.reuse_rate,
-               "size": (height, width), "tracking_size": size, "fps_out": fps_out, "precision": args.precision,
+               "size": (height, width), "tracking_size": size, "fps_out": fps_out, **settings,
                "wall_seconds": stats.wall_seconds, "wall_fps": stats.wall_fps}
     rate = percent(stats.reuse_rate)
     print(f"{stats.frames} frames, tracker {fps:.1f} FPS, wall {stats.wall_fps:.1f} FPS (reading, tracking and "

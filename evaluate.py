@@ -7,7 +7,9 @@
 Writes DAVIS-palette label PNGs to `<output root>/result/<dset>-<model stem>_<TH>[_fast]/<seq>/`,
 computes J&F from those PNGs (benchmarks with ground truth), FPS and reuse rate, and writes
 results.json / results.csv next to the masks; for benchmarks without public ground truth the
-server's submission zip `<results dir>.zip`. Several thresholds (evaluation.sweep) add curve.csv,
+server's submission zip `<results dir>.zip`. `--model` may also be a folder written by export.py:
+its graphs run by onnxruntime (deploy.ExportedTracker), the same loop, results and reports
+(docs/deployment.md). Several thresholds (evaluation.sweep) add curve.csv,
 curve.json and curve.png beside the results directories. The work is done by the evaluation package
 (presets in dataset.presets); `python evaluate.py --help` lists every option.
 """
@@ -20,8 +22,8 @@ from dataset.presets import PRESETS
 from evaluation.job import EvalConfig
 from evaluation.run import evaluate
 from evaluation.score import score_results
-from lib.cli import (add_backbone_weights_flag, add_batch_sequences_flag, add_compile_flag, add_data_root_flags,
-                     add_device_flag, add_fast_flag,
+from lib.cli import (UsageError, add_backbone_weights_flag, add_batch_sequences_flag, add_compile_flag,
+                     add_data_root_flags, add_device_flag, add_fast_flag,
                      add_num_aug_flag, add_precision_flag, add_seed_flag, add_threshold_flag, int_at_least, run)
 
 
@@ -43,7 +45,9 @@ def get_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("model")
     g.add_argument("--model", type=str, default=None,
                    help="checkpoint (released G-FRTM / FRTM .pth, or ours): a path, or a file name looked up in "
-                        "--models-dir (default: the only checkpoint in --models-dir)")
+                        "--models-dir (default: the only checkpoint in --models-dir); or a folder written by "
+                        "export.py, run by onnxruntime (docs/deployment.md: its --num-aug, --seed, --fast and "
+                        "--backbone-weights are those it was exported with)")
     g.add_argument("--models-dir", type=Path, default=None,
                    help="where --model names are looked up (default: $RVOS_MODELS, else ./weights)")
     g.add_argument("--ftext", choices=("resnet18", "resnet101"), default=None,
@@ -111,7 +115,18 @@ def main(args: argparse.Namespace) -> dict:
     config = config_from_args(args)
     if config.score is not None:
         return score_results(config)
-    return evaluate(config)
+    return evaluate(config, open_exported=open_exported)
+
+
+def open_exported(folder: Path):
+    """The tracker of an exported folder (--model DIR): deploy.ExportedTracker, onnxruntime's
+    CPU provider with its default threads."""
+    try:
+        from deploy import ExportedTracker
+    except ImportError as exc:
+        raise UsageError(f"--model {folder} is an exported folder, which needs onnxruntime: pip install -r "
+                         f"deploy/requirements.txt ({exc})") from exc
+    return ExportedTracker(folder)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from lib.augmentation import HostAugmenter, evaluation_params
 from lib.errors import UsageError
+from lib.image_io import host_image
 from lib.manifest import GATE_GRAPHS, GRAPHS, graph_file, read_manifest
 from lib.sample_memory import first_sample_weights, next_slot
 
@@ -29,6 +30,7 @@ class FrameResult:
     """One frame's output, as `models.FrameResult` with numpy arrays."""
 
     labels: np.ndarray  # (H, W) uint8 object ids
+    probabilities: dict[int, np.ndarray] = field(default_factory=dict)  # id -> (H, W), with keep_probabilities
     reused: dict[int, bool] = field(default_factory=dict)  # id -> reused, objects tracked in this frame
     reuse_prob: dict[int, float] = field(default_factory=dict)  # id -> reuse-gate probability
     scores: dict[int, np.ndarray] = field(default_factory=dict)  # id -> decoder input score (1, 1, h16, w16)
@@ -101,19 +103,24 @@ class ExportedTracker:
 
     # ------------------------------------------------------------------------------------------
 
-    def track(self, frames: Iterable[tuple], threshold: float = 0.7, keep_raw: bool = False) -> Iterator[FrameResult]:
-        """Segment a sequence: frames yields (image uint8 (H, W, 3), labels uint8 (H, W) or None,
-        new object ids), labels needed where objects start; yields each frame's result."""
+    def track(self, frames: Iterable[tuple], threshold: float = 0.7, keep_probabilities: bool = False,
+              keep_raw: bool = False) -> Iterator[FrameResult]:
+        """Segment a sequence: frames yields (image, labels uint8 (H, W) or None, new object ids),
+        labels needed where objects start; the image a uint8 (H, W, 3) numpy array, or (3, H, W)
+        as `models.Tracker.track` also takes it (e.g. a CPU tensor: any array that is not numpy).
+        Yields each frame's result; `keep_probabilities`: with each object's probability map
+        (before the merge), as models.Tracker's results. The interface of `models.Tracker.track`,
+        so that evaluate.py and demo.py run either."""
         objects: list[_Object] = []
         for t, (image, labels, new_ids) in enumerate(frames):
             start = time.perf_counter()
-            result = self._step(objects, t, np.ascontiguousarray(image), labels, list(new_ids or []), float(threshold),
-                                keep_raw)
+            result = self._step(objects, t, host_image(image), labels, list(new_ids or []), float(threshold),
+                                keep_probabilities, keep_raw)
             result.seconds = time.perf_counter() - start
             yield result
 
     def _step(self, objects: list[_Object], t: int, image: np.ndarray, labels, new_ids: list[int],
-              threshold: float, keep_raw: bool) -> FrameResult:
+              threshold: float, keep_probabilities: bool, keep_raw: bool) -> FrameResult:
         frame = np.ascontiguousarray(image.transpose(2, 0, 1)[None])  # (1, 3, H, W)
         known = {o.id for o in objects}
         new_ids = [i for i in new_ids if i not in known]
@@ -123,7 +130,7 @@ class ExportedTracker:
         if new_ids:
             if labels is None:
                 raise ValueError(f"frame {t}: objects {new_ids} start here but no labels were given")
-            labels = np.asarray(labels)
+            labels = np.asarray(labels).reshape(image.shape[:2])
             present = set(np.unique(labels).tolist())
             empty = [i for i in new_ids if i not in present]
             if empty:
@@ -182,6 +189,7 @@ class ExportedTracker:
         ids_tracked = [o.id for o in tracked]
         return FrameResult(
             labels=frame_labels, reused=dict(zip(ids_tracked, reuse)),
+            probabilities={ids_tracked[i]: p for i, p in probability.items()} if keep_probabilities else {},
             reuse_prob={i: p for i, p in zip(ids_tracked, reuse_prob) if p is not None},
             scores={ids_tracked[i]: s for i, s in raw_scores.items()} if keep_raw else {},
             logits={ids_tracked[i]: s for i, s in raw_logits.items()} if keep_raw else {})

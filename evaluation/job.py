@@ -6,15 +6,18 @@ directory, device), and the sequences each rank tracks.
     mine = my_share(job, todo)               this rank's sequences
     tracker = job_tracker(job)               the job's tracker
 
-The steps after these: evaluation.tracking (track_sequences, exchange_outcomes), evaluation.report
-(collect_results, report); evaluation.run.evaluate runs them all.
+--model is a checkpoint, or a folder written by export.py (its graphs run by onnxruntime:
+`deploy.ExportedTracker`, which the script hands in as `open_exported`, so that evaluation does
+not depend on deploy/). The steps after these: evaluation.tracking (track_sequences,
+exchange_outcomes), evaluation.report (collect_results, report); evaluation.run.evaluate runs
+them all.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -22,6 +25,7 @@ from dataset.presets import PRESETS, DataConfig, EvalData
 from evaluation.results import read_sequence_stats, results_dir, sequence_complete
 from lib import distributed
 from lib.errors import UsageError
+from lib.manifest import read_manifest
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".pth.tar")
 
@@ -65,8 +69,8 @@ def config_arguments(config: EvalConfig) -> dict:
 
 
 def resolve_model(model: Optional[str], models_dir: Path) -> Path:
-    """--model as a path, else as a name in --models-dir (suffix optional); with no --model, the
-    only checkpoint in --models-dir."""
+    """--model as a path, else as a name in --models-dir (suffix optional; a folder: an export of
+    export.py); with no --model, the only checkpoint in --models-dir."""
     models_dir = Path(models_dir).expanduser()
     if model is None:
         if not models_dir.is_dir():
@@ -88,18 +92,23 @@ def resolve_model(model: Optional[str], models_dir: Path) -> Path:
         tried.append(named)
         tried += [named.with_name(named.name + s) for s in CHECKPOINT_SUFFIXES if not model.endswith(s)]
     for candidate in tried:
-        if candidate.is_file():
+        if candidate.is_file() or candidate.is_dir():  # a folder: an export (read_model checks it)
             return candidate.resolve()
     raise FileNotFoundError(f"checkpoint not found: --model {model} (looked for "
                             f"{', '.join(str(p) for p in dict.fromkeys(tried))}; model names are looked up in "
                             f"--models-dir / $RVOS_MODELS, default ./weights)")
 
 
-def read_model(path: Path, ftext: Optional[str]) -> tuple[dict, str, bool]:
-    """(checkpoint dict, backbone name, has reuse gate); UsageError when it is not a G-FRTM/FRTM
-    checkpoint or its backbone is not --ftext."""
+def read_model(path: Path, ftext: Optional[str]) -> tuple[Optional[dict], str, bool]:
+    """(checkpoint dict, backbone name, has reuse gate) of a checkpoint, or (None, ...) of an
+    exported folder (its manifest); UsageError when it is not a G-FRTM/FRTM checkpoint or a
+    sound export, or its backbone is not --ftext."""
     from models.checkpoint import check_backbone, network_state, read_checkpoint
 
+    if path.is_dir():
+        manifest = read_manifest(path, "--model")
+        check_backbone(manifest["backbone"], ftext, f"the exported folder {path} (--model)")
+        return None, manifest["backbone"], bool(manifest["has_gate"])
     ckpt = read_checkpoint(path)
     try:
         _, backbone, has_gate = network_state(ckpt)
@@ -133,6 +142,60 @@ class Job:
     data: EvalData
     out_dir: Path
     settings: dict
+    exported: Optional[dict] = None  # an exported folder's manifest (--model DIR); None: a checkpoint
+
+    @property
+    def runtime(self) -> str:
+        """What runs the tracker: "torch" (a checkpoint) or "onnxruntime" (an exported folder)."""
+        return "torch" if self.exported is None else "onnxruntime"
+
+
+# Settings an export fixes (export.py's flags of the same names): the manifest's field for each.
+FIXED_AT_EXPORT = {"num_aug": ("--num-aug", lambda m: int(m["num_aug"])), "seed": ("--seed", lambda m: int(m["seed"])),
+                   "fast": ("--fast/--no-fast", lambda m: bool(m["target_model"]["fast"])),
+                   "backbone_weights": ("--backbone-weights", lambda m: str(m["backbone_weights"]))}
+
+
+def exported_settings(folder: Path, manifest: Mapping[str, Any], given: Mapping[str, Any]) -> dict:
+    """The settings an exported folder runs with: num_aug, seed, fast and backbone_weights as
+    exported, precision "fp32" or "int8" as exported, runtime "onnxruntime". `given`: the flags
+    set to other values than their defaults ({field: value}); UsageError for one that contradicts
+    the export (--num-aug 3 for a folder exported with 5) or does not apply to onnxruntime
+    (--precision, --compile, --batch-sequences, a --dev other than the CPU)."""
+    fix = "export the checkpoint again with export.py, or evaluate the checkpoint itself"
+    for name, value in given.items():
+        if name in FIXED_AT_EXPORT:
+            flag, exported = FIXED_AT_EXPORT[name]
+            if value != exported(manifest):
+                raise UsageError(f"{flag} {value}: the exported folder {folder} (--model) was exported with "
+                                 f"{flag} {exported(manifest)}, fixed in its graphs; leave {flag} out, or {fix}")
+        elif name == "precision":
+            raise UsageError(f"--precision {value}: the exported folder {folder} (--model) runs at the precision it "
+                             f"was exported with ({manifest['precision']}; export.py --int8 for int8); leave "
+                             f"--precision out, or evaluate the checkpoint itself with --precision {value}")
+        elif name == "compile" and value:
+            raise UsageError(f"--compile is for checkpoints (torch.compile); the exported folder {folder} (--model) "
+                             f"runs under onnxruntime, which optimises its graphs when it loads them: leave "
+                             f"--compile out")
+        elif name == "batch_sequences" and value > 1:
+            raise UsageError(f"--batch-sequences {value}: lockstep tracking is for checkpoints; the exported folder "
+                             f"{folder} (--model) tracks one sequence at a time: leave --batch-sequences out")
+        elif name == "dev" and value is not None and not str(value).startswith("cpu"):
+            raise UsageError(f"--dev {value}: the exported folder {folder} (--model) runs on onnxruntime's CPU "
+                             f"provider here (other providers: deploy.ExportedTracker(folder, providers=...) from "
+                             f"Python); use --dev cpu or leave --dev out")
+    return {**{name: exported(manifest) for name, (_, exported) in FIXED_AT_EXPORT.items()},
+            "precision": str(manifest["precision"]), "runtime": "onnxruntime"}
+
+
+def changed_fields(config: Any, defaults: Mapping[str, Any]) -> dict:
+    """{field: value} of `config`'s fields (a dataclass or namespace) whose values differ from
+    `defaults`: the flags a user set."""
+    return {name: getattr(config, name) for name, default in defaults.items()
+            if hasattr(config, name) and getattr(config, name) != default}
+
+
+EVAL_DEFAULTS = {f.name: f.default for f in fields(EvalConfig)}
 
 
 def prepare(config: EvalConfig, ctx: distributed.Context, device: torch.device, device_text: str) -> Job:
@@ -141,12 +204,21 @@ def prepare(config: EvalConfig, ctx: distributed.Context, device: torch.device, 
     output_root = Path(config.output_root if config.output_root is not None else os.environ.get("RVOS_OUTPUT") or ".")
     checkpoint = resolve_model(config.model, models_dir)
     ckpt, backbone, has_gate = read_model(checkpoint, config.ftext)
+    exported = None
+    if ckpt is None:  # an exported folder: the settings it was exported with
+        exported = read_manifest(checkpoint, "--model")
+        fixed = exported_settings(checkpoint, exported, changed_fields(config, EVAL_DEFAULTS))
+        config = replace(config, **{k: fixed[k] for k in ("num_aug", "seed", "fast", "backbone_weights")})
     data = load_data(config)
     out_dir = results_dir(output_root, config.dset, checkpoint, config.TH, config.fast).resolve()
     settings = {"checkpoint": str(checkpoint), "threshold": float(config.TH), "fast": bool(config.fast),
                 "num_aug": int(config.num_aug), "seed": int(config.seed), "backbone_weights": str(config.backbone_weights),
                 "precision": str(config.precision)}
-    return Job(config, ctx, device, device_text, checkpoint, ckpt, backbone, has_gate, data, out_dir, settings)
+    if exported is not None:
+        settings.update(precision=str(exported["precision"]), runtime="onnxruntime",
+                        checkpoint_sha256=exported["checkpoint"]["sha256"])
+    return Job(config, ctx, device, device_text, checkpoint, ckpt, backbone, has_gate, data, out_dir, settings,
+               exported)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,10 +249,17 @@ def my_share(job: Job, todo: list[str]) -> list:
     return [seq for seq in job.data.sequences if seq.name in mine]
 
 
-def job_tracker(job: Job):
-    """The job's tracker (models.build_tracker with the job's settings)."""
+def job_tracker(job: Job, open_exported: Optional[Callable[[Path], Any]] = None):
+    """The job's tracker: models.build_tracker with the job's settings, or for an exported folder
+    `open_exported(folder)` (evaluate.py passes deploy.ExportedTracker: any object with
+    models.Tracker's `track`, `augmenter` and `seed`)."""
     from models import build_tracker
 
+    if job.exported is not None:
+        if open_exported is None:
+            raise UsageError(f"--model {job.checkpoint} is an exported folder: its tracker runs under onnxruntime; "
+                             f"pass open_exported=deploy.ExportedTracker (evaluate.py does)")
+        return open_exported(job.checkpoint)
     config = job.config
     try:
         return build_tracker(job.ckpt, device=job.device, fast=config.fast, num_aug=config.num_aug,
@@ -194,5 +273,11 @@ def announce(job: Job) -> None:
     """Print the device, checkpoint and data of a job (rank 0)."""
     ctx, config = job.ctx, job.config
     print(f"device: {job.device_text}" + (f" (rank 0 of {ctx.world_size}, {ctx.backend})" if ctx.distributed else ""))
-    print(f"checkpoint: {job.checkpoint} ({job.backbone}, {'G-FRTM' if job.has_gate else 'FRTM: no reuse gate'})")
+    kind = f"{job.backbone}, {'G-FRTM' if job.has_gate else 'FRTM: no reuse gate'}"
+    if job.exported is None:
+        print(f"checkpoint: {job.checkpoint} ({kind})")
+    else:
+        s = job.settings
+        print(f"exported: {job.checkpoint} ({kind}; onnxruntime {s['precision']}; as exported: num_aug {s['num_aug']}, "
+              f"seed {s['seed']}, {'fast' if s['fast'] else 'no-fast'}, backbone weights {s['backbone_weights']})")
     print(f"data: {config.dset} = {job.data.name} at {job.data.root}, {len(job.data.sequences)} sequence(s)")

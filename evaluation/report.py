@@ -3,6 +3,7 @@ the submission zip) and reported on the console."""
 from __future__ import annotations
 
 import datetime
+from importlib import metadata
 import math
 import sys
 from pathlib import Path
@@ -63,7 +64,7 @@ def _metadata(job: Job, computed: list[str], outcomes: list[dict]) -> dict:
         "dset": config.dset, "dataset": job.data.name, "data_root": str(job.data.root), "results_dir": str(job.out_dir),
         "metric": job.data.metric, "checkpoint": str(job.checkpoint), "backbone": job.backbone, "gate": job.has_gate,
         "threshold": float(config.TH), "fast": bool(config.fast), "num_aug": config.num_aug, "seed": config.seed,
-        "precision": str(config.precision),
+        "runtime": job.runtime, "precision": job.settings["precision"], **_exported(job),
         "backbone_weights": str(config.backbone_weights), "device": str(job.device),
         "device_description": job.device_text, "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda, "command": [sys.executable] + sys.argv, "args": config_arguments(config),
@@ -75,6 +76,20 @@ def _metadata(job: Job, computed: list[str], outcomes: list[dict]) -> dict:
         "reuse_rate_definition": REUSE_DEFINITION,
         "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
+
+
+def _exported(job: Job) -> dict:
+    """An exported folder's provenance: its checkpoint, export versions and int8 calibration."""
+    if job.exported is None:
+        return {}
+    m = job.exported
+    try:
+        version = metadata.version("onnxruntime")
+    except metadata.PackageNotFoundError:  # another build (onnxruntime-gpu, ...)
+        version = None
+    return {"onnxruntime_version": version,
+            "export": {"checkpoint": m["checkpoint"], "opset": m["opset"], "versions": m.get("versions"),
+                       "calibration": m.get("calibration")}}
 
 
 # ---------------------------------------------------------------------------------------------

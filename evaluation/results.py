@@ -53,14 +53,21 @@ def format_threshold(threshold: float) -> str:
     return str(float(threshold))
 
 
+def model_stem(model: str | os.PathLike) -> str:
+    """A checkpoint's file stem (gfrtm_rn18.pth -> gfrtm_rn18); an exported folder's name with
+    "-onnx" (exported/gfrtm_rn18 -> gfrtm_rn18-onnx), apart from its checkpoint's results."""
+    path = Path(model)
+    return f"{path.name}-onnx" if path.is_dir() else path.stem
+
+
 def results_dir_name(dset: str, model: str | os.PathLike, threshold: float, fast: bool) -> str:
-    """`<dset>-<model stem>_<TH>[_fast]`, e.g. dv2017val-gfrtm_rn18_0.7_fast."""
-    return f"{dset}-{Path(model).stem}_{format_threshold(threshold)}{'_fast' if fast else ''}"
+    """`<dset>-<model stem>_<TH>[_fast]`, e.g. dv2017val-gfrtm_rn18_0.7_fast (`model_stem`)."""
+    return f"{dset}-{model_stem(model)}_{format_threshold(threshold)}{'_fast' if fast else ''}"
 
 
 def curve_dir_name(dset: str, model: str | os.PathLike, fast: bool) -> str:
     """`<dset>-<model stem>_curve[_fast]`: a threshold sweep's curve, beside its results directories."""
-    return f"{dset}-{Path(model).stem}_curve{'_fast' if fast else ''}"
+    return f"{dset}-{model_stem(model)}_curve{'_fast' if fast else ''}"
 
 
 def results_dir(output_root: str | os.PathLike, dset: str, model: str | os.PathLike, threshold: float,

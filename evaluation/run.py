@@ -12,7 +12,10 @@ collects, writes results.json / results.csv / the zip and reports.
 """
 from __future__ import annotations
 
-from evaluation.job import EvalConfig, announce, my_share, pending, prepare
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from evaluation.job import EvalConfig, announce, job_tracker, my_share, pending, prepare
 from evaluation.report import collect_results, report
 from evaluation.sweep import sweep
 from evaluation.tracking import exchange_outcomes, track_sequences
@@ -20,19 +23,21 @@ from lib import distributed
 from lib.device import resolve_device
 
 
-def evaluate(config: EvalConfig) -> dict:
+def evaluate(config: EvalConfig, open_exported: Optional[Callable[[Path], Any]] = None) -> dict:
     """Run the evaluation `config` describes (with one threshold, or a sweep over several), in
     this process or as one torchrun rank. Returns the results dict (as written to results.json) on rank 0, {} on the
-    other ranks. Raises FileNotFoundError / UsageError naming the path or flag at fault."""
-    return _evaluate(config, distributed.launch_context())
+    other ranks. Raises FileNotFoundError / UsageError naming the path or flag at fault.
+    `open_exported(folder)`: the tracker of an exported folder (config.model a folder written by
+    export.py), e.g. deploy.ExportedTracker, as evaluate.py passes it."""
+    return _evaluate(config, distributed.launch_context(), open_exported)
 
 
-def _evaluate(config: EvalConfig, ctx: distributed.Context) -> dict:
+def _evaluate(config: EvalConfig, ctx: distributed.Context, open_exported=None) -> dict:
     device, device_text = resolve_device(distributed.rank_device(ctx, config.dev))
     ctx = distributed.init(ctx, device)
     try:
         if isinstance(config.TH, (tuple, list)):  # several thresholds: the trade-off curve
-            return sweep(config, ctx, device, device_text)
+            return sweep(config, ctx, device, device_text, open_exported)
         job = prepare(config, ctx, device, device_text)
         if ctx.is_main:
             announce(job)
@@ -40,7 +45,8 @@ def _evaluate(config: EvalConfig, ctx: distributed.Context) -> dict:
         todo = pending(job, config.resume)
         if config.resume and ctx.is_main:
             print(f"resume: {len(job.data.sequences) - len(todo)} sequence(s) already finished, {len(todo)} to run")
-        outcome = track_sequences(job, my_share(job, todo))
+        mine = my_share(job, todo)
+        outcome = track_sequences(job, mine, job_tracker(job, open_exported) if mine else None)
         outcomes = exchange_outcomes(job, outcome)
         results = {}
         try:

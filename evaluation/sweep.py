@@ -26,7 +26,8 @@ from typing import Mapping, Optional, Sequence
 
 from evaluation import job as ev
 from evaluation.report import FPS_DEFINITION, WALL_FPS_DEFINITION, collect_results, report
-from evaluation.results import TrackingStats, curve_dir_name, load_timeline, percent, rate, results_dir_name
+from evaluation.results import (TrackingStats, curve_dir_name, load_timeline, model_stem, percent, rate,
+                                results_dir_name)
 from evaluation.tracking import exchange_outcomes, track_sequence, track_sequences
 from evaluation.visuals import save_curve_png
 from lib import distributed
@@ -45,7 +46,8 @@ TIMING_WALL_FPS_DEFINITION = ("median over the timing runs of frames / wall time
 GFLOPS_DEFINITION = ("mean GFLOPs per frame: torch.utils.flop_counter's count of each path (low backbone per "
                      "frame, high backbone when an object computes or starts, gate per gated object, computed or "
                      "reused decoder per object) times the decisions taken; object initialization and "
-                     "target-model updates not counted")
+                     "target-model updates not counted; not counted for an exported folder (the same network: "
+                     "sweep its checkpoint)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,19 +241,19 @@ def _finished(job, todo: list[str]) -> Optional[dict]:
     return results if results.get("sequences_requested") == [s.name for s in job.data.sequences] else None
 
 
-def sweep(config, ctx: distributed.Context, device, device_text: str) -> dict:
+def sweep(config, ctx: distributed.Context, device, device_text: str, open_exported=None) -> dict:
     """An evaluation with several thresholds (config, an evaluation.job.EvalConfig: TH a tuple): see the module's docstring.
     Returns {"thresholds": {th: results dict}, "rows": curve rows, "curve_dir"} on rank 0,
-    {} elsewhere."""
+    {} elsewhere. `open_exported`: as for evaluation.run.evaluate (an exported folder's tracker)."""
     thresholds = [float(th) for th in config.TH]
     base = ev.prepare(dataclasses.replace(config, TH=thresholds[0]), ctx, device, device_text)
     jobs = {th: for_threshold(base, th) for th in thresholds}
-    out_dir = base.out_dir.parent / curve_dir_name(config.dset, base.checkpoint, config.fast)
+    out_dir = base.out_dir.parent / curve_dir_name(config.dset, base.checkpoint, base.config.fast)
     try:
         if ctx.is_main:
             ev.announce(base)
             print(f"thresholds: {', '.join(map(repr, thresholds))}; curve: {out_dir}")
-        tracker = ev.job_tracker(base)
+        tracker = ev.job_tracker(base, open_exported)
         mine = ev.my_share(base, [seq.name for seq in base.data.sequences])
         budget = int(MEMORY_SHARE * free_memory() / max(1, ctx.local_world_size))
         frames = frames_in_memory(mine, budget)
@@ -298,8 +300,9 @@ def sweep(config, ctx: distributed.Context, device, device_text: str) -> dict:
         if not ctx.is_main:
             return {}
         rows, flops_cache, flops = [], {}, {}
-        for th in thresholds:
-            total, count = sequence_flops(tracker, jobs[th].out_dir, base.data.sequences, flops_cache)
+        for th in thresholds:  # an exported folder's graphs are not counted (GFLOPS_DEFINITION)
+            total, count = (0, 0) if base.exported else sequence_flops(tracker, jobs[th].out_dir, base.data.sequences,
+                                                                      flops_cache)
             flops[th] = total / count / 1e9 if count else math.nan
             rows.append(curve_row(th, results[th], speed[th] if speed else None, flops[th], config.timing_runs))
         info = {"dset": config.dset, "checkpoint": str(base.checkpoint), "device": str(device),
@@ -312,7 +315,7 @@ def sweep(config, ctx: distributed.Context, device, device_text: str) -> dict:
         write_curve(out_dir, rows, info)
         wrote = [out_dir / "curve.csv", out_dir / "curve.json"]
         if any(r["J&F"] is not None for r in rows):
-            save_curve_png(out_dir / "curve.png", [(base.checkpoint.stem, rows)],
+            save_curve_png(out_dir / "curve.png", [(model_stem(base.checkpoint), rows)],
                            title=f"{config.dset}: J&F against speed and FLOPs over the reuse threshold")
             wrote.append(out_dir / "curve.png")
         print("\n" + format_curve(rows))

@@ -27,6 +27,7 @@ from lib import distributed
 from lib.background import BackgroundWriter, read_ahead
 from lib.errors import UsageError
 from lib.fileio import make_dirs
+from lib.image_io import host_image
 
 PREFETCH_FRAMES = 4  # frames decoded ahead of the tracker
 PENDING_WRITES = 8  # PNGs queued for the writer thread
@@ -73,7 +74,7 @@ class SequenceOutput:
     def write(self, frame) -> None:
         """The PNG of the frame last counted in `stats` (a FrameResult) queued."""
         name = self.seq.frame_names[self.stats.frames - 1]
-        self.pngs.submit(self.writer.tmp_dir / f"{name}.png", partial(self.writer.write, name, frame.labels.numpy()))
+        self.pngs.submit(self.writer.tmp_dir / f"{name}.png", partial(self.writer.write, name, np.asarray(frame.labels)))
 
     def add(self, frame) -> None:
         """The next frame's FrameResult: its statistics counted, its PNG queued."""
@@ -103,22 +104,20 @@ def _progress(job: Job, total: int, desc: str) -> tqdm:
 
 def prepare_first_frame(tracker, frames) -> Optional[tuple]:
     """Decode the first of `frames` (a sequence or a list of frames as `Tracker.track` takes
-    them) and augment the objects starting on it ahead of tracking (`FirstFrameAugmenter.prepare`):
+    them) and augment the objects starting on it ahead of tracking (`HostAugmenter.prepare_host`):
     the tracker's start of those objects then takes the result instead of computing it, the same
     images. For a background thread. -> the decoded frame, for the reader to start from (None
     without an augmenter, or when the frame cannot be read or augmented: the reader reads it
     again and the tracker reports the error in its place)."""
-    augmenter = tracker.augmenter
+    augmenter = tracker.augmenter  # a lib.augmentation.HostAugmenter (models.Tracker's, deploy's) or None
     if augmenter is None or len(frames) == 0:
         return None
     try:
         first = frames[0]
         image, labels, new_ids = first
-        if isinstance(image, np.ndarray):  # (H, W, 3), as Tracker.track also takes it
-            image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        labels = torch.as_tensor(labels)
+        image, labels = host_image(image), np.asarray(labels)
         for obj_id in new_ids or []:  # each object from the same seed, as the tracker does
-            augmenter.prepare(image, (labels == obj_id)[None], np.random.default_rng(tracker.seed))
+            augmenter.prepare_host(image, labels == obj_id, np.random.default_rng(tracker.seed))
     except Exception:  # noqa: BLE001 (reported by the tracker, which reads the frame again)
         return None
     return first

@@ -115,3 +115,16 @@ def resize_labels_nearest_exact(labels: np.ndarray, size: tuple[int, int]) -> np
     if labels.shape[:2] == tuple(size):
         return labels
     return cv2.resize(np.ascontiguousarray(labels), (size[1], size[0]), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
+def host_image(image) -> np.ndarray:
+    """A tracker's input frame as a contiguous (H, W, 3) uint8 array. A numpy array is taken as
+    (H, W, 3); anything else (a CPU tensor: the trackers also take those) as (3, H, W)."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an HxWx3 image array, got shape {image.shape}")
+        return np.ascontiguousarray(image)
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an image of shape (3, H, W), got {image.shape}")
+    return np.ascontiguousarray(image.transpose(1, 2, 0))

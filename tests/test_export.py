@@ -499,3 +499,127 @@ def test_runtime_venv_from_its_requirements_alone(case, exported, tmp_path):
     assert [f["reused"] for f in timeline[1:]] == expected
     _assert_labels_match(case, [read_label_png(out / "masks" / f"{t:05d}.png")
                                 for t in range(case["images"].shape[0])])
+
+
+# ---------------------------------------------------------------------------------------------
+# The scripts with an exported folder as --model (evaluate.py, demo.py)
+
+
+@pytest.fixture(scope="module")
+def small_davis(davis_sample, tmp_path_factory) -> Path:
+    """Two DAVIS-sample sequences, their first frames at 120x214 with every mask (davis-layout)."""
+    import cv2
+
+    from lib.image_io import read_image, read_label_png, write_label_png
+
+    root = tmp_path_factory.mktemp("small_davis")
+    for seq, count in ((DAVIS_SEQUENCE, 6), ("car-shadow", 4)):
+        (root / "JPEGImages" / seq).mkdir(parents=True)
+        (root / "Annotations" / seq).mkdir(parents=True)
+        for jpg in sorted((davis_sample / "JPEGImages" / "480p" / seq).glob("*.jpg"))[:count]:
+            rgb = cv2.resize(read_image(jpg), (214, 120), interpolation=cv2.INTER_AREA)
+            cv2.imwrite(str(root / "JPEGImages" / seq / f"{jpg.stem}.png"), rgb[..., ::-1])
+            labels = read_label_png(davis_sample / "Annotations" / "480p" / seq / f"{jpg.stem}.png")
+            write_label_png(root / "Annotations" / seq / f"{jpg.stem}.png",
+                            cv2.resize(labels, (214, 120), interpolation=cv2.INTER_NEAREST_EXACT))
+    return root
+
+
+def _evaluate(args: list[str]) -> dict:
+    import evaluate
+
+    return evaluate.main(evaluate.get_parser().parse_args(args))
+
+
+def test_evaluate_runs_an_exported_folder_like_its_checkpoint(case, inputs, exported, small_davis, tmp_path):
+    """evaluate.py --model DIR with a threshold sweep: the same results folders, J&F, reuse rates
+    and curve as the checkpoint it was exported from (within float rounding), each results.json
+    saying what ran it."""
+    data = ["--dset", "davis-layout", "--data-root", str(small_davis), "--TH", "1.0,0.35", "--timing-runs", "0",
+            "--dev", "cpu"]
+    checkpoint = _evaluate(["--model", str(inputs["model"]), "--backbone-weights", str(inputs["backbone"]),
+                            "--num-aug", str(case["num_aug"]), "--output-root", str(tmp_path / "torch")] + data)
+    onnx = _evaluate(["--model", str(exported), "--output-root", str(tmp_path / "onnx")] + data)
+    for th in (1.0, 0.35):
+        want, got = checkpoint["thresholds"][th], onnx["thresholds"][th]
+        assert (want["runtime"], want["precision"]) == ("torch", "fp32")
+        assert (got["runtime"], got["precision"]) == ("onnxruntime", "fp32")
+        assert got["export"]["checkpoint"]["sha256"] == file_sha256(inputs["model"])
+        assert Path(got["results_dir"]).name == f"davis-layout-{exported.name}-onnx_{th}_fast"
+        assert json.loads((Path(got["results_dir"]) / "results.json").read_text())["runtime"] == "onnxruntime"
+        assert got["frames"] == want["frames"] == 10
+        assert got["J&F"] == pytest.approx(want["J&F"], abs=1e-4), th  # measured: 2.3e-6 at TH 1.0
+        assert got["reuse_rate"] == want["reuse_rate"], th
+    assert onnx["thresholds"][0.35]["reuse_rate"] > 0 and onnx["thresholds"][1.0]["reuse_rate"] == 0
+    curve = Path(onnx["curve_dir"])
+    assert curve.name == f"davis-layout-{exported.name}-onnx_curve_fast"
+    assert [row["tau"] for row in onnx["rows"]] == [1.0, 0.35] and (curve / "curve.csv").is_file()
+
+
+def test_demo_runs_an_exported_folder(case, exported, runtime, davis_frames, tmp_path):
+    """demo.py --video --mask --model DIR: a mask PNG per frame, the runtime's labels."""
+    import demo
+    from lib.image_io import read_label_png, resize_labels_nearest_exact
+
+    out = tmp_path / "out"
+    argv = ["--video", str(davis_frames[0]), "--mask", str(davis_frames[1]), "--model", str(exported), "--out", str(out),
+            "--TH", "0.35", "--max-size", "120"]
+    summary = demo.main(demo.get_parser(argv).parse_args(argv))
+    assert (summary["runtime"], summary["precision"]) == ("onnxruntime", "fp32")
+    want = list(runtime.track(_davis_feed(davis_frames), 0.35, keep_probabilities=True))
+    for frame in want[1:]:  # each tracked object's probability map before the merge, as models.Tracker keeps it
+        assert set(frame.probabilities) == set(frame.reused) == {1}
+        p = frame.probabilities[1]
+        assert p.shape == frame.labels.shape and 0 <= p.min() and p.max() <= 1
+        assert np.mean((p > 0.5) == (frame.labels == 1)) > 0.99
+    masks = sorted((out / "masks").iterdir())
+    assert [m.stem for m in masks] == [p.stem for p in sorted(davis_frames[0].iterdir())]
+    size = read_label_png(masks[0]).shape
+    for mask, frame in zip(masks, want):
+        assert np.array_equal(read_label_png(mask), resize_labels_nearest_exact(frame.labels, size)), mask.name
+    timeline = json.loads((out / "timeline.json").read_text())
+    assert [f["reused"] for f in timeline["frames"]][1:] == [{str(k): v for k, v in f.reused.items()} for f in want[1:]]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--compile"], "--compile is for checkpoints"),
+    (["--batch-sequences", "2"], "--batch-sequences 2: lockstep tracking is for checkpoints"),
+    (["--precision", "bf16"], "--precision bf16: the exported folder"),
+    (["--num-aug", "3"], "--num-aug 3: the exported folder"),
+    (["--seed", "4"], "--seed 4: the exported folder"),
+])
+def test_evaluate_refuses_flags_an_export_fixed(exported, small_davis, tmp_path, capsys, monkeypatch, flags, expected):
+    import evaluate
+
+    line = _one_error_line(capsys, lambda: run_script(evaluate.main, evaluate.get_parser()),
+                           ["--model", str(exported), "--dset", "davis-layout", "--data-root", str(small_davis),
+                            "--output-root", str(tmp_path / "out")] + flags, monkeypatch)
+    assert line.startswith(f"error: {expected}"), line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["evaluate", "demo"])
+def test_scripts_refuse_a_bad_exported_folder(exported, small_davis, davis_frames, tmp_path, capsys, monkeypatch,
+                                              script):
+    """A folder whose graph is truncated: one error line, exit 2, no results folder."""
+    import demo
+    import evaluate
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in exported.iterdir():
+        (folder / f.name).symlink_to(f)
+    data = (exported / "merge.onnx").read_bytes()
+    (folder / "merge.onnx").unlink()
+    (folder / "merge.onnx").write_bytes(data[:len(data) // 2])
+    out = tmp_path / "out"
+    if script == "evaluate":
+        argv = ["--model", str(folder), "--dset", "davis-layout", "--data-root", str(small_davis), "--output-root",
+                str(out)]
+        line = _one_error_line(capsys, lambda: run_script(evaluate.main, evaluate.get_parser()), argv, monkeypatch)
+    else:
+        argv = ["--video", str(davis_frames[0]), "--mask", str(davis_frames[1]), "--model", str(folder), "--out",
+                str(out)]
+        line = _one_error_line(capsys, lambda: run_script(demo.main, demo.get_parser(argv)), argv, monkeypatch)
+    assert line.startswith("error: --model: graph") and "truncated" in line, line
+    assert not out.exists()
