@@ -94,11 +94,7 @@ GOLDEN_VECTORS = ("rn18_tracker", "rn18_tracker_late", "rn18_tracker_full")
 
 @pytest.fixture(scope="session")
 def full_runtime(tmp_path_factory) -> tuple:
-    """rn18_tracker_full.pt and the runtime over an export of its weights (--no-fast). Its own
-    export adds about 2.5 minutes, which the default suite cannot afford on 2 cores (CI): it
-    runs with RVOS_SLOW_TESTS=1 (docs/development.md)."""
-    if os.environ.get("RVOS_SLOW_TESTS") != "1":
-        pytest.skip("rn18_tracker_full through onnxruntime needs a second export (~2.5 min): set RVOS_SLOW_TESTS=1")
+    """rn18_tracker_full.pt and the runtime over an export of its weights (--no-fast)."""
     full = load_pth(GOLDEN / "rn18_tracker_full.pt")
     folder = tmp_path_factory.mktemp("exported_full")
     return full, ExportedTracker(_export(_weights_files(full, folder), full, folder / "rn18_full"), threads=1)
