@@ -138,6 +138,7 @@ def test_main_job_says_plainly_what_was_missed_and_what_to_try():
 DOC = Path(__file__).resolve().parent.parent / "docs" / "main-job.md"
 EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+: loss_seg ([\d.]+), loss_diff ([\d.]+), loss_gp ([\d.]+), "
                         r"accuracy ([\d.]+), reuse_rate ([\d.]+)", flags=re.M)
+OTHER_CPU_TOLERANCE = 5e-3  # the first epochs' statistics on a CPU model other than the page's
 
 
 def test_documented_seed0_run_is_what_the_code_produces(tmp_path, capsys):
@@ -159,8 +160,17 @@ def test_documented_seed0_run_is_what_the_code_produces(tmp_path, capsys):
         main_job.train(args, train_data, "cpu")
     produced = [tuple(map(float, m)) for m in EPOCH_LINE.findall(capsys.readouterr().out)]
     assert len(produced) == 2
-    for doc, now in zip(documented, produced):  # as printed: 4 decimals
-        assert now == pytest.approx(doc, abs=1.1e-4), f"epoch {int(doc[0])}: documented {doc[1:]}, produced {now[1:]}"
+    # As printed (4 decimals) on the CPU model the page was made on (its table's machine line).
+    # Another CPU model sums in other orders (an AMD EPYC against the Intel Xeon: 7e-4 on epoch 1's
+    # gate loss), so there the check is only for changes of the job itself (data, training settings).
+    from benchmarks.main_job import machine
+    documented_cpu = re.search(r"^(.+), \d+ cores, \d{4}-\d\d-\d\d$", DOC.read_text(), flags=re.M).group(1)
+    same_cpu = machine().rsplit(", ", 1)[0] == documented_cpu
+    tolerance = 1.1e-4 if same_cpu else OTHER_CPU_TOLERANCE
+    for doc, now in zip(documented, produced):
+        assert now == pytest.approx(doc, abs=tolerance), (
+            f"epoch {int(doc[0])}: documented {doc[1:]}, produced {now[1:]} (CPU {'the' if same_cpu else 'not the'} "
+            f"documented {documented_cpu})")
 
 
 def test_benchmark_tables_the_seeds_and_writes_the_doc(tmp_path, capsys):
