@@ -548,7 +548,9 @@ def test_evaluate_runs_an_exported_folder_like_its_checkpoint(case, inputs, expo
         assert Path(got["results_dir"]).name == f"davis-layout-{exported.name}-onnx_{th}_fast"
         assert json.loads((Path(got["results_dir"]) / "results.json").read_text())["runtime"] == "onnxruntime"
         assert got["frames"] == want["frames"] == 10
-        assert got["J&F"] == pytest.approx(want["J&F"], abs=1e-4), th  # measured: 2.3e-6 at TH 1.0
+        # Measured at TH 1.0: 2.3e-6 on an Intel Xeon, 1.4e-4 on an AMD EPYC (a few boundary pixels of
+        # these tiny masks flip with the CPU's float rounding); another model would be off by far more.
+        assert got["J&F"] == pytest.approx(want["J&F"], abs=1e-3), th
         assert got["reuse_rate"] == want["reuse_rate"], th
     assert onnx["thresholds"][0.35]["reuse_rate"] > 0 and onnx["thresholds"][1.0]["reuse_rate"] == 0
     curve = Path(onnx["curve_dir"])
